@@ -1,0 +1,52 @@
+"""The ``sampleflow`` command line.
+
+Edge commands are listed here.  Cloud commands are plugged in through the
+``sampleflow.commands`` entry-point group (declared in pyproject.toml), so
+the edge package never imports the cloud one and a relay-only install
+simply has fewer subcommands.
+
+Each command module exposes ``register(subparsers)``, which adds its parser
+and sets ``func`` to a callable taking the parsed namespace and returning an
+exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+from importlib.metadata import entry_points
+
+#: Modules of the edge package that contribute subcommands.
+EDGE_COMMAND_MODULES: tuple[str, ...] = ()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Return the top-level parser with every available subcommand."""
+    parser = argparse.ArgumentParser(
+        prog="sampleflow",
+        description="Sampled network flow threat detection.",
+    )
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in EDGE_COMMAND_MODULES:
+        importlib.import_module(name).register(subparsers)
+    for ep in entry_points(group="sampleflow.commands"):
+        ep.load()(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the process exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    func = getattr(args, "func", None)
+    if func is None:
+        parser.print_help()
+        return 2
+    result = func(args)
+    return int(result or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
