@@ -8,7 +8,9 @@ override (which wins over anything announced).
 Lookup order for a record: override for the exporter; the rate announced
 for (exporter, domain, sampler id); the rate announced for (exporter,
 domain) with sampler id 0 (exporters that announce one rate for the whole
-domain); the operator default; else 0, meaning unknown.
+domain); the rate last announced by any sampler of (exporter, domain)
+(exporters that name a sampler in options data but not in data records);
+the operator default; else 0, meaning unknown.
 """
 
 from __future__ import annotations
@@ -47,17 +49,43 @@ class SamplingTable:
             self.overrides[address_bytes(address)] = rate
         self.max_entries = max_entries
         self.announced: dict[SamplerKey, int] = {}
+        #: the last rate announced per (exporter, domain), any sampler
+        self.latest: dict[tuple[bytes, int], int] = {}
         self.rejected = 0
 
-    def announce(self, exporter: bytes, domain: int, sampler_id: int, rate: int) -> None:
-        """Record a rate announced by an exporter (ignored if ``rate < 1``)."""
+    def changes(self, exporter: bytes, domain: int, sampler_id: int, rate: int) -> bool:
+        """Whether announcing ``rate`` would change any lookup result."""
         if rate < 1:
-            return
+            return False
+        return (
+            self.announced.get((exporter, domain, sampler_id)) != rate
+            or self.latest.get((exporter, domain)) != rate
+        )
+
+    def announce(
+        self, exporter: bytes, domain: int, sampler_id: int, rate: int
+    ) -> bool:
+        """Record a rate announced by an exporter (ignored if ``rate < 1``).
+
+        Returns whether the table changed.
+        """
+        if rate < 1:
+            return False
         key = (exporter, domain, sampler_id)
         if key not in self.announced and len(self.announced) >= self.max_entries:
             self.rejected += 1
-            return
+            return False
+        changed = self.announced.get(key) != rate
         self.announced[key] = rate
+        domain_key = (exporter, domain)
+        if self.latest.get(domain_key) != rate:
+            self.latest[domain_key] = rate
+            changed = True
+        return changed
+
+    def override(self, exporter: bytes) -> int:
+        """The operator override for an exporter, 0 if none."""
+        return self.overrides.get(exporter, 0)
 
     def lookup(self, exporter: bytes, domain: int, sampler_id: int = 0) -> int:
         """Return the rate for a record, or 0 when it is unknown."""
@@ -71,4 +99,7 @@ class SamplingTable:
             rate = self.announced.get((exporter, domain, 0))
             if rate is not None:
                 return rate
+        rate = self.latest.get((exporter, domain))
+        if rate is not None:
+            return rate
         return self.default_rate

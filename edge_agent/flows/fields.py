@@ -1,0 +1,808 @@
+"""Information elements shared by NetFlow v9 and IPFIX, and the vector builder.
+
+NetFlow v9 field types 1-127 and IPFIX information elements (IANA registry)
+share one numbering, so one table serves both.  A template is compiled
+(:func:`compile_layout`) into a numpy structured dtype that covers only the
+fields a schema column needs; :func:`build_records` turns a view of many
+records of one template into :data:`~edge_agent.flows.schema.FLOW_DTYPE`
+with vector arithmetic, never per record in Python.
+
+NetFlow v1/v5 records are described with the same element numbers (a fixed
+"template"), so every protocol but sFlow goes through one builder.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from edge_agent.flows.schema import FLOW_DTYPE, Direction, ExportProtocol, Field
+
+#: IPFIX/v9 field length meaning "variable length" (RFC 7011 §7).
+VARLEN = 65535
+#: Seconds between the NTP epoch (1900) and the UNIX epoch (1970).
+NTP_UNIX_OFFSET_S = 2_208_988_800
+
+# Element ids (IANA "IPFIX Information Elements"; v9 uses the same numbers).
+OCTET_DELTA = 1
+PACKET_DELTA = 2
+PROTOCOL = 4
+TOS = 5
+TCP_FLAGS = 6
+SRC_PORT = 7
+SRC_V4 = 8
+SRC_MASK_V4 = 9
+IN_IF = 10
+DST_PORT = 11
+DST_V4 = 12
+DST_MASK_V4 = 13
+OUT_IF = 14
+NEXT_HOP_V4 = 15
+SRC_AS = 16
+DST_AS = 17
+BGP_NEXT_HOP_V4 = 18
+END_SYSUPTIME = 21
+START_SYSUPTIME = 22
+POST_OCTET_DELTA = 23
+POST_PACKET_DELTA = 24
+SRC_V6 = 27
+DST_V6 = 28
+SRC_MASK_V6 = 29
+DST_MASK_V6 = 30
+ICMP_TYPE_CODE_V4 = 32
+SAMPLING_INTERVAL = 34
+SAMPLING_ALGORITHM = 35
+SAMPLER_ID = 48
+SAMPLER_MODE = 49
+SAMPLER_RANDOM_INTERVAL = 50
+VLAN = 58
+IP_VERSION = 60
+DIRECTION = 61
+NEXT_HOP_V6 = 62
+BGP_NEXT_HOP_V6 = 63
+OCTET_TOTAL = 85
+PACKET_TOTAL = 86
+ICMP_TYPE_CODE_V6 = 139
+START_SECONDS = 150
+END_SECONDS = 151
+START_MILLISECONDS = 152
+END_MILLISECONDS = 153
+START_MICROSECONDS = 154
+END_MICROSECONDS = 155
+START_NANOSECONDS = 156
+END_NANOSECONDS = 157
+START_DELTA_MICROSECONDS = 158
+END_DELTA_MICROSECONDS = 159
+SYSTEM_INIT_MILLISECONDS = 160
+DURATION_MILLISECONDS = 161
+DURATION_MICROSECONDS = 162
+ICMP_TYPE_V4 = 176
+ICMP_CODE_V4 = 177
+ICMP_TYPE_V6 = 178
+ICMP_CODE_V6 = 179
+INITIATOR_OCTETS = 231
+DOT1Q_VLAN = 243
+IN_PHYSICAL_IF = 252
+OUT_PHYSICAL_IF = 253
+INITIATOR_PACKETS = 298
+SELECTOR_ID = 302
+SELECTOR_ALGORITHM = 304
+SAMPLING_PACKET_INTERVAL = 305
+SAMPLING_PACKET_SPACE = 306
+SAMPLING_SIZE = 309
+SAMPLING_POPULATION = 310
+OBSERVATION_TIME_MILLISECONDS = 323
+
+#: Unsigned elements copied into one column, in order of preference: the
+#: first element the template carries wins.  Bytes: octetDeltaCount, then
+#: octetTotalCount, then postOctetDeltaCount (egress exporters such as
+#: FortiGate send only OUT_BYTES), then initiatorOctets (Cisco ASA NSEL).
+UINT_COLUMNS: dict[str, tuple[tuple[int, ...], Field]] = {
+    "bytes": (
+        (OCTET_DELTA, OCTET_TOTAL, POST_OCTET_DELTA, INITIATOR_OCTETS),
+        Field.BYTES,
+    ),
+    "packets": (
+        (PACKET_DELTA, PACKET_TOTAL, POST_PACKET_DELTA, INITIATOR_PACKETS),
+        Field.PACKETS,
+    ),
+    "protocol": ((PROTOCOL,), Field.PROTOCOL),
+    "tos": ((TOS,), Field.TOS),
+    "tcp_flags": ((TCP_FLAGS,), Field.TCP_FLAGS),
+    "src_port": ((SRC_PORT,), Field.SRC_PORT),
+    "in_if": ((IN_IF, IN_PHYSICAL_IF), Field.IN_IF),
+    "out_if": ((OUT_IF, OUT_PHYSICAL_IF), Field.OUT_IF),
+    "src_as": ((SRC_AS,), Field.SRC_AS),
+    "dst_as": ((DST_AS,), Field.DST_AS),
+    "vlan": ((VLAN, DOT1Q_VLAN), Field.VLAN),
+    "sampler_id": ((SAMPLER_ID, SELECTOR_ID), Field.SAMPLER_ID),
+}
+
+IPV4_ELEMENTS = frozenset({SRC_V4, DST_V4, NEXT_HOP_V4, BGP_NEXT_HOP_V4})
+IPV6_ELEMENTS = frozenset({SRC_V6, DST_V6, NEXT_HOP_V6, BGP_NEXT_HOP_V6})
+
+#: Elements holding NTP timestamps (RFC 7011 dateTimeMicro/Nanoseconds).
+NTP_ELEMENTS = frozenset(
+    {START_MICROSECONDS, END_MICROSECONDS, START_NANOSECONDS, END_NANOSECONDS}
+)
+
+#: Elements a template is compiled for (everything else is skipped by length).
+MAPPED_ELEMENTS: frozenset[int] = frozenset(
+    {ie for ids, _ in UINT_COLUMNS.values() for ie in ids}
+    | IPV4_ELEMENTS
+    | IPV6_ELEMENTS
+    | NTP_ELEMENTS
+    | {
+        SRC_MASK_V4,
+        DST_MASK_V4,
+        SRC_MASK_V6,
+        DST_MASK_V6,
+        DST_PORT,
+        IP_VERSION,
+        DIRECTION,
+        ICMP_TYPE_CODE_V4,
+        ICMP_TYPE_CODE_V6,
+        ICMP_TYPE_V4,
+        ICMP_CODE_V4,
+        ICMP_TYPE_V6,
+        ICMP_CODE_V6,
+        START_SYSUPTIME,
+        END_SYSUPTIME,
+        START_SECONDS,
+        END_SECONDS,
+        START_MILLISECONDS,
+        END_MILLISECONDS,
+        START_DELTA_MICROSECONDS,
+        END_DELTA_MICROSECONDS,
+        SYSTEM_INIT_MILLISECONDS,
+        DURATION_MILLISECONDS,
+        DURATION_MICROSECONDS,
+        OBSERVATION_TIME_MILLISECONDS,
+        SAMPLING_INTERVAL,
+        SAMPLING_ALGORITHM,
+        SAMPLER_MODE,
+        SAMPLER_RANDOM_INTERVAL,
+        SELECTOR_ALGORITHM,
+        SAMPLING_PACKET_INTERVAL,
+        SAMPLING_PACKET_SPACE,
+        SAMPLING_SIZE,
+        SAMPLING_POPULATION,
+    }
+)
+
+#: Elements that announce a sampling rate (options data, sometimes data).
+RATE_ELEMENTS = frozenset(
+    {
+        SAMPLING_INTERVAL,
+        SAMPLER_RANDOM_INTERVAL,
+        SAMPLING_PACKET_INTERVAL,
+        SAMPLING_SIZE,
+        SAMPLING_POPULATION,
+    }
+)
+
+
+@dataclass(frozen=True, slots=True)
+class FieldSpec:
+    """One field of a template as sent on the wire.
+
+    ``pen`` is the IPFIX enterprise number (0 for IANA elements).  NetFlow v9
+    options scope fields have their own type space and are marked with
+    ``scope=True`` so that scope type 1 ("System") is not read as element 1.
+    """
+
+    ie: int
+    length: int
+    pen: int = 0
+    scope: bool = False
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class Layout:
+    """How to read the mapped fields of one record.
+
+    ``dtype`` is a structured dtype of ``itemsize`` bytes whose named fields
+    sit at their wire offsets; ``fields`` maps an element id to the name and
+    wire width of its first occurrence.  ``unusable`` counts mapped elements
+    whose width makes no sense for their column (skipped).  Layouts compare
+    and hash by identity: a batch groups records by the layout object.
+    """
+
+    dtype: np.dtype
+    fields: dict[int, tuple[str, int]]
+    unusable: int
+
+
+def _uint_width_ok(ie: int, width: int) -> bool:
+    if ie in IPV4_ELEMENTS:
+        return width == 4
+    if ie in IPV6_ELEMENTS:
+        return width == 16
+    return 1 <= width <= 8
+
+
+def compile_layout(fields: Sequence[FieldSpec], record_length: int) -> Layout:
+    """Compile the fixed-length fields of a template into a numpy layout.
+
+    ``fields`` must be fixed length; their offsets are the running sum of
+    lengths.  Variable-length templates are compiled over a projection that
+    keeps only fixed fields (see :mod:`edge_agent.flows.templates`).
+    """
+    names: list[str] = []
+    formats: list[object] = []
+    offsets: list[int] = []
+    mapped: dict[int, tuple[str, int]] = {}
+    unusable = 0
+    offset = 0
+    for spec in fields:
+        width = spec.length
+        if (
+            spec.pen == 0
+            and not spec.scope
+            and spec.ie in MAPPED_ELEMENTS
+            and spec.ie not in mapped
+        ):
+            if _uint_width_ok(spec.ie, width):
+                name = f"e{spec.ie}"
+                mapped[spec.ie] = (name, width)
+                names.append(name)
+                offsets.append(offset)
+                if width in (1, 2, 4, 8) and spec.ie not in IPV4_ELEMENTS:
+                    formats.append(f">u{width}")
+                else:
+                    # Odd widths (reduced-size 3/5/6/7-byte counters) and
+                    # addresses are read as byte sub-arrays.
+                    formats.append(("u1", (width,)))
+            else:
+                unusable += 1
+        offset += width
+    dtype = np.dtype(
+        {
+            "names": names,
+            "formats": formats,
+            "offsets": offsets,
+            "itemsize": max(record_length, 1),
+        }
+    )
+    return Layout(dtype=dtype, fields=mapped, unusable=unusable)
+
+
+def _uint(view: np.ndarray, name: str, width: int) -> np.ndarray:
+    """Return a field as uint64, whatever its (reduced-size) width."""
+    col = view[name]
+    if col.ndim == 1:
+        return col.astype(np.uint64)
+    out = np.zeros(col.shape[0], dtype=np.uint64)
+    for i in range(width):
+        out <<= np.uint64(8)
+        out |= col[:, i]
+    return out
+
+
+@dataclass(slots=True)
+class RecordContext:
+    """Per-record values that come from outside the record.
+
+    Arrays have one entry per record (``np.repeat`` of per-datagram values);
+    the scalars hold for the whole group (one template, one exporter).
+    ``sysuptime_ms`` is -1 for IPFIX; ``init_ms`` is the exporter's
+    systemInitTimeMilliseconds when an options record announced it, else -1.
+    ``rate`` is the sampling rate looked up for the domain when the data was
+    walked; ``sampler_lookup`` gives the rate of a record's sampler id
+    (records that carry IE 48/302).  ``override`` (operator, per exporter)
+    wins over everything when non-zero.
+    """
+
+    exporter: bytes
+    exporter_port: int
+    proto: ExportProtocol
+    domain: int
+    unix_secs: np.ndarray
+    sysuptime_ms: np.ndarray
+    export_ms: np.ndarray
+    init_ms: np.ndarray
+    rate: np.ndarray
+    override: int
+    sampler_lookup: Callable[[int], int] | None
+
+
+_V4_PREFIX = np.array([0] * 10 + [0xFF, 0xFF], dtype=np.uint8)
+
+
+def _v4_to_bytes16(col: np.ndarray) -> np.ndarray:
+    out = np.empty((col.shape[0], 16), dtype=np.uint8)
+    out[:, :12] = _V4_PREFIX
+    out[:, 12:] = col
+    return out
+
+
+def _address(
+    view: np.ndarray,
+    fields: dict[int, tuple[str, int]],
+    v4_ie: int,
+    v6_ie: int,
+) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """Return ((n,16) bytes, is_v6 mask) for one address column, or Nones.
+
+    When a template carries both families the non-zero one wins (records
+    use one family and leave the other all zero).
+    """
+    v4 = fields.get(v4_ie)
+    v6 = fields.get(v6_ie)
+    if v4 is None and v6 is None:
+        return None, None
+    n = view.shape[0]
+    if v6 is None:
+        assert v4 is not None
+        return _v4_to_bytes16(view[v4[0]]), np.zeros(n, dtype=bool)
+    b6 = np.ascontiguousarray(view[v6[0]])
+    if v4 is None:
+        return b6, np.ones(n, dtype=bool)
+    b4 = view[v4[0]]
+    use6: np.ndarray = np.logical_and(~b4.any(axis=1), b6.any(axis=1))
+    return np.where(use6[:, None], b6, _v4_to_bytes16(b4)), use6
+
+
+def _ntp_ms(value: np.ndarray) -> np.ndarray:
+    secs = (value >> np.uint64(32)).astype(np.int64) - NTP_UNIX_OFFSET_S
+    frac = value & np.uint64(0xFFFFFFFF)
+    return secs * 1000 + ((frac * np.uint64(1000)) >> np.uint64(32)).astype(np.int64)
+
+
+def _uptime_abs(value: np.ndarray, ctx: RecordContext) -> tuple[np.ndarray, np.ndarray]:
+    """Convert sysUptime milliseconds to absolute ms; return (ms, valid)."""
+    v = value.astype(np.int64)
+    if ctx.proto == ExportProtocol.IPFIX:
+        # IPFIX has no uptime in its header: the base is the exporter's
+        # systemInitTimeMilliseconds, from the record or from options data.
+        valid = ctx.init_ms >= 0
+        return ctx.init_ms + v, valid
+    delta = ctx.sysuptime_ms - v
+    # sysUptime is a u32 that wraps every 49.7 days: a value just before
+    # the wrap with an uptime just after it is a small positive delta.
+    delta = np.where(delta < -(1 << 31), delta + (1 << 32), delta)
+    return ctx.unix_secs * 1000 - delta, np.ones(v.shape[0], dtype=bool)
+
+
+def _time(
+    view: np.ndarray,
+    fields: dict[int, tuple[str, int]],
+    ctx: RecordContext,
+    ids: tuple[int, int, int, int, int, int],
+) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """One end of the flow: (ms, valid mask) from the first element present.
+
+    ``ids`` = (milliseconds, seconds, microseconds, nanoseconds, sysUptime,
+    delta-microseconds) element ids for that end.
+    """
+    ms_ie, s_ie, us_ie, ns_ie, up_ie, delta_ie = ids
+    n = view.shape[0]
+    ok = np.ones(n, dtype=bool)
+    if ms_ie in fields:
+        return _uint(view, *fields[ms_ie]).astype(np.int64), ok
+    if s_ie in fields:
+        return _uint(view, *fields[s_ie]).astype(np.int64) * 1000, ok
+    if us_ie in fields:
+        return _ntp_ms(_uint(view, *fields[us_ie])), ok
+    if ns_ie in fields:
+        return _ntp_ms(_uint(view, *fields[ns_ie])), ok
+    if up_ie in fields:
+        return _uptime_abs(_uint(view, *fields[up_ie]), ctx)
+    if delta_ie in fields:
+        us = _uint(view, *fields[delta_ie]).astype(np.int64)
+        return ctx.export_ms - us // 1000, ok
+    return None, None
+
+
+START_IDS = (
+    START_MILLISECONDS,
+    START_SECONDS,
+    START_MICROSECONDS,
+    START_NANOSECONDS,
+    START_SYSUPTIME,
+    START_DELTA_MICROSECONDS,
+)
+END_IDS = (
+    END_MILLISECONDS,
+    END_SECONDS,
+    END_MICROSECONDS,
+    END_NANOSECONDS,
+    END_SYSUPTIME,
+    END_DELTA_MICROSECONDS,
+)
+
+
+def record_rates(
+    view: np.ndarray, fields: dict[int, tuple[str, int]]
+) -> np.ndarray | None:
+    """Sampling rate carried by each record (0 where none), or None.
+
+    population/size if present, else (packetInterval + packetSpace) /
+    packetInterval, else samplingInterval (34) or samplerRandomInterval (50).
+    """
+    if not RATE_ELEMENTS.intersection(fields):
+        return None
+    n = view.shape[0]
+    rate = np.zeros(n, dtype=np.uint64)
+    for ie in (SAMPLER_RANDOM_INTERVAL, SAMPLING_INTERVAL):
+        if ie in fields:
+            value = _uint(view, *fields[ie])
+            rate = np.where(value > 0, value, rate)
+    if SAMPLING_PACKET_INTERVAL in fields:
+        interval = _uint(view, *fields[SAMPLING_PACKET_INTERVAL])
+        space = (
+            _uint(view, *fields[SAMPLING_PACKET_SPACE])
+            if SAMPLING_PACKET_SPACE in fields
+            else np.zeros(n, dtype=np.uint64)
+        )
+        safe = np.maximum(interval, np.uint64(1))
+        rate = np.where(interval > 0, (interval + space) // safe, rate)
+    if SAMPLING_SIZE in fields and SAMPLING_POPULATION in fields:
+        size = _uint(view, *fields[SAMPLING_SIZE])
+        population = _uint(view, *fields[SAMPLING_POPULATION])
+        safe = np.maximum(size, np.uint64(1))
+        rate = np.where(size > 0, population // safe, rate)
+    return np.minimum(rate, np.uint64(0xFFFFFFFF))
+
+
+def sampler_ids(
+    view: np.ndarray, fields: dict[int, tuple[str, int]]
+) -> np.ndarray | None:
+    """The sampler/selector id of each record (IE 48, else 302), or None."""
+    for ie in (SAMPLER_ID, SELECTOR_ID):
+        if ie in fields:
+            return _uint(view, *fields[ie])
+    return None
+
+
+def build_records(
+    view: np.ndarray, fields: dict[int, tuple[str, int]], ctx: RecordContext
+) -> np.ndarray:
+    """Turn ``n`` records of one layout into ``n`` FLOW_DTYPE records."""
+    n = view.shape[0]
+    out = np.zeros(n, dtype=FLOW_DTYPE)
+    present = 0
+    out["exporter"] = ctx.exporter
+    out["exporter_port"] = ctx.exporter_port
+    out["export_proto"] = int(ctx.proto)
+    out["domain"] = ctx.domain
+
+    for column, (ids, bit) in UINT_COLUMNS.items():
+        for ie in ids:
+            spec = fields.get(ie)
+            if spec is not None:
+                out[column] = _uint(view, *spec)
+                present |= bit
+                break
+
+    # Addresses: the family of the source address decides ip_version.
+    src, src6 = _address(view, fields, SRC_V4, SRC_V6)
+    dst, dst6 = _address(view, fields, DST_V4, DST_V6)
+    family6: np.ndarray | None = None
+    if src is not None:
+        out["src_addr"] = src.view("V16").reshape(-1)
+        present |= Field.SRC_ADDR
+        family6 = src6
+    if dst is not None:
+        out["dst_addr"] = dst.view("V16").reshape(-1)
+        present |= Field.DST_ADDR
+        if family6 is None:
+            family6 = dst6
+    if IP_VERSION in fields:
+        out["ip_version"] = _uint(view, *fields[IP_VERSION])
+    elif family6 is not None:
+        out["ip_version"] = np.where(family6, 6, 4)
+
+    # Next hop: the IP next hop, else the BGP next hop where it is zero.
+    hop, _ = _address(view, fields, NEXT_HOP_V4, NEXT_HOP_V6)
+    bgp, _ = _address(view, fields, BGP_NEXT_HOP_V4, BGP_NEXT_HOP_V6)
+    if hop is not None and bgp is not None:
+        hop = np.where(
+            hop[:, 12:].any(axis=1, keepdims=True)
+            | hop[:, :10].any(axis=1, keepdims=True),
+            hop,
+            bgp,
+        )
+    elif hop is None:
+        hop = bgp
+    if hop is not None:
+        out["next_hop"] = hop.view("V16").reshape(-1)
+        present |= Field.NEXT_HOP
+
+    # Masks: the one of the record's family when a template has both.
+    for column, v4_ie, v6_ie, bit in (
+        ("src_mask", SRC_MASK_V4, SRC_MASK_V6, Field.SRC_MASK),
+        ("dst_mask", DST_MASK_V4, DST_MASK_V6, Field.DST_MASK),
+    ):
+        m4 = fields.get(v4_ie)
+        m6 = fields.get(v6_ie)
+        if m4 is not None and m6 is not None and family6 is not None:
+            out[column] = np.where(family6, _uint(view, *m6), _uint(view, *m4))
+        elif m4 is not None or m6 is not None:
+            spec = m4 if m4 is not None else m6
+            assert spec is not None
+            out[column] = _uint(view, *spec)
+        else:
+            continue
+        present |= bit
+
+    # Destination port; ICMP type/code goes there when the port is absent
+    # or zero for an ICMP flow (type*256+code, as v5 exporters do).
+    have_port = DST_PORT in fields
+    if have_port:
+        out["dst_port"] = _uint(view, *fields[DST_PORT])
+        present |= Field.DST_PORT
+    icmp = _icmp(view, fields, out)
+    if icmp is not None:
+        proto = out["protocol"]
+        is_icmp = (proto == 1) | (proto == 58)
+        use = is_icmp & (out["dst_port"] == 0) if have_port else is_icmp
+        out["dst_port"] = np.where(use, icmp, out["dst_port"])
+        present |= Field.DST_PORT
+
+    if DIRECTION in fields:
+        out["direction"] = _uint(view, *fields[DIRECTION])
+        present |= Field.DIRECTION
+    else:
+        out["direction"] = Direction.UNKNOWN
+
+    present_arr = _times(view, fields, ctx, out)
+    out["sampling_rate"] = _rates(view, fields, ctx, out, present)
+    out["present"] = present_arr | np.uint32(present)
+    return out
+
+
+def _icmp(
+    view: np.ndarray, fields: dict[int, tuple[str, int]], out: np.ndarray
+) -> np.ndarray | None:
+    code4 = fields.get(ICMP_TYPE_CODE_V4)
+    code6 = fields.get(ICMP_TYPE_CODE_V6)
+    value: np.ndarray | None = None
+    if code4 is not None:
+        value = _uint(view, *code4)
+    elif ICMP_TYPE_V4 in fields:
+        value = _uint(view, *fields[ICMP_TYPE_V4]) << np.uint64(8)
+        if ICMP_CODE_V4 in fields:
+            value |= _uint(view, *fields[ICMP_CODE_V4])
+    v6: np.ndarray | None = None
+    if code6 is not None:
+        v6 = _uint(view, *code6)
+    elif ICMP_TYPE_V6 in fields:
+        v6 = _uint(view, *fields[ICMP_TYPE_V6]) << np.uint64(8)
+        if ICMP_CODE_V6 in fields:
+            v6 |= _uint(view, *fields[ICMP_CODE_V6])
+    if v6 is not None:
+        value = v6 if value is None else np.where(out["protocol"] == 58, v6, value)
+    return value
+
+
+def _times(
+    view: np.ndarray,
+    fields: dict[int, tuple[str, int]],
+    ctx: RecordContext,
+    out: np.ndarray,
+) -> np.ndarray:
+    """Fill time_start/time_end; return the per-record time present bits."""
+    n = view.shape[0]
+    bits = np.zeros(n, dtype=np.uint32)
+    if SYSTEM_INIT_MILLISECONDS in fields:
+        init = _uint(view, *fields[SYSTEM_INIT_MILLISECONDS]).astype(np.int64)
+        ctx.init_ms = np.where(init > 0, init, ctx.init_ms)
+    start, start_ok = _time(view, fields, ctx, START_IDS)
+    end, end_ok = _time(view, fields, ctx, END_IDS)
+    duration: np.ndarray | None = None
+    if DURATION_MILLISECONDS in fields:
+        duration = _uint(view, *fields[DURATION_MILLISECONDS]).astype(np.int64)
+    elif DURATION_MICROSECONDS in fields:
+        duration = _uint(view, *fields[DURATION_MICROSECONDS]).astype(np.int64) // 1000
+    if duration is not None:
+        if start is None and end is not None and end_ok is not None:
+            start, start_ok = end - duration, end_ok
+        elif end is None and start is not None and start_ok is not None:
+            end, end_ok = start + duration, start_ok
+    if start is None and end is None and OBSERVATION_TIME_MILLISECONDS in fields:
+        # Event exporters (NAT, firewall) stamp the event, not a flow.
+        obs = _uint(view, *fields[OBSERVATION_TIME_MILLISECONDS]).astype(np.int64)
+        start, start_ok = obs, np.ones(n, dtype=bool)
+        end, end_ok = obs, start_ok
+    if start is not None and start_ok is not None:
+        out["time_start"] = np.where(start_ok, start, 0)
+        bits |= np.where(start_ok, np.uint32(Field.TIME_START), np.uint32(0))
+    if end is not None and end_ok is not None:
+        out["time_end"] = np.where(end_ok, end, 0)
+        bits |= np.where(end_ok, np.uint32(Field.TIME_END), np.uint32(0))
+    return bits
+
+
+def _rates(
+    view: np.ndarray,
+    fields: dict[int, tuple[str, int]],
+    ctx: RecordContext,
+    out: np.ndarray,
+    present: int,
+) -> np.ndarray | int:
+    """The sampling rate of each record (0 = unknown)."""
+    if ctx.override:
+        return ctx.override
+    rate: np.ndarray = ctx.rate
+    if ctx.sampler_lookup is not None and present & Field.SAMPLER_ID:
+        sids = out["sampler_id"]
+        uniq = np.unique(sids)
+        lookup = ctx.sampler_lookup
+        if len(uniq) == 1:
+            rate = np.full(view.shape[0], lookup(int(uniq[0])), np.uint32)
+        else:
+            table = np.array([lookup(int(s)) for s in uniq], dtype=np.uint32)
+            rate = table[np.searchsorted(uniq, sids)]
+    carried = record_rates(view, fields)
+    if carried is not None:
+        rate = np.where(carried > 0, carried, rate)
+    return rate
+
+
+class _Group:
+    """Data of one layout from one exporter and domain, in arrival order."""
+
+    __slots__ = (
+        "context",
+        "counts",
+        "domain",
+        "exporter",
+        "layout",
+        "port",
+        "proto",
+        "regions",
+        "starts",
+    )
+
+    def __init__(
+        self,
+        layout: Layout,
+        exporter: bytes,
+        port: int,
+        domain: int,
+        proto: ExportProtocol,
+    ) -> None:
+        self.layout = layout
+        self.exporter = exporter
+        self.port = port
+        self.domain = domain
+        self.proto = proto
+        self.regions: list[bytes | memoryview] = []
+        self.counts: list[int] = []
+        self.starts: list[int] = []
+        self.context: list[tuple[int, int, int, int, int]] = []
+
+
+#: (layout, exporter address, exporter port, domain)
+GroupKey = tuple[Layout, bytes, int, int]
+#: Looks up the rate of (exporter, domain, sampler id) at build time.
+SamplerLookup = Callable[[bytes, int, int], int]
+#: Returns the operator override for an exporter (0 if none).
+OverrideLookup = Callable[[bytes], int]
+
+
+class RecordBatch:
+    """Collects data records of many datagrams and builds them in one pass.
+
+    Walkers :meth:`add` record regions (raw bytes of ``count`` records of
+    one layout) with the per-datagram context; :meth:`build` joins the
+    regions of each (layout, exporter, port, domain) group, reads them with
+    one ``np.frombuffer`` and scatters the results back into arrival
+    order, so the output equals decoding each datagram on its own.
+    Records whose rate depends on a sampler id are looked up at build time;
+    the decoder calls :meth:`settle` before a sampling announcement changes
+    the table so that such records see the rates of their own time.
+    """
+
+    def __init__(self) -> None:
+        self.groups: dict[GroupKey, _Group] = {}
+        self.ready: list[tuple[int, np.ndarray]] = []
+        self.done: list[np.ndarray] = []
+        self.total = 0
+        self.deferred = False
+
+    def add(
+        self,
+        key: GroupKey,
+        proto: ExportProtocol,
+        region: bytes | memoryview,
+        count: int,
+        context: tuple[int, int, int, int, int],
+    ) -> None:
+        """Queue ``count`` records of ``key`` = (layout, exporter, port, domain).
+
+        ``context`` = (unix secs, sysUptime ms, export ms, init ms, rate).
+        """
+        group = self.groups.get(key)
+        if group is None:
+            layout = key[0]
+            group = _Group(layout, key[1], key[2], key[3], proto)
+            self.groups[key] = group
+            if SAMPLER_ID in layout.fields or SELECTOR_ID in layout.fields:
+                self.deferred = True
+        group.regions.append(region)
+        group.counts.append(count)
+        group.starts.append(self.total)
+        group.context.append(context)
+        self.total += count
+
+    def add_records(self, records: np.ndarray) -> None:
+        """Queue records already decoded (sFlow) at the current position."""
+        if len(records):
+            self.ready.append((self.total, records))
+            self.total += len(records)
+
+    def settle(self, sampler: SamplerLookup, override: OverrideLookup) -> None:
+        """Build everything queued so far (keeps arrival order)."""
+        if self.total:
+            self.done.append(self._build(sampler, override))
+        self.groups = {}
+        self.ready = []
+        self.total = 0
+        self.deferred = False
+
+    def build(self, sampler: SamplerLookup, override: OverrideLookup) -> np.ndarray:
+        """Return every queued record as one FLOW_DTYPE array."""
+        self.settle(sampler, override)
+        done = self.done
+        self.done = []
+        if not done:
+            return np.zeros(0, dtype=FLOW_DTYPE)
+        if len(done) == 1:
+            return done[0]
+        return np.concatenate(done)
+
+    def _build(self, sampler: SamplerLookup, override: OverrideLookup) -> np.ndarray:
+        built: list[tuple[_Group, np.ndarray]] = []
+        for group in self.groups.values():
+            built.append((group, _build_group(group, sampler, override)))
+        if len(built) == 1 and not self.ready:
+            return built[0][1]
+        out = np.zeros(self.total, dtype=FLOW_DTYPE)
+        for group, records in built:
+            counts = np.array(group.counts, dtype=np.int64)
+            if len(counts) == 1:
+                start = group.starts[0]
+                out[start : start + len(records)] = records
+                continue
+            starts = np.array(group.starts, dtype=np.int64)
+            first = np.cumsum(counts) - counts
+            dest = np.repeat(starts - first, counts) + np.arange(len(records))
+            out[dest] = records
+        for start, records in self.ready:
+            out[start : start + len(records)] = records
+        return out
+
+
+def _build_group(
+    group: _Group, sampler: SamplerLookup, override: OverrideLookup
+) -> np.ndarray:
+    layout = group.layout
+    data = group.regions[0] if len(group.regions) == 1 else b"".join(group.regions)
+    view = np.frombuffer(data, dtype=layout.dtype)
+    counts = np.array(group.counts, dtype=np.int64)
+    context = np.array(group.context, dtype=np.int64)
+    if len(counts) == 1:
+        n = int(counts[0])
+        columns = [np.full(n, value, dtype=np.int64) for value in context[0]]
+    else:
+        columns = [np.repeat(context[:, i], counts) for i in range(5)]
+    exporter = group.exporter
+    domain = group.domain
+    ctx = RecordContext(
+        exporter=exporter,
+        exporter_port=group.port,
+        proto=group.proto,
+        domain=domain,
+        unix_secs=columns[0],
+        sysuptime_ms=columns[1],
+        export_ms=columns[2],
+        init_ms=columns[3],
+        rate=columns[4],
+        override=override(exporter),
+        sampler_lookup=lambda sid: sampler(exporter, domain, sid),
+    )
+    return build_records(view, layout.fields, ctx)

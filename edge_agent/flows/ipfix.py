@@ -1,0 +1,157 @@
+"""IPFIX (RFC 7011) message walking.
+
+One message per UDP datagram.  The message length is checked strictly
+against the datagram: a message claiming more bytes than arrived is
+rejected (``message_length_beyond_datagram``), bytes after the message are
+ignored (``datagram_longer_than_message``).  Enterprise-specific fields are
+skipped by their length; variable-length fields use the 1-byte or 3-byte
+(255 + u16) length prefix.  A template record with field count 0 withdraws
+its template; template id 2 (set 2) or 3 (set 3) with count 0 withdraws
+every data or options template of the domain.
+
+Error reasons beyond those of :mod:`edge_agent.flows.netflow_v9`:
+``message_length_too_small``, ``message_length_beyond_datagram``,
+``datagram_longer_than_message``, ``set_beyond_message``,
+``options_template_no_scope``, ``withdrawal_unknown_template``.
+"""
+
+from __future__ import annotations
+
+import struct
+
+from edge_agent.flows.counters import ExporterCounters
+from edge_agent.flows.fields import FieldSpec, RecordBatch
+from edge_agent.flows.netflow_v9 import SET_HEADER, Export, TemplatedDecoder
+from edge_agent.flows.schema import ExportProtocol
+
+IPFIX_HEADER = struct.Struct(">HHIII")
+_U16 = struct.Struct(">H")
+_U32 = struct.Struct(">I")
+
+
+class IpfixDecoder(TemplatedDecoder):
+    """Walk IPFIX messages."""
+
+    VERSION = 10
+    PROTO = ExportProtocol.IPFIX
+
+    def walk(
+        self,
+        payload: bytes,
+        exporter: bytes,
+        port: int,
+        received_ms: int,
+        *,
+        counters: ExporterCounters,
+        batch: RecordBatch,
+    ) -> None:
+        """Decode one IPFIX message (the version is already checked)."""
+        size = len(payload)
+        if size < 16:
+            counters.errors["truncated_header"] += 1
+            return
+        _, length, export_time, seq, domain = IPFIX_HEADER.unpack_from(payload)
+        if length < 16:
+            counters.errors["message_length_too_small"] += 1
+            return
+        if length > size:
+            counters.errors["message_length_beyond_datagram"] += 1
+            return
+        if length < size:
+            counters.errors["datagram_longer_than_message"] += 1
+            size = length
+        export = Export(
+            exporter,
+            port,
+            domain,
+            received_ms,
+            (export_time, -1, export_time * 1000, -1),
+            counters=counters,
+            batch=batch,
+        )
+        view = memoryview(payload)[:size]
+        pos = 16
+        records: int | None = 0
+        while size - pos >= 4:
+            set_id, set_length = SET_HEADER.unpack_from(payload, pos)
+            if set_length < 4:
+                counters.errors["set_too_short"] += 1
+                break
+            if set_length > size - pos:
+                counters.errors["set_beyond_message"] += 1
+                break
+            body = view[pos + 4 : pos + set_length]
+            if set_id == 2:
+                self._templates(body, False, export)
+            elif set_id == 3:
+                self._templates(body, True, export)
+            elif set_id < 256:
+                counters.errors["reserved_set_id"] += 1
+            else:
+                key = (exporter, port, 10, domain, set_id)
+                count = self.data_set(key, body, export)
+                if count is None or records is None:
+                    records = None
+                else:
+                    records += count
+            pos += set_length
+        if pos < size:
+            counters.errors["trailing_bytes"] += 1
+        self.sequences.check((exporter, port, 10, domain), seq, records, counters)
+
+    def _templates(self, body: memoryview, options: bool, export: Export) -> None:
+        counters = export.counters
+        exporter = export.exporter
+        port = export.port
+        pos = 0
+        size = len(body)
+        domain_key = (exporter, port, 10, export.domain)
+        while size - pos >= 4:
+            template_id, count = SET_HEADER.unpack_from(body, pos)
+            pos += 4
+            if count == 0:
+                if template_id == (3 if options else 2):
+                    removed = self.templates.withdraw_all(domain_key, options)
+                    counters.templates_withdrawn += removed
+                    counters.templates = self.templates.count(exporter, port)
+                elif template_id >= 256:
+                    self.withdraw((*domain_key, template_id), counters)
+                elif any(body[pos - 4 :]):
+                    counters.errors["template_id_reserved"] += 1
+                    return
+                else:
+                    return  # padding
+                continue
+            if template_id < 256:
+                counters.errors["template_id_reserved"] += 1
+                return
+            scope_count = 0
+            if options:
+                if size - pos < 2:
+                    counters.errors["template_truncated"] += 1
+                    return
+                (scope_count,) = _U16.unpack_from(body, pos)
+                pos += 2
+                if scope_count == 0 or scope_count > count:
+                    counters.errors["options_template_no_scope"] += 1
+                    return
+            if count > self.max_template_fields:
+                counters.errors["template_too_many_fields"] += 1
+                return
+            specs: list[FieldSpec] = []
+            for _ in range(count):
+                if size - pos < 4:
+                    counters.errors["template_truncated"] += 1
+                    return
+                element, field_length = SET_HEADER.unpack_from(body, pos)
+                pos += 4
+                pen = 0
+                if element & 0x8000:
+                    if size - pos < 4:
+                        counters.errors["template_truncated"] += 1
+                        return
+                    (pen,) = _U32.unpack_from(body, pos)
+                    pos += 4
+                    element &= 0x7FFF
+                specs.append(FieldSpec(element, field_length, pen))
+            self.learn((*domain_key, template_id), specs, options, scope_count, export)

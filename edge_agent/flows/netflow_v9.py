@@ -1,0 +1,384 @@
+"""NetFlow v9 (RFC 3954) and the template machinery it shares with IPFIX.
+
+A datagram is walked flowset by flowset using each flowset's length; the
+header Count is not trusted (one real exporter writes a Count smaller than
+the number of records).  Zero bytes after the last flowset (exporters that
+pad datagrams to a fixed size) are not a flowset.
+
+Error reasons counted here (``ExporterCounters.errors``):
+
+* ``truncated_header``: shorter than the 20-byte header.
+* ``set_too_short``: a flowset length below 4.
+* ``set_beyond_datagram``: a flowset longer than what is left.
+* ``trailing_bytes``: non-zero bytes after the last flowset.
+* ``reserved_set_id``: flowset id 2-255 (skipped by length).
+* ``template_truncated`` / ``template_id_reserved`` /
+  ``options_template_bad_length``: a template record that cannot be read.
+* ``template_empty``, ``template_too_many_fields``,
+  ``template_zero_length_field``, ``template_record_too_long``: see
+  :func:`~edge_agent.flows.templates.compile_template`.
+* ``template_limit``, ``template_exporter_limit``: the template cache is
+  full (template flood).
+* ``field_length_unsupported``: a known element with a width its column
+  cannot take (the field is skipped, the rest of the record decoded).
+* ``record_overrun``: a variable-length field runs past its set.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Callable
+
+import numpy as np
+
+from edge_agent.flows import fields as ie
+from edge_agent.flows.counters import DecodeStats, ExporterCounters
+from edge_agent.flows.fields import FieldSpec, RecordBatch, record_rates, sampler_ids
+from edge_agent.flows.sampling import SamplingTable
+from edge_agent.flows.schema import ExportProtocol
+from edge_agent.flows.sequence import SequenceTracker
+from edge_agent.flows.templates import (
+    HeldSet,
+    PendingStore,
+    Template,
+    TemplateCache,
+    TemplateError,
+    TemplateKey,
+    compile_template,
+    split_varlen,
+)
+
+V9_HEADER = struct.Struct(">HHIIII")
+SET_HEADER = struct.Struct(">HH")
+FIELD = struct.Struct(">HH")
+V9_OPTIONS_HEADER = struct.Struct(">HHH")
+
+#: Header context of a datagram: (unix secs, sysUptime ms or -1, export
+#: time ms, IPFIX systemInitTime ms or -1).
+Context = tuple[int, int, int, int]
+
+
+class Export:
+    """What the sets of one datagram share while it is walked."""
+
+    __slots__ = (
+        "batch",
+        "context",
+        "counters",
+        "domain",
+        "exporter",
+        "port",
+        "received_ms",
+    )
+
+    def __init__(
+        self,
+        exporter: bytes,
+        port: int,
+        domain: int,
+        received_ms: int,
+        context: Context,
+        *,
+        counters: ExporterCounters,
+        batch: RecordBatch,
+    ) -> None:
+        self.exporter = exporter
+        self.port = port
+        self.domain = domain
+        self.received_ms = received_ms
+        self.context = context
+        self.counters = counters
+        self.batch = batch
+
+
+class TemplatedDecoder:
+    """Template learning, held data and data-set decoding for v9 and IPFIX."""
+
+    VERSION: int = 0
+    PROTO: ExportProtocol = ExportProtocol.NETFLOW_V9
+
+    def __init__(
+        self,
+        *,
+        templates: TemplateCache,
+        pending: PendingStore,
+        sampling: SamplingTable,
+        sequences: SequenceTracker,
+        stats: DecodeStats,
+        settle: Callable[[RecordBatch], None],
+        max_template_fields: int,
+    ) -> None:
+        self.templates = templates
+        self.pending = pending
+        self.sampling = sampling
+        self.sequences = sequences
+        self.stats = stats
+        self.settle = settle
+        self.max_template_fields = max_template_fields
+        #: systemInitTimeMilliseconds announced in options data, per
+        #: (exporter, port, domain); bounded like the template cache.
+        self.init_times: dict[tuple[bytes, int, int], int] = {}
+
+    # -- templates ----------------------------------------------------------
+
+    def learn(
+        self,
+        key: TemplateKey,
+        fields: list[FieldSpec],
+        is_options: bool,
+        scope_count: int,
+        export: Export,
+    ) -> None:
+        """Add (or replace) a template and decode data held for it."""
+        counters = export.counters
+        counters.templates_received += 1
+        old = self.templates.get(key)
+        if (
+            old is not None
+            and old.fields == tuple(fields)
+            and old.is_options == is_options
+            and old.scope_count == scope_count
+        ):
+            return  # the periodic re-send of a known template
+        try:
+            template = compile_template(
+                key,
+                fields,
+                is_options=is_options,
+                scope_count=scope_count,
+                max_fields=self.max_template_fields,
+            )
+        except TemplateError as err:
+            counters.errors[err.reason] += 1
+            return
+        reason = self.templates.put(template)
+        if reason is not None:
+            counters.errors[reason] += 1
+            return
+        if template.layout.unusable:
+            counters.errors["field_length_unsupported"] += template.layout.unusable
+        counters.templates = self.templates.count(key[0], key[1])
+        for held in self.pending.release(key):
+            counters.pending_decoded += 1
+            self.decode_set(template, held.body, held.context, export)
+
+    def withdraw(self, key: TemplateKey, counters: ExporterCounters) -> None:
+        """Forget a template (IPFIX withdrawal)."""
+        if self.templates.withdraw(key):
+            counters.templates_withdrawn += 1
+        else:
+            counters.errors["withdrawal_unknown_template"] += 1
+        counters.templates = self.templates.count(key[0], key[1])
+
+    # -- data ---------------------------------------------------------------
+
+    def data_set(
+        self, key: TemplateKey, body: memoryview, export: Export
+    ) -> int | None:
+        """Decode or hold one data set; return its record count (None: held)."""
+        template = self.templates.get(key)
+        if template is not None:
+            return self.decode_set(template, body, export.context, export)
+        export.counters.pending_held += 1
+        held = HeldSet(key, bytes(body), export.context, export.received_ms)
+        for dropped in self.pending.hold(held):
+            self.stats.exporter(dropped.key[0], dropped.key[1]).pending_expired += 1
+        return None
+
+    def decode_set(
+        self,
+        template: Template,
+        body: bytes | memoryview,
+        context: Context,
+        export: Export,
+    ) -> int:
+        """Queue (data) or consume (options) the records of one set.
+
+        ``context`` is the header context of the datagram the set came in
+        (an earlier one for held data).
+        """
+        counters = export.counters
+        batch = export.batch
+        region: bytes | memoryview
+        if template.varlen:
+            region, count, overrun = split_varlen(template, body)
+            if overrun:
+                counters.errors["record_overrun"] += 1
+            width = template.projected_length
+        else:
+            width = template.record_length
+            count = len(body) // width
+            region = body[: count * width]
+        if not count:
+            return 0
+        exporter, port, _, domain, _ = template.key
+        if template.is_options:
+            counters.options_records += count
+            self._options(template, region, count, width, batch)
+            return count
+        init_ms = context[3]
+        if init_ms < 0 and self.PROTO == ExportProtocol.IPFIX:
+            init_ms = self.init_times.get((exporter, port, domain), -1)
+        rate = self.sampling.lookup(exporter, domain, 0)
+        if width == 0:
+            # Only variable-length fields: nothing of the schema is carried,
+            # but the records are still flows.
+            region = b"\x00" * count
+        batch.add(
+            (template.layout, exporter, port, domain),
+            self.PROTO,
+            region,
+            count,
+            (context[0], context[1], context[2], init_ms, rate),
+        )
+        counters.records += count
+        return count
+
+    def _options(
+        self,
+        template: Template,
+        region: bytes | memoryview,
+        count: int,
+        width: int,
+        batch: RecordBatch,
+    ) -> None:
+        """Learn sampling rates and system init time from options records."""
+        fields = template.layout.fields
+        if not width:
+            return
+        view = np.frombuffer(region, dtype=template.layout.dtype, count=count)
+        exporter, port, _, domain, _ = template.key
+        if ie.SYSTEM_INIT_MILLISECONDS in fields:
+            name, width_ = fields[ie.SYSTEM_INIT_MILLISECONDS]
+            init = int(ie._uint(view, name, width_)[-1])
+            key = (exporter, port, domain)
+            if init and (key in self.init_times or len(self.init_times) < 65536):
+                self.init_times[key] = init
+        rates = record_rates(view, fields)
+        if rates is None:
+            return
+        sids = sampler_ids(view, fields)
+        for i in np.flatnonzero(rates):
+            sid = int(sids[i]) if sids is not None else 0
+            rate = int(rates[i])
+            if batch.deferred and self.sampling.changes(exporter, domain, sid, rate):
+                self.settle(batch)
+            self.sampling.announce(exporter, domain, sid, rate)
+
+
+class NetflowV9Decoder(TemplatedDecoder):
+    """Walk NetFlow v9 datagrams."""
+
+    VERSION = 9
+    PROTO = ExportProtocol.NETFLOW_V9
+
+    def walk(
+        self,
+        payload: bytes,
+        exporter: bytes,
+        port: int,
+        received_ms: int,
+        *,
+        counters: ExporterCounters,
+        batch: RecordBatch,
+    ) -> None:
+        """Decode one v9 datagram (the version is already checked)."""
+        size = len(payload)
+        if size < 20:
+            counters.errors["truncated_header"] += 1
+            return
+        _, _count, uptime, secs, seq, domain = V9_HEADER.unpack_from(payload)
+        export = Export(
+            exporter,
+            port,
+            domain,
+            received_ms,
+            (secs, uptime, secs * 1000, -1),
+            counters=counters,
+            batch=batch,
+        )
+        view = memoryview(payload)
+        pos = 20
+        records = 0
+        while size - pos >= 4:
+            set_id, length = SET_HEADER.unpack_from(payload, pos)
+            if length < 4:
+                if not any(view[pos:]):
+                    pos = size  # zero fill up to a fixed datagram size
+                    break
+                counters.errors["set_too_short"] += 1
+                break
+            if length > size - pos:
+                counters.errors["set_beyond_datagram"] += 1
+                break
+            body = view[pos + 4 : pos + length]
+            if set_id == 0:
+                self._templates(body, export)
+            elif set_id == 1:
+                self._options_templates(body, export)
+            elif set_id < 256:
+                counters.errors["reserved_set_id"] += 1
+            else:
+                key = (exporter, port, 9, domain, set_id)
+                count = self.data_set(key, body, export)
+                records += count or 0
+            pos += length
+        if pos < size and any(view[pos:]):
+            counters.errors["trailing_bytes"] += 1
+        self.sequences.check_v9((exporter, port, 9, domain), seq, records, counters)
+
+    def _templates(self, body: memoryview, export: Export) -> None:
+        counters = export.counters
+        pos = 0
+        size = len(body)
+        while size - pos >= 4:
+            template_id, count = FIELD.unpack_from(body, pos)
+            if template_id < 256:
+                if not any(body[pos:]):
+                    return  # padding
+                counters.errors["template_id_reserved"] += 1
+                return
+            pos += 4
+            if count * 4 > size - pos:
+                counters.errors["template_truncated"] += 1
+                return
+            specs = [
+                FieldSpec(t, n)
+                for t, n in FIELD.iter_unpack(body[pos : pos + count * 4])
+            ]
+            pos += count * 4
+            key = (export.exporter, export.port, 9, export.domain, template_id)
+            self.learn(key, specs, False, 0, export)
+
+    def _options_templates(self, body: memoryview, export: Export) -> None:
+        counters = export.counters
+        pos = 0
+        size = len(body)
+        while size - pos >= 6:
+            template_id, scope_len, option_len = V9_OPTIONS_HEADER.unpack_from(
+                body, pos
+            )
+            if template_id < 256:
+                if not any(body[pos:]):
+                    return
+                counters.errors["template_id_reserved"] += 1
+                return
+            pos += 6
+            if scope_len % 4 or option_len % 4:
+                counters.errors["options_template_bad_length"] += 1
+                return
+            if scope_len + option_len > size - pos:
+                counters.errors["template_truncated"] += 1
+                return
+            scope = [
+                FieldSpec(t, n, scope=True)
+                for t, n in FIELD.iter_unpack(body[pos : pos + scope_len])
+            ]
+            pos += scope_len
+            options = [
+                FieldSpec(t, n)
+                for t, n in FIELD.iter_unpack(body[pos : pos + option_len])
+            ]
+            pos += option_len
+            key = (export.exporter, export.port, 9, export.domain, template_id)
+            self.learn(key, scope + options, True, len(scope), export)

@@ -1,0 +1,124 @@
+"""Export sequence numbers: gaps, late packets and exporter restarts.
+
+Each stream (exporter address, port, version, domain) has an expected next
+sequence number.  NetFlow v5 and IPFIX count records, NetFlow v9 counts
+datagrams (RFC 3954), though some v9 exporters count records: a stream
+whose numbers keep advancing by the previous datagram's record count is
+switched to counting records.
+
+Sequence numbers are u32 and wrap.  A number ahead of the expected one is
+a gap (the difference is counted as lost); one slightly behind is a late
+(reordered) packet that fills part of an earlier gap; one far behind or far
+ahead is an exporter restart, which resynchronises without counting loss.
+"""
+
+from __future__ import annotations
+
+from edge_agent.flows.counters import ExporterCounters
+
+_MASK = 0xFFFFFFFF
+#: Forward jumps this large are restarts, not loss (a guess: no real link
+#: loses a billion records between two datagrams of one stream).
+_MAX_GAP = 1 << 30
+#: A packet this many datagrams' worth behind is late, not a restart.
+_REORDER_DATAGRAMS = 64
+
+#: (exporter address, exporter port, version, domain)
+StreamKey = tuple[bytes, int, int, int]
+
+
+class _Stream:
+    __slots__ = ("by_records", "expected", "last_records", "last_seq", "lost")
+
+    def __init__(self) -> None:
+        self.expected: int | None = None
+        self.lost = 0
+        self.last_seq = 0
+        self.last_records = -1
+        self.by_records = False
+
+
+class SequenceTracker:
+    """Per-stream sequence state, bounded in streams (oldest forgotten)."""
+
+    def __init__(self, max_streams: int = 65536) -> None:
+        self.max_streams = max_streams
+        self.streams: dict[StreamKey, _Stream] = {}
+
+    def _stream(self, key: StreamKey) -> _Stream:
+        stream = self.streams.get(key)
+        if stream is None:
+            if len(self.streams) >= self.max_streams:
+                # dicts keep insertion order: drop the oldest stream.
+                del self.streams[next(iter(self.streams))]
+            stream = _Stream()
+            self.streams[key] = stream
+        return stream
+
+    def check(
+        self,
+        key: StreamKey,
+        seq: int,
+        units: int | None,
+        counters: ExporterCounters,
+    ) -> None:
+        """Account one export whose header says ``seq``.
+
+        ``units`` is what this export adds to the sequence (records for
+        v5/IPFIX, 1 for v9) or None when unknown (IPFIX sets whose template
+        is not known yet): then the next export is not checked.
+        """
+        stream = self._stream(key)
+        self._advance(stream, seq, units, counters)
+
+    def check_v9(
+        self, key: StreamKey, seq: int, records: int, counters: ExporterCounters
+    ) -> None:
+        """Like :meth:`check` for NetFlow v9 (one datagram, ``records`` records).
+
+        Records are the unit once the stream showed it counts them.
+        """
+        stream = self._stream(key)
+        if (
+            not stream.by_records
+            and stream.expected is not None
+            and stream.last_records > 1
+            and seq != stream.expected
+            and (seq - stream.last_seq) & _MASK == stream.last_records
+        ):
+            stream.by_records = True
+            stream.expected = seq
+        units = records if stream.by_records else 1
+        stream.last_records = records
+        self._advance(stream, seq, units, counters)
+
+    @staticmethod
+    def _advance(
+        stream: _Stream, seq: int, units: int | None, counters: ExporterCounters
+    ) -> None:
+        expected = stream.expected
+        stream.last_seq = seq
+        if expected is None:
+            stream.expected = None if units is None else (seq + units) & _MASK
+            return
+        ahead = (seq - expected) & _MASK
+        if ahead == 0:
+            stream.expected = None if units is None else (seq + units) & _MASK
+            return
+        counters.sequence_gaps += 1
+        if ahead < _MAX_GAP:
+            counters.estimated_lost += ahead
+            stream.lost += ahead
+            stream.expected = None if units is None else (seq + units) & _MASK
+            return
+        behind = (expected - seq) & _MASK
+        window = _REORDER_DATAGRAMS * max(units or 1, 1)
+        if behind <= window:
+            # A late packet: it was counted lost when the gap opened.
+            found = min(units or 0, stream.lost)
+            stream.lost -= found
+            counters.estimated_lost -= found
+            return
+        # Restart (or a stream we cannot follow): resynchronise.
+        stream.lost = 0
+        stream.expected = None if units is None else (seq + units) & _MASK
