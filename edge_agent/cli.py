@@ -19,7 +19,10 @@ from collections.abc import Sequence
 from importlib.metadata import entry_points
 
 #: Modules of the edge package that contribute subcommands.
-EDGE_COMMAND_MODULES: tuple[str, ...] = ()
+EDGE_COMMAND_MODULES: tuple[str, ...] = (
+    "edge_agent.collect.decode_command",
+    "edge_agent.bench.command",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
