@@ -341,7 +341,17 @@ def _address(
     if v4 is None:
         return b6, np.ones(n, dtype=bool)
     b4 = view[v4[0]]
-    use6: np.ndarray = np.logical_and(~b4.any(axis=1), b6.any(axis=1))
+    has4 = b4.any(axis=1)
+    has6 = b6.any(axis=1)
+    # Both non-zero (an SRv6 record describing the outer and inner headers):
+    # the family that comes first in the template wins, as for every other
+    # element that a template repeats.
+    fields_by_name = view.dtype.fields
+    assert fields_by_name is not None
+    v6_first = fields_by_name[v6[0]][1] < fields_by_name[v4[0]][1]
+    use6 = np.logical_and(has6, ~has4)
+    if v6_first:
+        use6 |= np.logical_and(has6, has4)
     return np.where(use6[:, None], b6, _v4_to_bytes16(b4)), use6
 
 
@@ -378,22 +388,31 @@ def _time(
     delta-microseconds) element ids for that end.
     """
     ms_ie, s_ie, us_ie, ns_ie, up_ie, delta_ie = ids
-    n = view.shape[0]
-    ok = np.ones(n, dtype=bool)
-    if ms_ie in fields:
-        return _uint(view, *fields[ms_ie]).astype(np.int64), ok
-    if s_ie in fields:
-        return _uint(view, *fields[s_ie]).astype(np.int64) * 1000, ok
-    if us_ie in fields:
-        return _ntp_ms(_uint(view, *fields[us_ie])), ok
-    if ns_ie in fields:
-        return _ntp_ms(_uint(view, *fields[ns_ie])), ok
+    # An absolute time of 0 (nProbe sends it for "not measured") is 1970,
+    # not a flow time: treated as absent.
+    for ie, convert in (
+        (ms_ie, _int64),
+        (s_ie, _seconds_ms),
+        (us_ie, _ntp_ms),
+        (ns_ie, _ntp_ms),
+    ):
+        if ie in fields:
+            raw = _uint(view, *fields[ie])
+            return convert(raw), raw != 0
     if up_ie in fields:
         return _uptime_abs(_uint(view, *fields[up_ie]), ctx)
     if delta_ie in fields:
         us = _uint(view, *fields[delta_ie]).astype(np.int64)
-        return ctx.export_ms - us // 1000, ok
+        return ctx.export_ms - us // 1000, np.ones(view.shape[0], dtype=bool)
     return None, None
+
+
+def _int64(value: np.ndarray) -> np.ndarray:
+    return value.astype(np.int64)
+
+
+def _seconds_ms(value: np.ndarray) -> np.ndarray:
+    return value.astype(np.int64) * 1000
 
 
 START_IDS = (
@@ -536,10 +555,14 @@ def build_records(
         present |= Field.DST_PORT
     icmp = _icmp(view, fields, out)
     if icmp is not None:
-        proto = out["protocol"]
-        is_icmp = (proto == 1) | (proto == 58)
-        use = is_icmp & (out["dst_port"] == 0) if have_port else is_icmp
-        out["dst_port"] = np.where(use, icmp, out["dst_port"])
+        if have_port:
+            proto = out["protocol"]
+            use = ((proto == 1) | (proto == 58)) & (out["dst_port"] == 0)
+            out["dst_port"] = np.where(use, icmp, out["dst_port"])
+        else:
+            # An ICMP-only template (softflowd) may not even carry the
+            # protocol: its type/code element says the flows are ICMP.
+            out["dst_port"] = icmp
         present |= Field.DST_PORT
 
     if DIRECTION in fields:
