@@ -13,6 +13,11 @@ from pathlib import Path
 
 import pytest
 
+# Real local servers (MiniStack) for integration tests, as fixtures.
+from tests.servers import kinesis_stream, ministack
+
+__all__ = ["kinesis_stream", "ministack"]
+
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DIR = PROJECT_ROOT.parent / "shared"
 

@@ -430,7 +430,7 @@ class Spool:
 
         Ids not pending (already acked, dropped or set aside) are ignored.
         """
-        removed = 0
+        names: list[str] = []
         with self._lock:
             self._check_open()
             for batch_id in batch_ids:
@@ -439,12 +439,16 @@ class Spool:
                     continue
                 entry = self._entries.pop(seq)
                 self._bytes -= entry.size
-                self._unlink(entry.name)
-                removed += 1
-            if removed:
-                self._counters.acked += removed
-                os.fsync(self._dir_fd)
-        return removed
+                names.append(entry.name)
+            self._counters.acked += len(names)
+        # Unlinking outside the lock keeps appends flowing: on file systems
+        # mounted with online discard an unlink can take a millisecond.  A
+        # crash before the unlink only brings the batch back (a duplicate).
+        for name in names:
+            self._unlink(name)
+        if names:
+            os.fsync(self._dir_fd)
+        return len(names)
 
     def set_aside(self, batch_id: str, reason: str) -> bool:
         """Move a pending batch the shipper can never send to ``rejected/``.
