@@ -18,5 +18,7 @@ ruff check edge_agent cloud tests
 ruff format --check edge_agent cloud tests
 echo "== mypy"
 mypy
+# kinesalite: the local Kinesis server for the resharding tests (npm).
+bash scripts/install-kinesalite.sh
 echo "== pytest"
 pytest "$@"

@@ -1,0 +1,24 @@
+"""Amazon Kinesis Data Streams as a Spark streaming source (boto3-based).
+
+:mod:`offsets` (per-shard positions, the checkpointed JSON), :mod:`shards`
+(lineage across splits and merges), :mod:`client` (the boto3 calls) and
+:mod:`source` (the Spark Python data source).
+"""
+
+from cloud.engine.kinesis.source import (
+    SCHEMA,
+    SOURCE_NAME,
+    KinesisDataSource,
+    OptionError,
+    SourceOptions,
+    lag_from_progress,
+)
+
+__all__ = [
+    "SCHEMA",
+    "SOURCE_NAME",
+    "KinesisDataSource",
+    "OptionError",
+    "SourceOptions",
+    "lag_from_progress",
+]

@@ -1,0 +1,43 @@
+"""Building the SparkSession the engine (and its tests) run on."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Mapping
+
+from pyspark.sql import SparkSession
+
+from cloud.engine.kinesis import KinesisDataSource
+
+
+def build_spark_session(
+    master: str | None = "local[*]",
+    app_name: str = "sampleflow-engine",
+    shuffle_partitions: int = 4,
+    ui: bool = False,
+    conf: Mapping[str, str] | None = None,
+) -> SparkSession:
+    """Return a session with the Kinesis source registered.
+
+    ``master`` None leaves it to spark-submit (YARN, EMR).  Python workers
+    run the driver's interpreter (``PYSPARK_PYTHON`` defaults to
+    ``sys.executable``) so that they import the same installed
+    ``sampleflow``; on a cluster, ship the environment (docs/engine.md).
+    Shuffle partitions default to 4, not Spark's 200: a micro-batch of a
+    few seconds is small, and 200 tasks per stage would dominate it.
+    """
+    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+    builder = SparkSession.builder.appName(app_name)
+    if master is not None:
+        builder = builder.master(master)
+    builder = builder.config("spark.sql.shuffle.partitions", str(shuffle_partitions))
+    builder = builder.config("spark.ui.enabled", "true" if ui else "false")
+    # Arrow moves record batches between the JVM and Python workers.
+    builder = builder.config("spark.sql.execution.arrow.pyspark.enabled", "true")
+    builder = builder.config("spark.sql.session.timeZone", "UTC")
+    for key, value in (conf or {}).items():
+        builder = builder.config(key, value)
+    spark = builder.getOrCreate()
+    spark.dataSource.register(KinesisDataSource)
+    return spark
