@@ -76,12 +76,13 @@ from edge_agent.flows.schema import (
     Field,
     address_text,
 )
+from edge_agent.flows.sequence import SequenceTracker
 
-#: Default bound of :attr:`SflowDecoder.counter_records`.
-COUNTER_RECORDS_MAXLEN = 10_000
+#: Default bound of :attr:`SflowDecoder.counter_samples`.
+COUNTER_SAMPLES_MAXLEN = 10_000
 #: Default bound of :attr:`SflowDecoder.drop_notifications`.
 DROP_NOTIFICATIONS_MAXLEN = 10_000
-#: Agents whose datagram sequence is tracked; the oldest is forgotten past it.
+#: Agent streams whose datagram sequence is tracked; the oldest is forgotten.
 MAX_TRACKED_AGENTS = 65_536
 
 #: Interface value meaning "the device itself" (sFlow v5, section 5.2).
@@ -339,12 +340,12 @@ class SflowDecoder:
     def __init__(
         self,
         sampling: SamplingTable,
-        counter_records_maxlen: int = COUNTER_RECORDS_MAXLEN,
+        counter_samples_maxlen: int = COUNTER_SAMPLES_MAXLEN,
         drop_notifications_maxlen: int = DROP_NOTIFICATIONS_MAXLEN,
     ) -> None:
-        if counter_records_maxlen < 1:
+        if counter_samples_maxlen < 1:
             raise ValueError(
-                f"counter_records_maxlen must be >= 1, got {counter_records_maxlen}"
+                f"counter_samples_maxlen must be >= 1, got {counter_samples_maxlen}"
             )
         if drop_notifications_maxlen < 1:
             raise ValueError(
@@ -357,7 +358,7 @@ class SflowDecoder:
         #: full the oldest is discarded and :attr:`counter_samples_overflow`
         #: counts it.
         self.counter_samples: collections.deque[CounterRecord] = collections.deque(
-            maxlen=counter_records_maxlen
+            maxlen=counter_samples_maxlen
         )
         self.counter_samples_overflow = 0
         #: Drop notifications, same policy as :attr:`counter_samples`.
@@ -368,8 +369,8 @@ class SflowDecoder:
         self.drop_notifications_overflow = 0
         #: Flow and counter records skipped because their format is not used.
         self.records_skipped = 0
-        # (exporter, agent, sub agent) -> (last datagram sequence, uptime).
-        self._sequences: dict[tuple[bytes, bytes, int], tuple[int, int]] = {}
+        #: Datagram sequence state per (exporter, agent, sub-agent).
+        self.sequences = SequenceTracker(MAX_TRACKED_AGENTS)
 
     def decode(
         self,
@@ -428,7 +429,11 @@ class SflowDecoder:
             errors["sflow_bad_address_type"] += 1
             return _no_records()
 
-        self._check_sequence((exporter, agent, sub_agent), sequence, uptime, counters)
+        # One stream per agent and sub-agent behind each exporter socket;
+        # the sequence counts datagrams.
+        self.sequences.check(
+            (exporter + agent, exporter_port, _SFLOW, sub_agent), sequence, 1, counters
+        )
 
         fitting = (size - off) >> 3
         if sample_count > fitting:
@@ -730,38 +735,6 @@ class SflowDecoder:
         counters.records += len(parts)
         return np.frombuffer(bytearray().join(parts), dtype=FLOW_DTYPE)
 
-    def _check_sequence(
-        self,
-        key: tuple[bytes, bytes, int],
-        sequence: int,
-        uptime: int,
-        counters: ExporterCounters,
-    ) -> None:
-        """Count datagram sequence gaps and lost datagrams for one agent.
-
-        A jump forward of ``n > 1`` is one gap and ``n - 1`` lost datagrams;
-        a repeat or a step back is one gap (duplicate or reordered) unless
-        the agent's uptime went back too, which is a restart and resets the
-        state.  Sequence numbers wrap at 2**32.
-        """
-        sequences = self._sequences
-        last = sequences.get(key)
-        if last is not None:
-            last_sequence, last_uptime = last
-            delta = (sequence - last_sequence) & 0xFFFFFFFF
-            if delta != 1:
-                if 1 < delta < 0x80000000:
-                    counters.sequence_gaps += 1
-                    counters.estimated_lost += delta - 1
-                elif uptime < last_uptime:
-                    pass  # agent restarted: a new sequence begins
-                else:
-                    counters.sequence_gaps += 1
-                    return  # keep the newest sequence seen
-        elif len(sequences) >= MAX_TRACKED_AGENTS:
-            del sequences[next(iter(sequences))]
-        sequences[key] = (sequence, uptime)
-
     def _counter_sample(
         self,
         context: _Datagram,
@@ -998,7 +971,7 @@ class DatagramDecode(NamedTuple):
     """Everything one datagram gave (see :func:`decode_datagram`)."""
 
     flows: np.ndarray
-    counter_records: list[CounterRecord]
+    counter_samples: list[CounterRecord]
     drop_notifications: list[DropNotification]
     counters: ExporterCounters
 
