@@ -235,6 +235,19 @@ def test_port_filter_and_summary(
     assert "not_udp=23" in err
 
 
+def test_sets_whose_template_never_comes_are_counted(
+    captures_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Data sets held for a template that never arrives are expired at the
+    end of the capture and reported (tshark: 6 undecodable sets)."""
+    name = "w-nf9-iptnetflow-reduced-size.pcap"
+    info = json.loads((captures_dir / f"{name}.summary.json").read_text())
+    _, rows, err = decode_csv(capsys, str(captures_dir / name))
+    assert len(rows) == len(tshark_rows(captures_dir, name))
+    sets = info["undecodable_sets_two_pass"]
+    assert f"{sets} held, 0 decoded later, {sets} expired" in err
+
+
 def test_bad_input_exits_2_with_a_message(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -325,9 +325,10 @@ def print_summary(
         file=stream,
     )
     print(
-        f"templates: {totals.templates_received} received; pending records: "
-        f"{totals.pending_held} held, {totals.pending_decoded} decoded later, "
-        f"{totals.pending_expired} expired; sequence gaps: {totals.sequence_gaps}",
+        f"templates: {totals.templates_received} received; data sets before "
+        f"their template: {totals.pending_held} held, {totals.pending_decoded} "
+        f"decoded later, {totals.pending_expired} expired; "
+        f"sequence gaps: {totals.sequence_gaps}",
         file=stream,
     )
     for (address, port), counters in sorted(decoder.stats.by_exporter.items()):

@@ -310,7 +310,8 @@ class UdpCollector:
 
         ``recv`` returns without yielding to the event loop while datagrams
         are waiting, so this loop drains asyncio-dgram's internal queue as
-        fast as the transport fills it.
+        fast as the transport fills it.  That queue itself is unbounded; it
+        holds at most what the transport reads in one event-loop pass.
         """
         counters = listener.counters
         config = self.config
