@@ -234,9 +234,10 @@ def _parse_line(
         skipped["bad_number"] += 1
         return
     if proto == 1:
-        # Argus puts the ICMP type in Sport and the code in Dport; the
-        # record schema wants type*256+code in dst_port.
-        dport = ((sport & 0xFF) << 8) | (dport & 0xFF)
+        # Argus prints ICMP type and code as Sport = code << 8 | type
+        # ("0x0103": unreachable, host; state URH) and the ICMP id as Dport;
+        # the record schema wants type*256+code in dst_port.
+        dport = ((sport & 0xFF) << 8) | (sport >> 8)
         sport = 0
     sflags = dflags = 0
     if proto == 6:

@@ -113,6 +113,8 @@ def split_directions(flows: ArgusFlows) -> DirectionalFlows:
             else (flows.dst_port, flows.src_port)
         )
         icmp = flows.proto == 1
+        # The reverse of an ICMP flow is taken to be echo replies (type 0):
+        # Argus does not say what came back.
         rec["src_port"] = np.where(icmp, 0, pa)
         rec["dst_port"] = np.where(icmp, flows.dst_port if forward else 0, pb)
         rec["protocol"] = flows.proto

@@ -18,6 +18,7 @@ sampling rate, an unknown rate 0 counting as 1):
  5  records_in          sampled records received (not scaled)
  6  tcp_starts_out      TCP records sent with SYN and without ACK, scaled:
                         estimated connection attempts the host initiated
+                        (see the note below on its bias)
  7  dst_addrs_out       distinct destination addresses, Chao1-corrected
  8  dst_ports_out       distinct TCP/UDP destination ports, Chao1-corrected
  9  dst_addr_entropy    entropy (bits) of destination addresses over records
@@ -31,6 +32,13 @@ sampling rate, an unknown rate 0 counting as 1):
 
 Counts (0-8) are passed through ``log1p`` before scaling; entropies and
 shares are not.
+
+``tcp_starts_out`` is unbiased for unanswered attempts (every packet of
+such a flow is a SYN) but biased low for established flows: a sampled SYN
+is only "without ACK" when no later packet of its flow was sampled into the
+same record, probability ``(1 - 1/N)**(n-1)`` for an n-packet flow at 1:N
+(and 0 for unsampled full-flow records).  Models are trained per network
+at that network's rate, so they learn the level that rate gives.
 """
 
 from __future__ import annotations
