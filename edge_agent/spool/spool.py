@@ -25,9 +25,9 @@ that lied about fsync, an operator's editor) fail the length or CRC-32
 checks and are moved to ``corrupt/``, counted by reason, never crashing
 the relay.
 
-Acknowledged files are unlinked with one directory fsync per ``ack`` call;
-a power loss right after an ack may bring the batch back, which only
-causes a duplicate (the pipeline is at-least-once).
+Acknowledged files are unlinked without a directory fsync of their own; a
+power loss soon after an ack may bring the batch back, which only causes
+a duplicate (the pipeline is at-least-once).
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ import collections
 import contextlib
 import fcntl
 import os
+import queue
 import re
 import threading
 import time
@@ -70,6 +71,10 @@ _LOCK_NAME = ".lock"
 _SUFFIX = ".sfb"
 _TMP_SUFFIX = ".sfb.tmp"
 _NAME_RE = re.compile(r"^(\d{20})\.sfb$")
+#: Acknowledged files waiting for the background unlink; ack() blocks
+#: beyond this, and at most this many acked batches can come back after a
+#: crash (as duplicates).
+_UNLINK_QUEUE = 4096
 
 
 @dataclass(frozen=True)
@@ -223,6 +228,8 @@ class Spool:
         self._counters = _Counters()
         self._full_logged = False
         self._closed = False
+        self._unlink_queue: queue.Queue[str | None] = queue.Queue(_UNLINK_QUEUE)
+        self._reaper: threading.Thread | None = None
 
         self.directory.mkdir(parents=True, exist_ok=True)
         for sub in (CORRUPT_DIR, REJECTED_DIR):
@@ -259,6 +266,11 @@ class Spool:
             if self._closed:
                 return
             self._closed = True
+            reaper, self._reaper = self._reaper, None
+        if reaper is not None:
+            self._unlink_queue.put(None)
+            reaper.join()
+        with self._lock:
             for fd in (getattr(self, "_dir_fd", None), self._lock_fd):
                 if fd is not None:
                     os.close(fd)
@@ -441,13 +453,15 @@ class Spool:
                 self._bytes -= entry.size
                 names.append(entry.name)
             self._counters.acked += len(names)
-        # Unlinking outside the lock keeps appends flowing: on file systems
-        # mounted with online discard an unlink can take a millisecond.  A
-        # crash before the unlink only brings the batch back (a duplicate).
-        for name in names:
-            self._unlink(name)
+        # A background thread unlinks: on file systems mounted with online
+        # discard an unlink takes milliseconds, which would otherwise stall
+        # the shipper between calls.  No directory fsync for the unlinks
+        # (the next append's covers them): a crash or power loss before
+        # they land only brings acked batches back, as duplicates.
         if names:
-            os.fsync(self._dir_fd)
+            self._start_reaper()
+            for name in names:
+                self._unlink_queue.put(name)
         return len(names)
 
     def set_aside(self, batch_id: str, reason: str) -> bool:
@@ -665,6 +679,18 @@ class Spool:
             self._unlink(tmp)
             raise
         os.fsync(self._dir_fd)
+
+    def _start_reaper(self) -> None:
+        with self._lock:
+            if self._reaper is None and not self._closed:
+                self._reaper = threading.Thread(
+                    target=self._reap, name="spool-unlink", daemon=True
+                )
+                self._reaper.start()
+
+    def _reap(self) -> None:
+        while (name := self._unlink_queue.get()) is not None:
+            self._unlink(name)
 
     def _unlink(self, name: str) -> None:
         with contextlib.suppress(FileNotFoundError):
