@@ -98,7 +98,9 @@ _U32X6 = struct.Struct("!6I")
 _DATAGRAM_V4 = struct.Struct("!4sIIII")  # agent, sub agent, seq, uptime, samples
 _DATAGRAM_V6 = struct.Struct("!16sIIII")
 _DATAGRAM_NONE = struct.Struct("!IIII")
-_FLOW_SAMPLE = struct.Struct("!IIIIIIII")
+#: Sample format and length, then a flow sample's eight fixed words.
+_SAMPLE_AND_FLOW = struct.Struct("!10I")
+_NO_WORDS = (0,) * 10
 _EXPANDED_FLOW_SAMPLE = struct.Struct("!IIIIIIIIIII")
 _COUNTER_SAMPLE = struct.Struct("!III")
 _EXPANDED_COUNTER_SAMPLE = struct.Struct("!IIII")
@@ -445,15 +447,24 @@ class SflowDecoder:
         pack = _RECORD.pack
         unpack_words = _U32X6.unpack_from
         unpack_pair = _U32X2.unpack_from
+        unpack_sample = _SAMPLE_AND_FLOW.unpack_from
         parts: list[bytes] = []
         context: _Datagram | None = None
         last_sampler = last_rate = -1
 
         for _ in range(sample_count):
-            if off + 8 > size:
+            # The sample header and a flow sample's fixed part in one call
+            # when they fit (they are only used when the sample is whole).
+            if off + 40 <= size:
+                words = unpack_sample(buf, off)
+                sample_format = words[0]
+                length = words[1]
+            elif off + 8 <= size:
+                sample_format, length = unpack_pair(buf, off)
+                words = _NO_WORDS
+            else:
                 errors["sflow_truncated"] += 1
                 break
-            sample_format, length = unpack_pair(buf, off)
             off += 8
             sample_end = off + length
             if sample_end > size:
@@ -469,6 +480,8 @@ class SflowDecoder:
                         off = (sample_end + 3) & ~3
                         continue
                     (
+                        _format,
+                        _length,
                         sample_sequence,
                         sampler_id,
                         rate,
@@ -477,7 +490,7 @@ class SflowDecoder:
                         input_if,
                         output_if,
                         record_count,
-                    ) = _FLOW_SAMPLE.unpack_from(buf, off)
+                    ) = words
                     input_format = input_if >> 30
                     input_if &= 0x3FFFFFFF
                     output_format = output_if >> 30
