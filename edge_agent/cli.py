@@ -22,6 +22,8 @@ from importlib.metadata import entry_points
 EDGE_COMMAND_MODULES: tuple[str, ...] = (
     "edge_agent.collect.decode_command",
     "edge_agent.bench.command",
+    # after bench.command: it adds ``bench wire`` to that parser
+    "edge_agent.relay.commands",
 )
 
 

@@ -1,0 +1,311 @@
+"""``sampleflow relay run | check-config | status`` and ``sampleflow bench wire``.
+
+Exit codes: 0 success, 1 a runtime failure (a port or the spool in use,
+the metrics endpoint unreachable), 2 a usage or configuration error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+import urllib.error
+import urllib.request
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, TextIO
+
+import structlog
+from prometheus_client.parser import text_string_to_metric_families
+
+import edge_agent
+from edge_agent.collect.udp import CollectorError
+from edge_agent.relay.bench import BenchError, print_report, run_benchmark
+from edge_agent.relay.config import (
+    ConfigError,
+    Settings,
+    load_settings,
+    render_settings,
+)
+from edge_agent.relay.pipeline import RelayPipeline
+from edge_agent.spool import SpoolError
+
+#: The shared captures, next to the project root, in a development checkout.
+DEFAULT_CAPTURES = Path(edge_agent.__file__).resolve().parents[1].parent / (
+    "shared/captures"
+)
+
+Subparsers = argparse._SubParsersAction  # argparse exposes no public name
+
+
+def register(subparsers: Subparsers[argparse.ArgumentParser]) -> None:
+    """Add ``relay`` with its subcommands, and ``wire`` under ``bench``."""
+    relay = subparsers.add_parser("relay", help="run or inspect the edge relay")
+    commands = relay.add_subparsers(dest="relay_command", metavar="COMMAND")
+    relay.set_defaults(func=lambda args: _help(relay))
+
+    run = commands.add_parser(
+        "run",
+        help="run the relay until SIGTERM or SIGINT",
+        description=(
+            "Receive flow exports on UDP, decode, pre-aggregate, encode, "
+            "spool and ship to Kinesis.  Settings come from --config and "
+            "SAMPLEFLOW_<SECTION>_<KEY> environment variables (those win)."
+        ),
+    )
+    run.add_argument("--config", type=Path, metavar="FILE", help="TOML settings file")
+    run.set_defaults(func=run_relay)
+
+    check = commands.add_parser(
+        "check-config",
+        help="validate settings and print the effective ones",
+        description="Exit 0 and print every setting with its source, or exit 2.",
+    )
+    check.add_argument("config", type=Path, nargs="?", metavar="FILE")
+    check.set_defaults(func=check_config)
+
+    status = commands.add_parser(
+        "status",
+        help="print the running relay's figures from its metrics endpoint",
+    )
+    status.add_argument(
+        "--url",
+        metavar="URL",
+        help="metrics endpoint (default: from the settings, http://ADDRESS:PORT)",
+    )
+    status.add_argument("--config", type=Path, metavar="FILE", help="TOML settings")
+    status.add_argument("--timeout", type=float, default=5.0, metavar="S")
+    status.set_defaults(func=relay_status)
+
+    _register_bench_wire(subparsers)
+
+
+def _help(parser: argparse.ArgumentParser) -> int:
+    parser.print_help()
+    return 2
+
+
+def _register_bench_wire(subparsers: Subparsers[argparse.ArgumentParser]) -> None:
+    """Add ``wire`` to the ``bench`` command (made by edge_agent.bench)."""
+    bench = subparsers.choices.get("bench")
+    if bench is None:
+        bench = subparsers.add_parser("bench", help="run a benchmark")
+        bench.add_subparsers(dest="benchmark", metavar="BENCHMARK")
+    benchmarks = next(
+        a for a in bench._actions if isinstance(a, argparse._SubParsersAction)
+    )
+    wire = benchmarks.add_parser(
+        "wire",
+        help="bytes shipped per flow record vs raw export and gzip'd JSON",
+        description=(
+            "Replay the shared captures through decode, aggregation and the "
+            "batch encoder; print bytes per record beside the raw export and "
+            "gzip'd JSON lines, and the aggregation and codec speeds."
+        ),
+    )
+    wire.add_argument("--captures", type=Path, metavar="DIR", default=None)
+    wire.add_argument("--window-s", type=float, default=10.0, metavar="S")
+    wire.add_argument("--lateness-s", type=float, default=30.0, metavar="S")
+    wire.add_argument(
+        "--speed-records",
+        type=int,
+        default=1_000_000,
+        metavar="N",
+        help="records for the speed measurement (0: skip it)",
+    )
+    wire.set_defaults(func=bench_wire)
+
+
+def _load(path: Path | None, prog: str) -> Settings | None:
+    try:
+        return load_settings(path)
+    except ConfigError as exc:
+        print(f"sampleflow relay {prog}: configuration error: {exc}", file=sys.stderr)
+        return None
+
+
+def check_config(args: argparse.Namespace) -> int:
+    """``relay check-config``: validate, print the effective settings."""
+    settings = _load(args.config, "check-config")
+    if settings is None:
+        return 2
+    sys.stdout.write(render_settings(settings))
+    return 0
+
+
+def configure_logging(level: str, fmt: str, stream: TextIO = sys.stderr) -> None:
+    """structlog: one line per event, JSON or console, at ``level``."""
+    renderer: Any = (
+        structlog.processors.JSONRenderer()
+        if fmt == "json"
+        else structlog.dev.ConsoleRenderer(colors=False)
+    )
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.format_exc_info,
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(
+            logging.getLevelNamesMapping()[level.upper()]
+        ),
+        logger_factory=structlog.PrintLoggerFactory(stream),
+        cache_logger_on_first_use=False,
+    )
+
+
+def run_relay(args: argparse.Namespace) -> int:
+    """``relay run``: run the pipeline until SIGTERM/SIGINT."""
+    settings = _load(args.config, "run")
+    if settings is None:
+        return 2
+    configure_logging(settings.relay.log_level, settings.relay.log_format)
+    try:
+        asyncio.run(_run(settings))
+    except (CollectorError, SpoolError, OSError) as exc:
+        structlog.get_logger(__name__).error("relay_failed", error=str(exc))
+        print(f"sampleflow relay run: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+async def _run(settings: Settings) -> None:
+    pipeline = RelayPipeline(settings)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await pipeline.start()
+    try:
+        await stop.wait()
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(Exception):
+                loop.remove_signal_handler(sig)
+        await pipeline.stop()
+
+
+# -- status -----------------------------------------------------------------
+
+
+def _metrics_url(args: argparse.Namespace) -> str | None:
+    if args.url:
+        return str(args.url).rstrip("/") + (
+            "" if str(args.url).rstrip("/").endswith("/metrics") else "/metrics"
+        )
+    settings = _load(args.config, "status")
+    if settings is None:
+        return None
+    m = settings.metrics
+    host = f"[{m.listen_address}]" if ":" in m.listen_address else m.listen_address
+    if host in ("0.0.0.0", "[::]"):
+        host = "127.0.0.1"
+    return f"http://{host}:{m.port}/metrics"
+
+
+def read_metrics(text: str) -> dict[str, list[tuple[dict[str, str], float]]]:
+    """Prometheus text -> {sample name: [(labels, value), ...]}."""
+    out: dict[str, list[tuple[dict[str, str], float]]] = defaultdict(list)
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            out[sample.name].append((dict(sample.labels), float(sample.value)))
+    return out
+
+
+def relay_status(args: argparse.Namespace) -> int:
+    """``relay status``: fetch /metrics and print it for a person."""
+    url = _metrics_url(args)
+    if url is None:
+        return 2
+    try:
+        with urllib.request.urlopen(url, timeout=args.timeout) as response:
+            text = response.read().decode()
+    except (urllib.error.URLError, OSError) as exc:
+        print(
+            f"sampleflow relay status: cannot read {url}: {exc} "
+            "(is the relay running, with metrics enabled?)",
+            file=sys.stderr,
+        )
+        return 1
+    print_status(read_metrics(text), sys.stdout)
+    return 0
+
+
+def print_status(
+    metrics: dict[str, list[tuple[dict[str, str], float]]], stream: TextIO
+) -> None:
+    """Print the relay's figures: identity, flow through each stage, drops."""
+    p = "sampleflow_relay_"
+
+    def total(name: str) -> float:
+        return sum(v for _, v in metrics.get(p + name, []))
+
+    def line(label: str, value: str) -> None:
+        print(f"{label:<28} {value}", file=stream)
+
+    for labels, _ in metrics.get(p + "info", []):
+        line("relay", f"{labels.get('tenant_id')}/{labels.get('relay_id')}")
+        line("stream", labels.get("stream", ""))
+    line("uptime", f"{total('uptime_seconds'):.0f} s")
+    line("datagrams received", f"{total('datagrams_total'):.0f}")
+    line("records decoded", f"{total('exporter_records_total'):.0f}")
+    line("records aggregated", f"{total('records_in_total'):.0f}")
+    line("rows out", f"{total('records_out_total'):.0f}")
+    line("aggregation ratio", f"{total('aggregation_ratio'):.2f} records per row")
+    line("batches encoded", f"{total('batches_encoded_total'):.0f}")
+    line("batches spooled", f"{total('batches_spooled_total'):.0f}")
+    line("batches shipped", f"{total('batches_shipped_total'):.0f}")
+    line("batches retried", f"{total('batches_retried_total'):.0f}")
+    line(
+        "spool",
+        f"{total('spool_batches'):.0f} batches, {total('spool_bytes'):.0f} of "
+        f"{total('spool_max_bytes'):.0f} bytes, oldest "
+        f"{total('spool_oldest_batch_age_seconds'):.1f} s",
+    )
+    since = total("seconds_since_ship")
+    line("last shipped", "never" if since < 0 else f"{since:.1f} s ago")
+    drops = [(labels, v) for labels, v in metrics.get(p + "dropped_total", []) if v > 0]
+    if drops:
+        print("drops:", file=stream)
+        for labels, value in sorted(drops, key=lambda d: -d[1]):
+            line(f"  {labels['stage']}/{labels['reason']}", f"{value:.0f}")
+    else:
+        line("drops", "none")
+    exporters = metrics.get(p + "exporter_records_total", [])
+    if exporters:
+        print("exporters (records):", file=stream)
+        for labels, value in sorted(exporters, key=lambda d: -d[1])[:20]:
+            line(f"  {labels['exporter']}", f"{value:.0f}")
+
+
+# -- bench wire ---------------------------------------------------------------
+
+
+def bench_wire(args: argparse.Namespace) -> int:
+    """``bench wire``: the wire-format size and speed benchmark."""
+    captures = args.captures or DEFAULT_CAPTURES
+    if not captures.is_dir():
+        print(
+            f"sampleflow bench wire: error: no captures folder at {captures}; "
+            "pass --captures DIR",
+            file=sys.stderr,
+        )
+        return 2
+    try:
+        results, speed = run_benchmark(
+            captures,
+            window_ms=round(args.window_s * 1000),
+            lateness_ms=round(args.lateness_s * 1000),
+            speed_records=args.speed_records,
+        )
+    except BenchError as exc:
+        print(f"sampleflow bench wire: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"captures: {captures}")
+    print_report(results, speed, sys.stdout)
+    return 0

@@ -1,0 +1,572 @@
+"""Relay settings: typed, frozen, with a default for every key.
+
+Each setting comes from, in order of precedence:
+
+1. the environment, ``SAMPLEFLOW_<SECTION>_<KEY>`` (``SAMPLEFLOW_KINESIS_
+   STREAM_NAME``); lists are comma-separated (``2055,4739``), tables are
+   ``key=value`` pairs (``192.0.2.1=100,192.0.2.2=1000``), an empty string
+   sets an optional value to none;
+2. the TOML file given with ``--config`` (section tables, ``[kinesis]``);
+3. the default below.
+
+A bad setting stops start-up with :class:`ConfigError`, whose message
+names the key, the value, where it came from and what is allowed.
+Unknown sections and keys are errors too (a typo must not silently fall
+back to a default).  AWS credentials are never settings: the shipper uses
+boto3's credential chain (environment, shared config with
+``kinesis.profile``, container or instance role), and a key that looks
+like a credential is refused with that advice.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import os
+import re
+import socket
+import tomllib
+import types
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Union, get_args, get_origin, get_type_hints
+
+from edge_agent.collect.udp import CollectorConfig
+from edge_agent.flows.decoder import DecoderConfig
+from edge_agent.relay.partition import PARTITION_SCHEMES
+from edge_agent.ship.config import ShipperConfig, ShipperConfigError
+from edge_agent.spool import FULL_POLICIES
+
+ENV_PREFIX = "SAMPLEFLOW_"
+_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_ID_RULE = "1 to 64 characters of A-Z a-z 0-9 . _ -, starting with a letter or digit"
+_CREDENTIAL_RE = re.compile(r"(secret|access_key|session_token|password)", re.I)
+LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_FORMATS = ("json", "console")
+
+
+class ConfigError(ValueError):
+    """A setting is invalid; the message names key, value, source and rule."""
+
+    def __init__(self, key: str, value: object, rule: str, source: str = "") -> None:
+        where = f" (from {source})" if source else ""
+        super().__init__(f"{key}={value!r}{where}: {rule}")
+        self.key = key
+        self.value = value
+        self.rule = rule
+        self.source = source
+
+
+def _default_relay_id() -> str:
+    """The host name, cut to a valid relay id (``relay`` if nothing is left)."""
+    name = re.sub(r"[^A-Za-z0-9._-]", "-", socket.gethostname().split(".")[0])
+    name = name.lstrip("._-")[:64]
+    return name or "relay"
+
+
+def _check_id(key: str, value: str) -> None:
+    if not _ID_RE.match(value):
+        raise ConfigError(key, value, _ID_RULE)
+
+
+def _check_range(key: str, value: float, low: float, high: float | None) -> None:
+    if value < low or (high is not None and value > high):
+        bound = f"{low} to {high}" if high is not None else f">= {low}"
+        raise ConfigError(key, value, f"must be {bound}")
+
+
+def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(key, value, f"must be one of {', '.join(choices)}")
+
+
+def _check_address(key: str, value: str) -> None:
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        raise ConfigError(key, value, "must be an IPv4 or IPv6 address") from None
+
+
+@dataclass(frozen=True)
+class RelaySettings:
+    """``[relay]``: who this relay is and where it keeps its state."""
+
+    SECTION: ClassVar[str] = "relay"
+    #: the customer the relay ships for (part of every batch header)
+    tenant_id: str = "default"
+    #: stable across restarts (sequence numbers and partition keys use it);
+    #: defaults to the host name
+    relay_id: str = field(default_factory=_default_relay_id)
+    #: the spool lives here unless spool.dir is set
+    state_dir: Path = Path("/var/lib/sampleflow")
+    log_level: str = "info"
+    #: json (one object per line, for log shippers) or console (people)
+    log_format: str = "json"
+
+    def __post_init__(self) -> None:
+        _check_id("relay.tenant_id", self.tenant_id)
+        _check_id("relay.relay_id", self.relay_id)
+        _check_choice("relay.log_level", self.log_level, LOG_LEVELS)
+        _check_choice("relay.log_format", self.log_format, LOG_FORMATS)
+
+
+@dataclass(frozen=True)
+class CollectorSettings:
+    """``[collector]``: the UDP sockets flow exports arrive on."""
+
+    SECTION: ClassVar[str] = "collector"
+    listen_addresses: tuple[str, ...] = ("0.0.0.0",)
+    #: NetFlow 2055, IPFIX 4739, sFlow 6343 by convention; any port takes
+    #: any protocol (the decoder tells them apart)
+    ports: tuple[int, ...] = (2055, 4739, 6343)
+    #: SO_RCVBUF asked for per socket, bytes (the kernel may grant less:
+    #: raise net.core.rmem_max)
+    rcvbuf_bytes: int = 32 * 1024 * 1024
+    #: datagrams waiting for the decoder, at most (then dropped, counted)
+    max_queued_datagrams: int = 65536
+
+    def __post_init__(self) -> None:
+        if not self.listen_addresses:
+            raise ConfigError(
+                "collector.listen_addresses", self.listen_addresses, "list one or more"
+            )
+        for address in self.listen_addresses:
+            _check_address("collector.listen_addresses", address)
+        if not self.ports:
+            raise ConfigError("collector.ports", self.ports, "list one or more")
+        for port in self.ports:
+            _check_range("collector.ports", port, 0, 65535)
+        _check_range("collector.rcvbuf_bytes", self.rcvbuf_bytes, 1, None)
+        _check_range(
+            "collector.max_queued_datagrams", self.max_queued_datagrams, 1, None
+        )
+
+    def collector_config(self) -> CollectorConfig:
+        """The UDP collector's own configuration."""
+        return CollectorConfig(
+            bind_addresses=self.listen_addresses,
+            ports=self.ports,
+            receive_buffer=self.rcvbuf_bytes,
+            max_queued_datagrams=self.max_queued_datagrams,
+        )
+
+
+@dataclass(frozen=True)
+class DecoderSettings:
+    """``[decoder]``: sampling rates the exports do not announce."""
+
+    SECTION: ClassVar[str] = "decoder"
+    #: 1-in-N rate for records whose exporter announced none (0: unknown)
+    default_sampling_rate: int = 0
+    #: exporter address -> 1-in-N rate, winning over anything announced
+    sampling_overrides: Mapping[str, int] = field(default_factory=dict)
+    #: exporters tracked with their own counters and templates
+    max_exporters: int = 4096
+
+    def __post_init__(self) -> None:
+        _check_range(
+            "decoder.default_sampling_rate", self.default_sampling_rate, 0, None
+        )
+        for address, rate in self.sampling_overrides.items():
+            _check_address("decoder.sampling_overrides", address)
+            _check_range(f"decoder.sampling_overrides.{address}", rate, 1, None)
+        _check_range("decoder.max_exporters", self.max_exporters, 1, None)
+        object.__setattr__(
+            self,
+            "sampling_overrides",
+            types.MappingProxyType(dict(self.sampling_overrides)),
+        )
+
+    def decoder_config(self) -> DecoderConfig:
+        """The flow decoder's own configuration."""
+        return DecoderConfig(
+            default_sampling_rate=self.default_sampling_rate,
+            sampling_overrides=dict(self.sampling_overrides),
+            max_exporters=self.max_exporters,
+        )
+
+
+@dataclass(frozen=True)
+class AggregateSettings:
+    """``[aggregate]``: pre-aggregation windows (see edge_agent.aggregate)."""
+
+    SECTION: ClassVar[str] = "aggregate"
+    window_s: float = 10.0
+    #: how long a window stays open after its end for late records
+    lateness_s: float = 30.0
+    #: distinct keys held over all open windows before an early flush; the
+    #: aggregator holds at most twice as many rows of 120 bytes
+    max_keys: int = 100_000
+
+    def __post_init__(self) -> None:
+        _check_range("aggregate.window_s", self.window_s, 0.001, 3600)
+        _check_range("aggregate.lateness_s", self.lateness_s, 0, 3600)
+        _check_range("aggregate.max_keys", self.max_keys, 1, 100_000_000)
+
+
+@dataclass(frozen=True)
+class SpoolSettings:
+    """``[spool]``: the on-disk queue between encoder and shipper."""
+
+    SECTION: ClassVar[str] = "spool"
+    #: default: <relay.state_dir>/spool
+    dir: Path | None = None
+    max_bytes: int = 1024 * 1024 * 1024
+    #: drop_oldest keeps the newest data when Kinesis is out of reach for
+    #: long; reject_new keeps the oldest and drops new windows (counted)
+    full_policy: str = "drop_oldest"
+
+    def __post_init__(self) -> None:
+        _check_range("spool.max_bytes", self.max_bytes, 64 * 1024, None)
+        _check_choice("spool.full_policy", self.full_policy, FULL_POLICIES)
+
+
+@dataclass(frozen=True)
+class KinesisSettings:
+    """``[kinesis]``: where batches go.  Credentials: boto3's chain."""
+
+    SECTION: ClassVar[str] = "kinesis"
+    stream_name: str | None = "sampleflow-flows"
+    stream_arn: str | None = None
+    #: none: boto3's chain (AWS_REGION, AWS_DEFAULT_REGION, config file)
+    region: str | None = None
+    #: a local server (MiniStack) or a VPC endpoint; none: AWS's own
+    endpoint_url: str | None = None
+    #: AWS partition guard (aws, aws-us-gov, ...): a region outside it is an
+    #: error, so a GovCloud relay cannot ship to a commercial region
+    partition: str | None = None
+    use_fips_endpoint: bool = False
+    #: a named profile of the shared AWS config files (credentials stay there)
+    profile: str | None = None
+    #: how batches map to shards: exporter, relay or random
+    partition_key: str = "exporter"
+    max_concurrent_calls: int = 1
+
+    def __post_init__(self) -> None:
+        _check_choice("kinesis.partition_key", self.partition_key, PARTITION_SCHEMES)
+        try:
+            self.shipper_config()
+        except ShipperConfigError as exc:
+            raise ConfigError(
+                f"kinesis.{exc.key}", getattr(self, exc.key, None), _rule_of(exc)
+            ) from None
+
+    def shipper_config(self) -> ShipperConfig:
+        """The shipper's own configuration (raises ShipperConfigError)."""
+        return ShipperConfig(
+            stream_name=self.stream_name,
+            stream_arn=self.stream_arn,
+            region=self.region,
+            endpoint_url=self.endpoint_url,
+            partition=self.partition,
+            use_fips_endpoint=self.use_fips_endpoint,
+            profile=self.profile,
+            max_concurrent_calls=self.max_concurrent_calls,
+        )
+
+
+def _rule_of(exc: ShipperConfigError) -> str:
+    text = str(exc)
+    return text.split(": ", 1)[1] if ": " in text else text
+
+
+@dataclass(frozen=True)
+class MetricsSettings:
+    """``[metrics]``: the Prometheus endpoint (/metrics) and /healthz."""
+
+    SECTION: ClassVar[str] = "metrics"
+    enabled: bool = True
+    #: loopback by default: expose it on purpose, not by accident
+    listen_address: str = "127.0.0.1"
+    #: 0 picks a free port (tests)
+    port: int = 9464
+
+    def __post_init__(self) -> None:
+        _check_address("metrics.listen_address", self.listen_address)
+        _check_range("metrics.port", self.port, 0, 65535)
+
+
+SECTIONS: tuple[type, ...] = (
+    RelaySettings,
+    CollectorSettings,
+    DecoderSettings,
+    AggregateSettings,
+    SpoolSettings,
+    KinesisSettings,
+    MetricsSettings,
+)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """All relay settings, plus where each value came from.
+
+    ``sources`` maps ``section.key`` to ``default``, ``file PATH`` or
+    ``env NAME``.
+    """
+
+    relay: RelaySettings
+    collector: CollectorSettings
+    decoder: DecoderSettings
+    aggregate: AggregateSettings
+    spool: SpoolSettings
+    kinesis: KinesisSettings
+    metrics: MetricsSettings
+    sources: Mapping[str, str] = field(default_factory=dict, compare=False)
+
+    @property
+    def spool_dir(self) -> Path:
+        """The spool directory in effect."""
+        return (
+            self.spool.dir
+            if self.spool.dir is not None
+            else (self.relay.state_dir / "spool")
+        )
+
+
+# -- loading -----------------------------------------------------------------
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    hints = get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _optional_inner(kind: Any) -> Any | None:
+    """``X`` for ``X | None``, else None."""
+    if get_origin(kind) in (Union, types.UnionType):
+        args = [a for a in get_args(kind) if a is not type(None)]
+        if len(args) == 1 and len(get_args(kind)) == 2:
+            return args[0]
+    return None
+
+
+def _convert(key: str, raw: Any, kind: Any, from_env: bool) -> Any:
+    """Turn a TOML value (or an environment string) into ``kind``."""
+    inner = _optional_inner(kind)
+    if inner is not None:
+        if raw is None or (from_env and raw == ""):
+            return None
+        return _convert(key, raw, inner, from_env)
+    origin = get_origin(kind)
+    if origin is tuple:
+        item = get_args(kind)[0]
+        if from_env:
+            raw = [part.strip() for part in raw.split(",") if part.strip()]
+        if not isinstance(raw, list):
+            raise ConfigError(key, raw, f"must be a list of {item.__name__}")
+        return tuple(_convert(key, x, item, from_env) for x in raw)
+    if origin is Mapping or kind is dict:
+        if from_env:
+            pairs = [p.strip() for p in raw.split(",") if p.strip()]
+            table = {}
+            for pair in pairs:
+                name, sep, value = pair.partition("=")
+                if not sep:
+                    raise ConfigError(
+                        key, raw, "must be key=value pairs, comma-separated"
+                    )
+                table[name.strip()] = value.strip()
+            raw = table
+        if not isinstance(raw, dict):
+            raise ConfigError(key, raw, "must be a table of address = rate")
+        value_kind = get_args(kind)[1] if get_args(kind) else int
+        return {
+            str(k): _convert(f"{key}.{k}", v, value_kind, from_env)
+            for k, v in raw.items()
+        }
+    if kind is bool:
+        if from_env:
+            lowered = raw.strip().lower()
+            if lowered in ("1", "true", "yes", "on"):
+                return True
+            if lowered in ("0", "false", "no", "off"):
+                return False
+            raise ConfigError(key, raw, "must be true or false")
+        if not isinstance(raw, bool):
+            raise ConfigError(key, raw, "must be true or false")
+        return raw
+    if kind is int:
+        if from_env:
+            try:
+                return int(raw.strip().replace("_", ""), 0)
+            except ValueError:
+                raise ConfigError(key, raw, "must be an integer") from None
+        if not isinstance(raw, int) or isinstance(raw, bool):
+            raise ConfigError(key, raw, "must be an integer")
+        return raw
+    if kind is float:
+        if from_env:
+            try:
+                return float(raw)
+            except ValueError:
+                raise ConfigError(key, raw, "must be a number") from None
+        if not isinstance(raw, int | float) or isinstance(raw, bool):
+            raise ConfigError(key, raw, "must be a number")
+        return float(raw)
+    if kind is str:
+        if not isinstance(raw, str):
+            raise ConfigError(key, raw, "must be a string")
+        return raw
+    if kind is Path:
+        if not isinstance(raw, str) or not raw:
+            raise ConfigError(key, raw, "must be a path")
+        return Path(raw)
+    raise TypeError(f"setting {key} has an unsupported type {kind!r}")
+
+
+def _refuse_credentials(key: str, value: object, source: str) -> None:
+    if _CREDENTIAL_RE.search(key.rsplit(".", 1)[-1]):
+        raise ConfigError(
+            key,
+            "***",
+            "credentials are not settings: use boto3's credential chain "
+            "(AWS_* environment, shared config with kinesis.profile, or an "
+            "instance/container role)",
+            source,
+        )
+
+
+def load_settings(
+    path: Path | None = None, environ: Mapping[str, str] | None = None
+) -> Settings:
+    """Read settings from the TOML file ``path`` (optional) and ``environ``.
+
+    Raises :class:`ConfigError` for an unreadable file, unknown sections or
+    keys, and any invalid value.
+    """
+    environ = os.environ if environ is None else environ
+    file_values: dict[str, Any] = {}
+    file_label = ""
+    if path is not None:
+        file_label = f"file {path}"
+        try:
+            with open(path, "rb") as fh:
+                file_values = tomllib.load(fh)
+        except OSError as exc:
+            raise ConfigError(
+                "--config", str(path), f"cannot read: {exc.strerror}"
+            ) from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError("--config", str(path), f"not valid TOML: {exc}") from None
+
+    by_name = {cls.SECTION: cls for cls in SECTIONS}  # type: ignore[attr-defined]
+    for section, table in file_values.items():
+        if section not in by_name:
+            raise ConfigError(
+                section,
+                "[table]",
+                f"unknown section; sections: {', '.join(by_name)}",
+                file_label,
+            )
+        if not isinstance(table, dict):
+            raise ConfigError(section, table, "must be a table ([section])", file_label)
+    env_values: dict[str, dict[str, tuple[str, str]]] = {}
+    for name, value in environ.items():
+        if not name.startswith(ENV_PREFIX):
+            continue
+        rest = name[len(ENV_PREFIX) :].lower()
+        section, _, key = rest.partition("_")
+        if section in by_name and key:
+            env_values.setdefault(section, {})[key] = (value, f"env {name}")
+
+    sources: dict[str, str] = {}
+    built: dict[str, Any] = {}
+    for section, cls in by_name.items():
+        kinds = _field_types(cls)
+        table = file_values.get(section, {})
+        from_env = env_values.get(section, {})
+        for key in (*table, *from_env):
+            if key not in kinds:
+                source = from_env[key][1] if key in from_env else file_label
+                _refuse_credentials(f"{section}.{key}", None, source)
+                raise ConfigError(
+                    f"{section}.{key}",
+                    from_env[key][0] if key in from_env else table[key],
+                    f"unknown key; [{section}] has {', '.join(kinds)}",
+                    source,
+                )
+        values: dict[str, Any] = {}
+        for key, kind in kinds.items():
+            full = f"{section}.{key}"
+            if key in from_env:
+                raw, source = from_env[key]
+                values[key] = _with_source(
+                    full, source, _convert, full, raw, kind, True
+                )
+            elif key in table:
+                source = file_label
+                values[key] = _with_source(
+                    full, source, _convert, full, table[key], kind, False
+                )
+            else:
+                source = "default"
+            sources[full] = source
+        try:
+            built[section] = cls(**values)
+        except ConfigError as exc:
+            raise ConfigError(
+                exc.key, exc.value, exc.rule, _source_of(exc.key, sources)
+            ) from None
+    return Settings(**built, sources=types.MappingProxyType(sources))
+
+
+def _source_of(key: str, sources: Mapping[str, str]) -> str:
+    """The source of ``key`` or of the longest setting it is inside of."""
+    while key:
+        if key in sources:
+            return sources[key]
+        key = key.rpartition(".")[0]
+    return ""
+
+
+def _with_source(key: str, source: str, func: Any, *args: Any) -> Any:
+    try:
+        return func(*args)
+    except ConfigError as exc:
+        raise ConfigError(exc.key, exc.value, exc.rule, source) from None
+
+
+def render_settings(settings: Settings) -> str:
+    """The effective settings as TOML, each value with its source."""
+    lines: list[str] = []
+    for cls in SECTIONS:
+        section = cls.SECTION  # type: ignore[attr-defined]
+        values = getattr(settings, section)
+        lines.append(f"[{section}]")
+        for f in dataclasses.fields(values):
+            value = getattr(values, f.name)
+            if section == "spool" and f.name == "dir" and value is None:
+                value = settings.spool_dir
+            source = settings.sources.get(f"{section}.{f.name}", "default")
+            if value is None:
+                lines.append(f"# {f.name} is not set  # {source}")
+            else:
+                lines.append(f"{f.name} = {_toml_value(value)}  # {source}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, Path):
+        return _toml_string(str(value))
+    if isinstance(value, str):
+        return _toml_string(value)
+    if isinstance(value, tuple):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, Mapping):
+        inner = ", ".join(
+            f"{_toml_string(k)} = {_toml_value(v)}" for k, v in value.items()
+        )
+        return "{ " + inner + " }" if inner else "{}"
+    return _toml_string(str(value))
+
+
+def _toml_string(text: str) -> str:
+    escaped = text.replace("\\", "\\\\").replace('"', '\\"')
+    return f'"{escaped}"'

@@ -1,0 +1,273 @@
+"""Relay settings: defaults, TOML file, environment, and errors that name
+the key, the value, its source and what is allowed."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from edge_agent.cli import main as cli_main
+from edge_agent.relay.config import ConfigError, load_settings, render_settings
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "relay.toml"
+    path.write_text(text)
+    return path
+
+
+def test_every_setting_has_a_default() -> None:
+    """No file and no environment: the documented defaults."""
+    s = load_settings(None, {})
+    assert s.relay.tenant_id == "default"
+    assert s.relay.relay_id  # the host name, made valid
+    assert s.relay.state_dir == Path("/var/lib/sampleflow")
+    assert s.collector.listen_addresses == ("0.0.0.0",)
+    assert s.collector.ports == (2055, 4739, 6343)
+    assert s.collector.rcvbuf_bytes == 32 * 1024 * 1024
+    assert s.decoder.default_sampling_rate == 0
+    assert dict(s.decoder.sampling_overrides) == {}
+    assert (s.aggregate.window_s, s.aggregate.lateness_s) == (10.0, 30.0)
+    assert s.aggregate.max_keys == 100_000
+    assert s.spool_dir == Path("/var/lib/sampleflow/spool")
+    assert (s.spool.max_bytes, s.spool.full_policy) == (1 << 30, "drop_oldest")
+    assert s.kinesis.stream_name == "sampleflow-flows"
+    assert s.kinesis.region is None
+    assert s.kinesis.partition_key == "exporter"
+    assert (s.metrics.listen_address, s.metrics.port) == ("127.0.0.1", 9464)
+    assert set(s.sources.values()) == {"default"}
+
+
+def test_file_then_environment_override_defaults(tmp_path: Path) -> None:
+    """The TOML file overrides defaults; the environment overrides the file;
+    each value's source is recorded."""
+    path = write(
+        tmp_path,
+        """
+        [relay]
+        tenant_id = "acme"
+        relay_id = "edge-7"
+        state_dir = "/srv/relay"
+        [collector]
+        ports = [2055, 9995]
+        [decoder]
+        default_sampling_rate = 512
+        sampling_overrides = { "192.0.2.1" = 100, "2001:db8::2" = 1000 }
+        [aggregate]
+        window_s = 5
+        [kinesis]
+        stream_name = "flows"
+        region = "eu-west-1"
+        """,
+    )
+    env = {
+        "SAMPLEFLOW_COLLECTOR_PORTS": "6343",
+        "SAMPLEFLOW_AGGREGATE_MAX_KEYS": "5000",
+        "SAMPLEFLOW_KINESIS_REGION": "",  # empty: back to boto3's chain
+        "SAMPLEFLOW_ALLOW_NO_SHARED": "1",  # not a relay section: ignored
+    }
+    s = load_settings(path, env)
+    assert (s.relay.tenant_id, s.relay.relay_id) == ("acme", "edge-7")
+    assert s.spool_dir == Path("/srv/relay/spool")
+    assert s.collector.ports == (6343,)
+    assert dict(s.decoder.sampling_overrides) == {"192.0.2.1": 100, "2001:db8::2": 1000}
+    assert s.aggregate.window_s == 5.0
+    assert s.aggregate.max_keys == 5000
+    assert s.kinesis.stream_name == "flows"
+    assert s.kinesis.region is None
+    assert s.sources["relay.tenant_id"] == f"file {path}"
+    assert s.sources["collector.ports"] == "env SAMPLEFLOW_COLLECTOR_PORTS"
+    assert s.sources["metrics.port"] == "default"
+
+
+def test_environment_lists_tables_and_booleans() -> None:
+    """Comma lists, key=value tables and true/false words from env strings."""
+    s = load_settings(
+        None,
+        {
+            "SAMPLEFLOW_COLLECTOR_LISTEN_ADDRESSES": "127.0.0.1, ::1",
+            "SAMPLEFLOW_DECODER_SAMPLING_OVERRIDES": "192.0.2.1=100,192.0.2.2 = 7",
+            "SAMPLEFLOW_METRICS_ENABLED": "off",
+            "SAMPLEFLOW_KINESIS_USE_FIPS_ENDPOINT": "yes",
+        },
+    )
+    assert s.collector.listen_addresses == ("127.0.0.1", "::1")
+    assert dict(s.decoder.sampling_overrides) == {"192.0.2.1": 100, "192.0.2.2": 7}
+    assert s.metrics.enabled is False
+    assert s.kinesis.use_fips_endpoint is True
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"SAMPLEFLOW_COLLECTOR_PORTS": "2055,70000"},
+         "collector.ports=70000 (from env SAMPLEFLOW_COLLECTOR_PORTS): "
+         "must be 0 to 65535"),
+        ({"SAMPLEFLOW_COLLECTOR_LISTEN_ADDRESSES": "eth0"},
+         "collector.listen_addresses='eth0'"),
+        ({"SAMPLEFLOW_RELAY_TENANT_ID": "acme corp"}, "relay.tenant_id='acme corp'"),
+        ({"SAMPLEFLOW_RELAY_LOG_LEVEL": "loud"},
+         "must be one of debug, info, warning, error"),
+        ({"SAMPLEFLOW_AGGREGATE_WINDOW_S": "0"}, "aggregate.window_s=0.0"),
+        ({"SAMPLEFLOW_AGGREGATE_MAX_KEYS": "lots"},
+         "aggregate.max_keys='lots' (from env SAMPLEFLOW_AGGREGATE_MAX_KEYS): "
+         "must be an integer"),
+        ({"SAMPLEFLOW_SPOOL_FULL_POLICY": "explode"},
+         "must be one of drop_oldest, reject_new"),
+        ({"SAMPLEFLOW_SPOOL_MAX_BYTES": "1000"}, "spool.max_bytes=1000"),
+        ({"SAMPLEFLOW_DECODER_SAMPLING_OVERRIDES": "192.0.2.1=0"},
+         "decoder.sampling_overrides.192.0.2.1=0"),
+        ({"SAMPLEFLOW_DECODER_SAMPLING_OVERRIDES": "router=5"},
+         "must be an IPv4 or IPv6 address"),
+        ({"SAMPLEFLOW_DECODER_SAMPLING_OVERRIDES": "192.0.2.1"}, "key=value pairs"),
+        ({"SAMPLEFLOW_KINESIS_REGION": "mars"}, "kinesis.region='mars'"),
+        ({"SAMPLEFLOW_KINESIS_PARTITION_KEY": "shard"},
+         "must be one of exporter, relay, random"),
+        ({"SAMPLEFLOW_KINESIS_REGION": "us-east-1",
+          "SAMPLEFLOW_KINESIS_PARTITION": "aws-us-gov"},
+         "kinesis.region='us-east-1'"),
+        ({"SAMPLEFLOW_KINESIS_ENDPOINT_URL": "localhost:4566"},
+         "kinesis.endpoint_url='localhost:4566'"),
+        ({"SAMPLEFLOW_METRICS_ENABLED": "maybe"}, "must be true or false"),
+        ({"SAMPLEFLOW_METRICS_PORT": "99999"}, "metrics.port=99999"),
+        ({"SAMPLEFLOW_RELAY_TENANTID": "x"},
+         "relay.tenantid='x' (from env SAMPLEFLOW_RELAY_TENANTID): unknown key; "
+         "[relay] has tenant_id"),
+    ],
+)  # fmt: skip
+def test_bad_environment_values_name_key_value_and_rule(
+    env: dict[str, str], message: str
+) -> None:
+    """Each bad value stops loading with key, value, source and the rule."""
+    with pytest.raises(ConfigError) as info:
+        load_settings(None, env)
+    assert message in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("toml", "message"),
+    [
+        ("[collector]\nports = 2055\n", "collector.ports=2055"),
+        ("[collector]\nports = ['2055']\n", "must be an integer"),
+        ("[aggregate]\nwindow_s = '10'\n", "must be a number"),
+        ("[relay]\nstate_dir = 5\n", "must be a path"),
+        ("[decoder]\nsampling_overrides = 5\n", "must be a table"),
+        ("[aggregator]\nwindow_s = 1\n", "unknown section; sections: relay"),
+        ("relay = 1\n", "must be a table"),
+        ("[kinesis]\nstream = 'x'\n", "[kinesis] has stream_name"),
+    ],
+)
+def test_bad_file_values_name_key_value_and_rule(
+    tmp_path: Path, toml: str, message: str
+) -> None:
+    """Type and name errors in the file name the file as the source."""
+    path = write(tmp_path, toml)
+    with pytest.raises(ConfigError) as info:
+        load_settings(path, {})
+    assert message in str(info.value)
+    assert f"file {path}" in str(info.value)
+
+
+@pytest.mark.parametrize("where", ["file", "env"])
+def test_credentials_are_refused_without_echoing_them(
+    tmp_path: Path, where: str
+) -> None:
+    """An AWS secret in the settings is refused, pointing at the credential
+    chain, and the secret itself is not repeated in the message."""
+    secret = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"
+    if where == "file":
+        path: Path | None = write(
+            tmp_path, f'[kinesis]\naws_secret_access_key = "{secret}"\n'
+        )
+        env = {}
+    else:
+        path = None
+        env = {"SAMPLEFLOW_KINESIS_AWS_SECRET_ACCESS_KEY": secret}
+    with pytest.raises(ConfigError, match="credential chain") as info:
+        load_settings(path, env)
+    assert secret not in str(info.value)
+
+
+def test_unreadable_and_malformed_files(tmp_path: Path) -> None:
+    """A missing file and a TOML syntax error both name --config."""
+    with pytest.raises(ConfigError, match=r"--config=.*cannot read"):
+        load_settings(tmp_path / "absent.toml", {})
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_settings(write(tmp_path, "[relay\n"), {})
+
+
+def test_component_configs_carry_the_settings(tmp_path: Path) -> None:
+    """The collector, decoder and shipper configurations get the values."""
+    s = load_settings(
+        write(
+            tmp_path,
+            """
+            [collector]
+            listen_addresses = ["127.0.0.1"]
+            ports = [9995]
+            rcvbuf_bytes = 1048576
+            [decoder]
+            default_sampling_rate = 64
+            sampling_overrides = { "192.0.2.1" = 100 }
+            [kinesis]
+            stream_name = "flows"
+            endpoint_url = "http://127.0.0.1:4566"
+            profile = "relay"
+            """,
+        ),
+        {},
+    )
+    collector = s.collector.collector_config()
+    assert (collector.bind_addresses, collector.ports) == (("127.0.0.1",), (9995,))
+    assert collector.receive_buffer == 1048576
+    decoder = s.decoder.decoder_config()
+    assert decoder.default_sampling_rate == 64
+    assert dict(decoder.sampling_overrides) == {"192.0.2.1": 100}
+    shipper = s.kinesis.shipper_config()
+    assert (shipper.stream_name, shipper.endpoint_url, shipper.profile) == (
+        "flows",
+        "http://127.0.0.1:4566",
+        "relay",
+    )
+
+
+def test_check_config_prints_effective_settings_as_toml(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """`relay check-config FILE` exits 0 and prints TOML that reads back to
+    the same values, each line with its source."""
+    path = write(tmp_path, '[relay]\ntenant_id = "acme"\nstate_dir = "/srv/r"\n')
+    monkeypatch.setenv("SAMPLEFLOW_AGGREGATE_WINDOW_S", "2.5")
+    assert cli_main(["relay", "check-config", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert f'tenant_id = "acme"  # file {path}' in out
+    assert "window_s = 2.5  # env SAMPLEFLOW_AGGREGATE_WINDOW_S" in out
+    assert "# region is not set  # default" in out
+    back = tomllib.loads(out)
+    assert back["relay"]["tenant_id"] == "acme"
+    assert back["spool"]["dir"] == "/srv/r/spool"
+    assert back["aggregate"]["window_s"] == 2.5
+    assert back["collector"]["ports"] == [2055, 4739, 6343]
+    # and it loads as a config file giving the same settings
+    again = write(tmp_path, out)
+    assert (
+        render_settings(load_settings(again, {}))
+        .splitlines()[1]
+        .startswith('tenant_id = "acme"')
+    )
+
+
+def test_check_config_fails_with_the_reason(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A bad file: exit 2, the key and rule on stderr, nothing on stdout."""
+    path = write(tmp_path, "[spool]\nfull_policy = 'panic'\n")
+    assert cli_main(["relay", "check-config", str(path)]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert "spool.full_policy='panic'" in captured.err
+    assert "drop_oldest, reject_new" in captured.err

@@ -1,0 +1,318 @@
+"""The wired relay: real captures over real UDP, through decode, aggregation,
+encoding and the spool, to a real local Kinesis (MiniStack), read back and
+decoded with the cloud's decode_batch.
+
+Expected totals come from the captures' tshark reference decodes (bytes and
+packets summed from the CSVs), never from the relay.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import csv
+import io
+import json
+import socket
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from edge_agent.aggregate import AGG_DTYPE, AggregatedWindow, FlushReason
+from edge_agent.cli import main as cli_main
+from edge_agent.flows.schema import address_bytes
+from edge_agent.relay.commands import print_status, read_metrics
+from edge_agent.relay.config import Settings, load_settings
+from edge_agent.relay.partition import partition_key
+from edge_agent.relay.pipeline import RelayPipeline, split_by_exporter
+from edge_agent.spool import Spool
+from edge_agent.wire import decode_batch
+from tests.reference import read_datagrams
+from tests.servers import MiniStack, kinesis_client, read_all_records
+
+#: captures whose tshark totals equal a correct decode, one loopback
+#: address each so their rows stay apart (exporter = sender address)
+CAPTURES = {
+    "nf5-freebsd-ng_netflow.pcap": "127.0.0.11",
+    "nf9-cisco-reordered-sequence.pcap": "127.0.0.12",
+    "nf9-fortigate-data-before-template.pcap": "127.0.0.13",
+    "w-ipfix-mikrotik.pcap": "127.0.0.14",
+    "w-pynetflow-softflowd-v9.pcap": "127.0.0.15",
+}
+
+
+def tshark_totals(path: Path) -> tuple[int, int, int]:
+    """(records, bytes, packets) of a capture per its tshark CSV."""
+    with path.open(newline="") as fh:
+        rows = [r for r in csv.DictReader(fh) if r.get("bytes")]
+    return (
+        len(rows),
+        sum(int(r["bytes"].split("|")[0]) for r in rows),
+        sum(int(r["packets"].split("|")[0]) for r in rows),
+    )
+
+
+def relay_settings(tmp_path: Path, **env: str) -> Settings:
+    """Settings for a test relay: loopback ports picked by the kernel,
+    1 s windows without lateness, a spool under tmp_path."""
+    base = {
+        "SAMPLEFLOW_RELAY_TENANT_ID": "acme",
+        "SAMPLEFLOW_RELAY_RELAY_ID": "edge-1",
+        "SAMPLEFLOW_RELAY_STATE_DIR": str(tmp_path / "state"),
+        "SAMPLEFLOW_COLLECTOR_LISTEN_ADDRESSES": "127.0.0.1",
+        "SAMPLEFLOW_COLLECTOR_PORTS": "0",
+        "SAMPLEFLOW_COLLECTOR_RCVBUF_BYTES": str(4 * 1024 * 1024),
+        "SAMPLEFLOW_AGGREGATE_WINDOW_S": "1",
+        "SAMPLEFLOW_AGGREGATE_LATENESS_S": "0",
+        "SAMPLEFLOW_KINESIS_REGION": "us-east-1",
+        "SAMPLEFLOW_METRICS_PORT": "0",
+    }
+    base.update(env)
+    return load_settings(None, base)
+
+
+async def wait_for(check: Callable[[], bool], timeout_s: float = 60.0) -> None:
+    """Poll ``check`` every 20 ms; fail after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        if time.monotonic() > deadline:
+            pytest.fail("condition not reached in time")
+        await asyncio.sleep(0.02)
+
+
+async def send_captures(captures_dir: Path, port: int) -> None:
+    """Send every capture's datagrams from its own loopback address."""
+    for name, source in CAPTURES.items():
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            sock.bind((source, 0))
+            for datagram in read_datagrams(captures_dir / name):
+                sock.sendto(datagram.payload, ("127.0.0.1", port))
+                await asyncio.sleep(0.001)  # a gentle exporter
+
+
+def http_get(url: str) -> tuple[int, bytes]:
+    """GET a URL; returns (status, body), also for error statuses."""
+    try:
+        with urllib.request.urlopen(url, timeout=10) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+def run(coro: Callable[[], Awaitable[None]]) -> None:
+    asyncio.run(coro())
+
+
+@pytest.mark.integration
+def test_captures_reach_kinesis_with_totals_intact(
+    captures_dir: Path,
+    ministack: MiniStack,
+    kinesis_stream: str,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Five real captures sent over UDP come out of Kinesis as batches that
+    decode_batch reads, with every exporter's bytes, packets and record
+    count equal to the tshark decode; ids unique, seqs increasing per
+    partition key; /metrics, /healthz and `relay status` report the flow."""
+    expected = {
+        address_bytes(source): tshark_totals(captures_dir / f"{name}.tshark.csv")
+        for name, source in CAPTURES.items()
+    }
+    settings = relay_settings(
+        tmp_path,
+        SAMPLEFLOW_KINESIS_STREAM_NAME=kinesis_stream,
+        SAMPLEFLOW_KINESIS_ENDPOINT_URL=ministack.endpoint_url,
+    )
+    pipeline = RelayPipeline(settings, tick_s=0.05, drain_s=30.0)
+    seen: dict[str, Any] = {}
+
+    async def scenario() -> None:
+        await pipeline.start()
+        try:
+            port = pipeline.collector.listening[0][1]
+            await send_captures(captures_dir, port)
+            total = sum(e[0] for e in expected.values())
+            await wait_for(lambda: pipeline.aggregator.stats.records_in >= total)
+            assert pipeline.shipper is not None
+            shipper = pipeline.shipper
+            await wait_for(lambda: shipper.stats.batches_shipped > 0)
+            assert pipeline.metrics is not None
+            base = f"http://127.0.0.1:{pipeline.metrics.port}"
+            seen["metrics"] = await asyncio.to_thread(http_get, base + "/metrics")
+            seen["healthz"] = await asyncio.to_thread(http_get, base + "/healthz")
+            seen["status_rc"] = await asyncio.to_thread(
+                cli_main, ["relay", "status", "--url", base]
+            )
+        finally:
+            await pipeline.stop()
+
+    run(scenario)
+
+    status, body = seen["healthz"]
+    assert status == 200
+    assert json.loads(body)["status"] == "ok"
+    status, text = seen["metrics"]
+    assert status == 200
+    metrics = read_metrics(text.decode())
+    total_records = sum(e[0] for e in expected.values())
+    decoded = sum(v for _, v in metrics["sampleflow_relay_exporter_records_total"])
+    assert decoded == total_records
+    assert seen["status_rc"] == 0
+    printed = capsys.readouterr().out
+    assert "acme/edge-1" in printed
+    assert f"records decoded              {total_records}" in printed
+
+    client = kinesis_client(ministack.endpoint_url)
+    try:
+        records = read_all_records(client, kinesis_stream)
+    finally:
+        client.close()
+    assert records
+    got: dict[bytes, list[int]] = collections.defaultdict(lambda: [0, 0, 0])
+    ids = set()
+    last_seq: dict[str, int] = {}
+    for record in records:
+        batch = decode_batch(record["Data"])
+        h = batch.header
+        assert (h.tenant_id, h.relay_id) == ("acme", "edge-1")
+        assert h.batch_id not in ids
+        ids.add(h.batch_id)
+        key = record["PartitionKey"]
+        assert h.seq > last_seq.get(key, -1)
+        last_seq[key] = h.seq
+        exporters = set(batch.columns["exporter"].tolist())
+        assert len(exporters) == 1  # one exporter per batch
+        exporter = exporters.pop()
+        assert key == partition_key("exporter", "acme", "edge-1", exporter)
+        totals = got[exporter]
+        totals[0] += int(batch.columns["flow_count"].sum())
+        totals[1] += int(batch.columns["bytes"].sum())
+        totals[2] += int(batch.columns["packets"].sum())
+    assert {k: tuple(v) for k, v in got.items()} == expected
+
+
+def test_stop_spools_open_windows_when_kinesis_is_unreachable(
+    captures_dir: Path, tmp_path: Path
+) -> None:
+    """With Kinesis out of reach, stopping flushes every open window into the
+    spool: the spooled batches hold all records, per the tshark totals."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        dead = s.getsockname()[1]  # nothing listens here once closed
+    settings = relay_settings(
+        tmp_path,
+        SAMPLEFLOW_AGGREGATE_WINDOW_S="3600",
+        SAMPLEFLOW_KINESIS_ENDPOINT_URL=f"http://127.0.0.1:{dead}",
+        SAMPLEFLOW_METRICS_ENABLED="false",
+    )
+    pipeline = RelayPipeline(settings, tick_s=0.05, drain_s=0.1)
+    name = "nf5-freebsd-ng_netflow.pcap"
+    records, octets, packets = tshark_totals(captures_dir / f"{name}.tshark.csv")
+
+    async def scenario() -> None:
+        await pipeline.start()
+        try:
+            port = pipeline.collector.listening[0][1]
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+                for datagram in read_datagrams(captures_dir / name):
+                    sock.sendto(datagram.payload, ("127.0.0.1", port))
+            await wait_for(lambda: pipeline.aggregator.stats.records_in >= records)
+            assert pipeline.aggregator.open_windows >= 1
+        finally:
+            await pipeline.stop()
+
+    run(scenario)
+    with Spool(settings.spool_dir) as spool:
+        batches = [decode_batch(b.payload) for b in spool.pending()]
+    assert batches
+    assert sum(int(b.columns["flow_count"].sum()) for b in batches) == records
+    assert sum(int(b.columns["bytes"].sum()) for b in batches) == octets
+    assert sum(int(b.columns["packets"].sum()) for b in batches) == packets
+
+
+def test_full_spool_with_reject_new_counts_the_drop(tmp_path: Path) -> None:
+    """A window that does not fit a reject_new spool is dropped and counted by
+    reason (batches and rows), not raised."""
+    settings = relay_settings(
+        tmp_path,
+        SAMPLEFLOW_SPOOL_MAX_BYTES=str(64 * 1024),
+        SAMPLEFLOW_SPOOL_FULL_POLICY="reject_new",
+        SAMPLEFLOW_KINESIS_ENDPOINT_URL="http://127.0.0.1:9",
+        SAMPLEFLOW_METRICS_ENABLED="false",
+    )
+    pipeline = RelayPipeline(settings)
+    rng = np.random.default_rng(5)
+    rows = np.zeros(20_000, dtype=AGG_DTYPE)
+    rows["exporter"] = np.void(address_bytes("192.0.2.1"))
+    rows["src_port"] = rng.integers(0, 65536, rows.shape[0])
+    rows["bytes"] = rng.integers(0, 2**40, rows.shape[0])
+    rows["flow_count"] = 1
+    window = AggregatedWindow(0, 10_000, rows, FlushReason.CLOSED)
+
+    async def scenario() -> None:
+        await pipeline.start()
+        try:
+            await asyncio.to_thread(pipeline.encode_window, window)
+        finally:
+            await pipeline.stop()
+
+    run(scenario)
+    e = pipeline.encode_stats
+    assert e.dropped["spool_full"] >= 1
+    assert e.spooled_rows + e.dropped_rows["spool_full"] == 20_000
+
+
+def test_split_by_exporter_keeps_runs() -> None:
+    """Rows ordered by exporter split into one run per exporter, in order."""
+    rows = np.zeros(5, dtype=AGG_DTYPE)
+    addresses = ["192.0.2.1", "192.0.2.1", "192.0.2.2", "2001:db8::1", "2001:db8::1"]
+    rows["exporter"] = [np.void(address_bytes(a)) for a in addresses]
+    rows["bytes"] = [1, 2, 3, 4, 5]
+    parts = split_by_exporter(rows)
+    assert [(e, r["bytes"].tolist()) for e, r in parts] == [
+        (address_bytes("192.0.2.1"), [1, 2]),
+        (address_bytes("192.0.2.2"), [3]),
+        (address_bytes("2001:db8::1"), [4, 5]),
+    ]
+    assert split_by_exporter(rows[:0]) == []
+
+
+def test_status_prints_drops_and_exporters() -> None:
+    """`relay status` turns metrics text into lines a person reads."""
+    text = "\n".join(
+        [
+            "# TYPE sampleflow_relay_dropped_total counter",
+            'sampleflow_relay_dropped_total{stage="collector",reason="queue_full"} 7',
+            'sampleflow_relay_dropped_total{stage="spool",reason="drop_oldest"} 0',
+            "# TYPE sampleflow_relay_exporter_records_total counter",
+            'sampleflow_relay_exporter_records_total{exporter="192.0.2.1:2055"} 42',
+            "# TYPE sampleflow_relay_seconds_since_ship gauge",
+            "sampleflow_relay_seconds_since_ship -1",
+            "",
+        ]
+    )
+    out = io.StringIO()
+    print_status(read_metrics(text), out)
+    printed = out.getvalue()
+    assert "collector/queue_full" in printed
+    assert "drop_oldest" not in printed  # zero counts are not drops
+    assert "192.0.2.1:2055" in printed
+    assert "last shipped                 never" in printed
+
+
+def test_status_reports_an_unreachable_endpoint(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """No relay listening: exit 1 with the URL in the message."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    assert cli_main(["relay", "status", "--url", f"http://127.0.0.1:{port}"]) == 1
+    assert f"127.0.0.1:{port}/metrics" in capsys.readouterr().err
