@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 from edge_agent.flows.counters import ExporterCounters
 from edge_agent.flows.sampling import SamplingTable
 from edge_agent.flows.schema import FLOW_DTYPE, Direction, ExportProtocol, Field
-from edge_agent.flows.sflow import SflowDecoder, decode_datagram
+from edge_agent.flows.sflow import INTERFACE_INTERNAL, SflowDecoder, decode_datagram
 from tests.reference import CapturedDatagram, address16, read_csv, read_datagrams
 from tests.test_packet_headers import (
     ethernet,
@@ -865,7 +865,7 @@ def test_output_interface_formats() -> None:
     samples = [
         flow_sample([frame], output_if=(1 << 30) | 7),
         flow_sample([frame], output_if=(2 << 30) | 3),
-        flow_sample([frame], output_if=0x3FFFFFFF, input_if=0),
+        flow_sample([frame], output_if=INTERFACE_INTERNAL, input_if=0),
     ]
     flows = decode_datagram(datagram(samples)).flows
     assert [int(v) for v in flows["out_if"]] == [0, 0, 0x3FFFFFFF]

@@ -328,8 +328,10 @@ class SflowDecoder:
       the datagram (only the samples present are read).
     * ``sflow_too_many_records``: same for a sample's record count.
     * ``sflow_bad_length``: a record, or a sample's fixed part, is longer
-      than what holds it, or shorter than its format needs; the record is
-      skipped (the rest of the sample too when it overruns).
+      than what holds it, shorter than its format needs, or malformed inside
+      (unknown address type, prefix mask above 128, AS path running past
+      the record); the record is skipped (the rest of the sample too when
+      it overruns).
     * ``sflow_unknown_sample``: a sample of another enterprise or format,
       skipped by its length.
     * ``sflow_trailing_bytes``: bytes after the last announced sample (the
@@ -367,6 +369,8 @@ class SflowDecoder:
         self.drop_notifications: collections.deque[DropNotification] = (
             collections.deque(maxlen=drop_notifications_maxlen)
         )
+        #: Drop notifications decoded.  Counted per decoder, not per
+        #: exporter: ExporterCounters has no field for them.
         self.drop_notifications_seen = 0
         self.drop_notifications_overflow = 0
         #: Flow and counter records skipped because their format is not used.
