@@ -214,7 +214,8 @@ class ModelOps:
             model_source=model_src,
             manifest_source=manifest_src,
         ).to_dict()
-        parse_document(doc)  # the relay's own check, before anyone sees it
+        # The relay's own check, before any relay sees it.
+        parse_document(doc, allow_placeholders=True)
         job_id, arn = self.create_job(
             doc,
             group=group,
@@ -403,7 +404,7 @@ class ModelOps:
         previous = chosen[-1]
         doc = previous["document"]
         try:
-            parse_document(doc)
+            parse_document(doc, allow_placeholders=True)
         except ModelRejectedError as exc:
             raise ModelOpsError(f"job {previous['job_id']}: {exc}") from exc
         if cancel_current and current["status"] == "IN_PROGRESS":

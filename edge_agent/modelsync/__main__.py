@@ -99,17 +99,19 @@ def _install_local(config: ModelSyncConfig, model: Path, manifest_path: Path) ->
     store = st.ModelStore(config.models_dir)
     manifest = json.loads(manifest_path.read_bytes())
     size, sha = file_digest(model)
+    staged = store.new_tmp()
+    staged_model = staged / str(manifest["model_file"])
+    shutil.copyfile(model, staged_model)
+    shutil.copyfile(manifest_path, staged / st.MANIFEST_FILE)
     try:
         check_digest(
             "model", size, sha, int(manifest["bytes"]), str(manifest["sha256"])
         )
-        build_installer(config).validate_and_canary(model, manifest)
+        build_installer(config).validate_and_canary(staged_model, manifest)
     except (ModelRejectedError, KeyError) as exc:
+        shutil.rmtree(staged, ignore_errors=True)
         print(f"refused: {exc}", file=sys.stderr)
         return 1
-    staged = store.new_tmp()
-    shutil.copyfile(model, staged / str(manifest["model_file"]))
-    shutil.copyfile(manifest_path, staged / st.MANIFEST_FILE)
     entry = st.entry_name(str(manifest["name"]), str(manifest["version"]), sha)
     store.commit(staged, entry)
     store.set_current(entry)

@@ -42,6 +42,8 @@ from typing import Any
 from edge_agent.modelsync.errors import BAD_DOCUMENT, ModelRejectedError
 
 OPERATION = "sampleflow.install-model"
+#: How an IoT Jobs presigned-URL placeholder starts.
+PRESIGN_PLACEHOLDER = "${aws:iot:s3-presigned-url"
 DOCUMENT_FORMAT = 1
 
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
@@ -127,11 +129,18 @@ def _size(value: object, key: str) -> int:
     return value
 
 
-def _source(value: object, key: str) -> Source:
+def _source(value: object, key: str, allow_placeholders: bool) -> Source:
     if not isinstance(value, Mapping):
         raise _fail(f"download.{key} must be an object with 'url' or 's3'")
     if "url" in value:
         url = value["url"]
+        if isinstance(url, str) and url.startswith(PRESIGN_PLACEHOLDER):
+            if allow_placeholders:
+                return Source(url=url)
+            raise _fail(
+                f"download.{key}.url is a presigned-URL placeholder that AWS IoT did "
+                "not replace: the job needs a presignedUrlConfig"
+            )
         if not isinstance(url, str) or not url.startswith(("https://", "http://")):
             raise _fail(f"download.{key}.url must be an http(s) URL, got {url!r}")
         return Source(url=url)
@@ -143,8 +152,14 @@ def _source(value: object, key: str) -> Source:
     raise _fail(f"download.{key} needs 'url' or 's3': {{'bucket', 'key'}}")
 
 
-def parse_document(document: Mapping[str, Any] | None) -> ModelJobDocument:
-    """Validate a job document; raises :class:`ModelRejectedError` (bad_document)."""
+def parse_document(
+    document: Mapping[str, Any] | None, *, allow_placeholders: bool = False
+) -> ModelJobDocument:
+    """Validate a job document; raises :class:`ModelRejectedError` (bad_document).
+
+    ``allow_placeholders``: accept unreplaced presigned-URL placeholders (the
+    operator's check of a document before it creates the job).
+    """
     if not isinstance(document, Mapping):
         raise _fail(
             f"job document must be a JSON object, got {type(document).__name__}"
@@ -171,6 +186,8 @@ def parse_document(document: Mapping[str, Any] | None) -> ModelJobDocument:
         manifest_size=_size(manifest.get("size"), "manifest.size"),
         signature=signature,
         key_id=_text(document, "key_id", _KEY_ID_RE),
-        model_source=_source(download.get("model"), "model"),
-        manifest_source=_source(download.get("manifest"), "manifest"),
+        model_source=_source(download.get("model"), "model", allow_placeholders),
+        manifest_source=_source(
+            download.get("manifest"), "manifest", allow_placeholders
+        ),
     )
