@@ -216,6 +216,10 @@ class KinesisShipper:
             self._wake.set()
         await self._done.wait()
 
+    def close(self) -> None:
+        """Close the boto3 client (for users of :meth:`ship_once`; run closes it)."""
+        self._close_client()
+
     def notify(self) -> None:
         """Wake an idle :meth:`run` now; safe from any thread."""
         loop, wake = self._loop, self._wake
