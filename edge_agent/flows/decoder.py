@@ -175,15 +175,21 @@ class FlowDecoder:
         """
         batch = RecordBatch()
         stats = self.stats
+        known = stats.by_exporter
         pending = self.pending
+        v5_walk = self._v5.walk
+        v9_walk = self._v9.walk
+        ipfix_walk = self._ipfix.walk
         for payload, exporter, port, received_ms in datagrams:
-            address = normalise_exporter(exporter)
+            address: bytes | None = exporter
+            if type(exporter) is not bytes or len(exporter) != 16:
+                address = normalise_exporter(exporter)
             if address is None:
                 stats.exporter(bytes(exporter), port).errors[
                     "bad_exporter_address"
                 ] += 1
                 continue
-            counters = stats.exporter(address, port)
+            counters = known.get((address, port)) or stats.exporter(address, port)
             counters.datagrams += 1
             counters.bytes += len(payload)
             if pending.sets and pending.queue:
@@ -191,9 +197,37 @@ class FlowDecoder:
                 if head.received_ms < received_ms - pending.max_age_ms:
                     self._expire(received_ms)
             try:
-                self._dispatch(
-                    payload, address, port, received_ms, counters=counters, batch=batch
-                )
+                # The common versions first, without a call layer.
+                version = payload[:2]
+                if version == b"\x00\x05":
+                    v5_walk(payload, address, port, counters, batch)
+                elif version == b"\x00\x0a":
+                    ipfix_walk(
+                        payload,
+                        address,
+                        port,
+                        received_ms,
+                        counters=counters,
+                        batch=batch,
+                    )
+                elif version == b"\x00\x09":
+                    v9_walk(
+                        payload,
+                        address,
+                        port,
+                        received_ms,
+                        counters=counters,
+                        batch=batch,
+                    )
+                else:
+                    self._dispatch(
+                        payload,
+                        address,
+                        port,
+                        received_ms,
+                        counters=counters,
+                        batch=batch,
+                    )
             except Exception:
                 counters.errors["decoder_bug"] += 1
                 self._bugs += 1

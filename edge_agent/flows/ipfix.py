@@ -60,40 +60,77 @@ class IpfixDecoder(TemplatedDecoder):
         if length < size:
             counters.errors["datagram_longer_than_message"] += 1
             size = length
-        export = Export(
-            exporter,
-            port,
-            domain,
-            received_ms,
-            (export_time, -1, export_time * 1000, -1),
-            counters=counters,
-            batch=batch,
-        )
-        view = memoryview(payload)[:size]
+        header = (export_time, -1, export_time * 1000, -1)
+        # Built only when a set leaves the fast path.
+        export: Export | None = None
+        get_template = self.templates.templates.get
+        unpack_set = SET_HEADER.unpack_from
+        context: tuple[int, int, int, int, int] | None = None
         pos = 16
         records: int | None = 0
         while size - pos >= 4:
-            set_id, set_length = SET_HEADER.unpack_from(payload, pos)
+            set_id, set_length = unpack_set(payload, pos)
             if set_length < 4:
                 counters.errors["set_too_short"] += 1
                 break
             if set_length > size - pos:
                 counters.errors["set_beyond_message"] += 1
                 break
-            body = view[pos + 4 : pos + set_length]
-            if set_id == 2:
-                self._templates(body, False, export)
-            elif set_id == 3:
-                self._templates(body, True, export)
-            elif set_id < 256:
-                counters.errors["reserved_set_id"] += 1
-            else:
+            if set_id >= 256:
                 key = (exporter, port, 10, domain, set_id)
-                count = self.data_set(key, body, export)
+                template = get_template(key)
+                count: int | None
+                if template is not None and template.fast:
+                    width = template.record_length
+                    count = (set_length - 4) // width
+                    if count:
+                        if context is None:
+                            rate = self.sampling.lookup(exporter, domain, 0)
+                            init = self.init_times.get((exporter, port, domain), -1)
+                            context = (export_time, -1, export_time * 1000, init, rate)
+                        assert template.group_key is not None
+                        batch.add(
+                            template.group_key,
+                            ExportProtocol.IPFIX,
+                            payload[pos + 4 : pos + 4 + count * width],
+                            count,
+                            context,
+                        )
+                        counters.records += count
+                else:
+                    if export is None:
+                        export = Export(
+                            exporter,
+                            port,
+                            domain,
+                            received_ms,
+                            header,
+                            counters=counters,
+                            batch=batch,
+                        )
+                    body = memoryview(payload)[pos + 4 : pos + set_length]
+                    count = self.data_set(key, body, export)
+                    context = None  # options data may have changed the rate
                 if count is None or records is None:
                     records = None
                 else:
                     records += count
+            elif set_id in (2, 3):
+                if export is None:
+                    export = Export(
+                        exporter,
+                        port,
+                        domain,
+                        received_ms,
+                        header,
+                        counters=counters,
+                        batch=batch,
+                    )
+                body = memoryview(payload)[pos + 4 : pos + set_length]
+                self._templates(body, set_id == 3, export)
+                context = None
+            else:
+                counters.errors["reserved_set_id"] += 1
             pos += set_length
         if pos < size:
             counters.errors["trailing_bytes"] += 1
@@ -108,6 +145,15 @@ class IpfixDecoder(TemplatedDecoder):
         domain_key = (exporter, port, 10, export.domain)
         while size - pos >= 4:
             template_id, count = SET_HEADER.unpack_from(body, pos)
+            if count and template_id >= 256:
+                key = (*domain_key, template_id)
+                old = self.templates.get(key)
+                if old is not None and body[pos : pos + len(old.raw)] == old.raw:
+                    # The periodic re-send of a known template.
+                    counters.templates_received += 1
+                    pos += len(old.raw)
+                    continue
+            start = pos
             pos += 4
             if count == 0:
                 if template_id == (3 if options else 2):
@@ -154,4 +200,12 @@ class IpfixDecoder(TemplatedDecoder):
                     pos += 4
                     element &= 0x7FFF
                 specs.append(FieldSpec(element, field_length, pen))
-            self.learn((*domain_key, template_id), specs, options, scope_count, export)
+            counters.templates_received += 1
+            self.learn(
+                (*domain_key, template_id),
+                specs,
+                export,
+                is_options=options,
+                scope_count=scope_count,
+                raw=bytes(body[start:pos]),
+            )

@@ -125,21 +125,14 @@ class TemplatedDecoder:
         self,
         key: TemplateKey,
         fields: list[FieldSpec],
+        export: Export,
+        *,
         is_options: bool,
         scope_count: int,
-        export: Export,
+        raw: bytes,
     ) -> None:
         """Add (or replace) a template and decode data held for it."""
         counters = export.counters
-        counters.templates_received += 1
-        old = self.templates.get(key)
-        if (
-            old is not None
-            and old.fields == tuple(fields)
-            and old.is_options == is_options
-            and old.scope_count == scope_count
-        ):
-            return  # the periodic re-send of a known template
         try:
             template = compile_template(
                 key,
@@ -147,6 +140,7 @@ class TemplatedDecoder:
                 is_options=is_options,
                 scope_count=scope_count,
                 max_fields=self.max_template_fields,
+                raw=raw,
             )
         except TemplateError as err:
             counters.errors[err.reason] += 1
@@ -161,6 +155,11 @@ class TemplatedDecoder:
         for held in self.pending.release(key):
             counters.pending_decoded += 1
             self.decode_set(template, held.body, held.context, export)
+
+    def known(self, key: TemplateKey, raw: bytes | memoryview) -> bool:
+        """Whether ``raw`` is the periodic re-send of the template at ``key``."""
+        old = self.templates.get(key)
+        return old is not None and old.raw == raw
 
     def withdraw(self, key: TemplateKey, counters: ExporterCounters) -> None:
         """Forget a template (IPFIX withdrawal)."""
@@ -288,22 +287,18 @@ class NetflowV9Decoder(TemplatedDecoder):
             counters.errors["truncated_header"] += 1
             return
         _, _count, uptime, secs, seq, domain = V9_HEADER.unpack_from(payload)
-        export = Export(
-            exporter,
-            port,
-            domain,
-            received_ms,
-            (secs, uptime, secs * 1000, -1),
-            counters=counters,
-            batch=batch,
-        )
-        view = memoryview(payload)
+        header = (secs, uptime, secs * 1000, -1)
+        # Built only when a set leaves the fast path.
+        export: Export | None = None
+        get_template = self.templates.templates.get
+        unpack_set = SET_HEADER.unpack_from
+        context: tuple[int, int, int, int, int] | None = None
         pos = 20
         records = 0
         while size - pos >= 4:
-            set_id, length = SET_HEADER.unpack_from(payload, pos)
+            set_id, length = unpack_set(payload, pos)
             if length < 4:
-                if not any(view[pos:]):
+                if not any(payload[pos:]):
                     pos = size  # zero fill up to a fixed datagram size
                     break
                 counters.errors["set_too_short"] += 1
@@ -311,19 +306,62 @@ class NetflowV9Decoder(TemplatedDecoder):
             if length > size - pos:
                 counters.errors["set_beyond_datagram"] += 1
                 break
-            body = view[pos + 4 : pos + length]
-            if set_id == 0:
-                self._templates(body, export)
-            elif set_id == 1:
-                self._options_templates(body, export)
-            elif set_id < 256:
-                counters.errors["reserved_set_id"] += 1
-            else:
+            if set_id >= 256:
                 key = (exporter, port, 9, domain, set_id)
-                count = self.data_set(key, body, export)
-                records += count or 0
+                template = get_template(key)
+                if template is not None and template.fast:
+                    # Fast path: a fixed-length data template.
+                    width = template.record_length
+                    count = (length - 4) // width
+                    if count:
+                        if context is None:
+                            rate = self.sampling.lookup(exporter, domain, 0)
+                            context = (*header, rate)
+                        assert template.group_key is not None
+                        batch.add(
+                            template.group_key,
+                            ExportProtocol.NETFLOW_V9,
+                            payload[pos + 4 : pos + 4 + count * width],
+                            count,
+                            context,
+                        )
+                        records += count
+                        counters.records += count
+                else:
+                    if export is None:
+                        export = Export(
+                            exporter,
+                            port,
+                            domain,
+                            received_ms,
+                            header,
+                            counters=counters,
+                            batch=batch,
+                        )
+                    body = memoryview(payload)[pos + 4 : pos + length]
+                    records += self.data_set(key, body, export) or 0
+                    context = None  # options data may have changed the rate
+            elif set_id in (0, 1):
+                if export is None:
+                    export = Export(
+                        exporter,
+                        port,
+                        domain,
+                        received_ms,
+                        header,
+                        counters=counters,
+                        batch=batch,
+                    )
+                body = memoryview(payload)[pos + 4 : pos + length]
+                if set_id == 0:
+                    self._templates(body, export)
+                else:
+                    self._options_templates(body, export)
+                context = None
+            else:
+                counters.errors["reserved_set_id"] += 1
             pos += length
-        if pos < size and any(view[pos:]):
+        if pos < size and any(payload[pos:]):
             counters.errors["trailing_bytes"] += 1
         self.sequences.check_v9((exporter, port, 9, domain), seq, records, counters)
 
@@ -338,17 +376,24 @@ class NetflowV9Decoder(TemplatedDecoder):
                     return  # padding
                 counters.errors["template_id_reserved"] += 1
                 return
-            pos += 4
-            if count * 4 > size - pos:
+            if count * 4 > size - pos - 4:
                 counters.errors["template_truncated"] += 1
                 return
+            key = (export.exporter, export.port, 9, export.domain, template_id)
+            raw = body[pos : pos + 4 + count * 4]
+            counters.templates_received += 1
+            if self.known(key, raw):
+                pos += 4 + count * 4
+                continue
+            pos += 4
             specs = [
                 FieldSpec(t, n)
                 for t, n in FIELD.iter_unpack(body[pos : pos + count * 4])
             ]
             pos += count * 4
-            key = (export.exporter, export.port, 9, export.domain, template_id)
-            self.learn(key, specs, False, 0, export)
+            self.learn(
+                key, specs, export, is_options=False, scope_count=0, raw=bytes(raw)
+            )
 
     def _options_templates(self, body: memoryview, export: Export) -> None:
         counters = export.counters
@@ -363,13 +408,19 @@ class NetflowV9Decoder(TemplatedDecoder):
                     return
                 counters.errors["template_id_reserved"] += 1
                 return
-            pos += 6
             if scope_len % 4 or option_len % 4:
                 counters.errors["options_template_bad_length"] += 1
                 return
-            if scope_len + option_len > size - pos:
+            if scope_len + option_len > size - pos - 6:
                 counters.errors["template_truncated"] += 1
                 return
+            key = (export.exporter, export.port, 9, export.domain, template_id)
+            raw = body[pos : pos + 6 + scope_len + option_len]
+            counters.templates_received += 1
+            if self.known(key, raw):
+                pos += 6 + scope_len + option_len
+                continue
+            pos += 6
             scope = [
                 FieldSpec(t, n, scope=True)
                 for t, n in FIELD.iter_unpack(body[pos : pos + scope_len])
@@ -380,5 +431,11 @@ class NetflowV9Decoder(TemplatedDecoder):
                 for t, n in FIELD.iter_unpack(body[pos : pos + option_len])
             ]
             pos += option_len
-            key = (export.exporter, export.port, 9, export.domain, template_id)
-            self.learn(key, scope + options, True, len(scope), export)
+            self.learn(
+                key,
+                scope + options,
+                export,
+                is_options=True,
+                scope_count=len(scope),
+                raw=bytes(raw),
+            )

@@ -68,8 +68,12 @@ class SequenceTracker:
         v5/IPFIX, 1 for v9) or None when unknown (IPFIX sets whose template
         is not known yet): then the next export is not checked.
         """
-        stream = self._stream(key)
-        self._advance(stream, seq, units, counters)
+        stream = self.streams.get(key)
+        if stream is not None and stream.expected == seq and units is not None:
+            stream.expected = (seq + units) & _MASK  # in order: the usual case
+            stream.last_seq = seq
+            return
+        self._advance(stream or self._stream(key), seq, units, counters)
 
     def check_v9(
         self, key: StreamKey, seq: int, records: int, counters: ExporterCounters
@@ -78,7 +82,14 @@ class SequenceTracker:
 
         Records are the unit once the stream showed it counts them.
         """
-        stream = self._stream(key)
+        stream = self.streams.get(key)
+        if stream is not None and stream.expected == seq:
+            stream.expected = (seq + (records if stream.by_records else 1)) & _MASK
+            stream.last_seq = seq
+            stream.last_records = records
+            return
+        if stream is None:
+            stream = self._stream(key)
         if (
             not stream.by_records
             and stream.expected is not None

@@ -50,6 +50,16 @@ class Template:
     layout: Layout
     segments: tuple[int, ...] = ()
     projected_length: int = 0
+    #: the template record as sent (a re-send with the same bytes is a no-op)
+    raw: bytes = b""
+    #: batch group of this template's records: (layout, exporter, port, domain)
+    group_key: tuple[Layout, bytes, int, int] | None = None
+    #: fixed-length data template: its sets take the walkers' fast path
+    fast: bool = False
+
+    def __post_init__(self) -> None:
+        self.group_key = (self.layout, self.key[0], self.key[1], self.key[3])
+        self.fast = not self.varlen and not self.is_options and self.record_length > 0
 
 
 class TemplateError(ValueError):
@@ -67,6 +77,7 @@ def compile_template(
     is_options: bool = False,
     scope_count: int = 0,
     max_fields: int = 512,
+    raw: bytes = b"",
 ) -> Template:
     """Check and compile a template; raise :class:`TemplateError` if unusable.
 
@@ -114,6 +125,7 @@ def compile_template(
             varlen=False,
             record_length=fixed,
             layout=compile_layout(fields, fixed),
+            raw=raw,
         )
     fixed_fields = [s for s in fields if s.length != VARLEN]
     return Template(
@@ -126,6 +138,7 @@ def compile_template(
         layout=compile_layout(fixed_fields, fixed),
         segments=tuple(segments),
         projected_length=fixed,
+        raw=raw,
     )
 
 
