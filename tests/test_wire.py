@@ -21,6 +21,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from edge_agent.aggregate import AGG_COLUMNS, AGG_DTYPE, reduce_rows, to_aggregate_rows
+from edge_agent.cli import main as cli_main
 from edge_agent.collect.pcap import read_capture
 from edge_agent.flows.decoder import FlowDecoder
 from edge_agent.flows.schema import address_bytes
@@ -36,6 +37,7 @@ from edge_agent.wire import (
     encode_batches,
     new_batch_id,
 )
+from tests.reference import read_csv, read_datagrams
 
 FIELDS = HeaderFields("acme", "relay-7", 1_700_000_000_000, 1_700_000_010_000, "m-3")
 ROW = AGG_DTYPE.itemsize
@@ -453,3 +455,30 @@ def test_batch_ids_are_uuid7_with_the_time() -> None:
         assert bid.version == 7
         assert bid.variant == uuid.RFC_4122
         assert bid.int >> 80 == 1_700_000_000_123
+
+
+# --- sampleflow bench wire -----------------------------------------------------
+
+
+def test_bench_wire_measures_two_captures(
+    captures_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`sampleflow bench wire` on two captures prints one line each with the
+    record count of the tshark decode and the raw export bytes per record
+    summed from the capture's UDP payloads (both computed here)."""
+    names = ["nf5-freebsd-ng_netflow.pcap", "w-pynetflow-softflowd-v9.pcap"]
+    for name in names:
+        (tmp_path / name).symlink_to(captures_dir / name)
+    assert (
+        cli_main(["bench", "wire", "--captures", str(tmp_path), "--speed-records", "0"])
+        == 0
+    )
+    out = capsys.readouterr().out
+    for name in names:
+        records = len(read_csv(captures_dir / f"{name}.tshark.csv"))
+        raw = sum(len(d.payload) for d in read_datagrams(captures_dir / name))
+        [line] = [x for x in out.splitlines() if x.startswith(name)]
+        fields = line.split()
+        assert int(fields[1]) == records
+        assert fields[5] == f"{raw / records:.1f}"
+    assert "as shipped vs raw export" in out

@@ -10,6 +10,7 @@ from edge_agent.aggregate.schema import (
     AGG_COLUMNS,
     AGG_DTYPE,
     KEY_FIELDS,
+    concat_rows,
     empty_rows,
     to_aggregate_rows,
 )
@@ -28,6 +29,7 @@ __all__ = [
     "AggregatedWindow",
     "Aggregator",
     "FlushReason",
+    "concat_rows",
     "empty_rows",
     "reduce_rows",
     "to_aggregate_rows",

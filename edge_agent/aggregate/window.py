@@ -43,7 +43,12 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from edge_agent.aggregate.reduce import reduce_rows
-from edge_agent.aggregate.schema import empty_rows, take_rows, to_aggregate_rows
+from edge_agent.aggregate.schema import (
+    concat_rows,
+    empty_rows,
+    take_rows,
+    to_aggregate_rows,
+)
 from edge_agent.flows.schema import Field
 
 
@@ -103,7 +108,7 @@ class _OpenWindow:
 
     def compact(self) -> None:
         if self.pending:
-            self.reduced = reduce_rows(np.concatenate([self.reduced, *self.pending]))
+            self.reduced = reduce_rows(concat_rows([self.reduced, *self.pending]))
             self.pending = []
             self.pending_rows = 0
 
@@ -161,10 +166,11 @@ class Aggregator:
         index = self._window_index(records, received)
         rows = to_aggregate_rows(records)
         self.stats.records_in += n
-        windows = np.unique(index)
-        if windows.shape[0] == 1:
-            self._append(int(windows[0]), rows)
+        first, last = int(index.min()), int(index.max())
+        if first == last:  # the usual case: one window
+            self._append(first, rows)
         else:
+            windows = np.unique(index)
             # At most lateness/window + 2 distinct windows: a mask each.
             for w in windows.tolist():
                 self._append(w, take_rows(rows, np.flatnonzero(index == w)))
