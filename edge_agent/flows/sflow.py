@@ -558,12 +558,12 @@ class SflowDecoder:
                     # in one call; each format checks its length before using
                     # the words.
                     if q + 24 <= sample_end:
-                        record_format, record_length, w0, w1, _w2, w3 = unpack_words(
+                        record_format, record_length, w0, w1, w2, w3 = unpack_words(
                             buf, q
                         )
                     elif q + 8 <= sample_end:
                         record_format, record_length = unpack_pair(buf, q)
-                        w0 = w1 = w3 = 0
+                        w0 = w1 = w2 = w3 = 0
                     else:
                         errors["sflow_bad_length"] += 1
                         break
@@ -589,12 +589,19 @@ class SflowDecoder:
                         elif 0 < w0 < 4096:
                             vlan = w0
                     elif record_format == 1002:
-                        router = _router(buf, q, record_end)
-                        if router is None:
-                            errors["sflow_bad_length"] += 1
-                        else:
-                            next_hop, src_mask, dst_mask = router
+                        if w0 == 1 and record_length >= 16 and w2 <= 128 and w3 <= 128:
+                            # IPv4 next hop (w1), source and destination masks.
+                            next_hop = _V4 + buf[q + 4 : q + 8]
+                            src_mask = w2
+                            dst_mask = w3
                             present |= _ROUTER
+                        else:
+                            router = _router(buf, q, record_end)
+                            if router is None:
+                                errors["sflow_bad_length"] += 1
+                            else:
+                                next_hop, src_mask, dst_mask = router
+                                present |= _ROUTER
                     elif record_format == 1003:
                         gateway = _gateway(buf, q, record_end)
                         if gateway is None:
