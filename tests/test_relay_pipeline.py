@@ -13,7 +13,11 @@ import collections
 import csv
 import io
 import json
+import os
+import signal
 import socket
+import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -164,6 +168,14 @@ def test_captures_reach_kinesis_with_totals_intact(
     total_records = sum(e[0] for e in expected.values())
     decoded = sum(v for _, v in metrics["sampleflow_relay_exporter_records_total"])
     assert decoded == total_records
+    sent = sum(len(read_datagrams(captures_dir / name)) for name in CAPTURES)
+    assert sum(v for _, v in metrics["sampleflow_relay_datagrams_total"]) == sent
+    assert metrics["sampleflow_relay_records_in_total"][0][1] == total_records
+    exporters = {
+        labels["exporter"]
+        for labels, _ in metrics["sampleflow_relay_exporter_records_total"]
+    }
+    assert {e.rsplit(":", 1)[0] for e in exporters} == set(CAPTURES.values())
     assert seen["status_rc"] == 0
     printed = capsys.readouterr().out
     assert "acme/edge-1" in printed
@@ -316,3 +328,102 @@ def test_status_reports_an_unreachable_endpoint(
         port = s.getsockname()[1]
     assert cli_main(["relay", "status", "--url", f"http://127.0.0.1:{port}"]) == 1
     assert f"127.0.0.1:{port}/metrics" in capsys.readouterr().err
+
+
+def test_relay_run_command_stops_cleanly_on_sigterm(
+    captures_dir: Path, tmp_path: Path
+) -> None:
+    """`sampleflow relay run` logs one JSON line per lifecycle event, takes
+    datagrams on the port it logs, and on SIGTERM exits 0 with every record
+    spooled (Kinesis unreachable here), per the tshark totals."""
+    name = "w-pynetflow-softflowd-v9.pcap"
+    records, octets, _ = tshark_totals(captures_dir / f"{name}.tshark.csv")
+    config = tmp_path / "relay.toml"
+    config.write_text(
+        f"""
+        [relay]
+        tenant_id = "acme"
+        relay_id = "edge-9"
+        state_dir = "{tmp_path / "state"}"
+        [collector]
+        listen_addresses = ["127.0.0.1"]
+        ports = [0]
+        rcvbuf_bytes = 1048576
+        [kinesis]
+        endpoint_url = "http://127.0.0.1:9"
+        region = "us-east-1"
+        [metrics]
+        port = 0
+        """
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SAMPLEFLOW_")}
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "edge_agent.cli",
+            "relay",
+            "run",
+            "--config",
+            str(config),
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    assert proc.stderr is not None
+    events = []
+    try:
+        while True:
+            line = proc.stderr.readline()
+            assert line, f"relay exited early: {proc.wait()}"
+            event = json.loads(line)
+            events.append(event)
+            if event["event"] == "relay_started":
+                break
+        port = int(event["listen"][0].rsplit(":", 1)[1])
+        metrics_port = int(event["metrics"].rsplit(":", 1)[1])
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            for datagram in read_datagrams(captures_dir / name):
+                sock.sendto(datagram.payload, ("127.0.0.1", port))
+        deadline = time.monotonic() + 30
+        while True:
+            _, text = http_get(f"http://127.0.0.1:{metrics_port}/metrics")
+            seen = read_metrics(text.decode()).get(
+                "sampleflow_relay_records_in_total", []
+            )
+            if seen and seen[0][1] >= records:
+                break
+            assert time.monotonic() < deadline, "records never reached the relay"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        _, rest = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0
+    events += [json.loads(x) for x in rest.splitlines() if x.startswith("{")]
+    names = [e["event"] for e in events]
+    for lifecycle in (
+        "relay_starting",
+        "relay_started",
+        "relay_stopping",
+        "relay_stopped",
+    ):
+        assert lifecycle in names
+    stopped = next(e for e in events if e["event"] == "relay_stopped")
+    assert stopped["records"] == records
+    with Spool(tmp_path / "state" / "spool") as spool:
+        batches = [decode_batch(b.payload) for b in spool.pending()]
+    assert sum(int(b.columns["flow_count"].sum()) for b in batches) == records
+    assert sum(int(b.columns["bytes"].sum()) for b in batches) == octets
+    assert {b.header.relay_id for b in batches} == {"edge-9"}
+
+
+def test_health_is_false_before_start(tmp_path: Path) -> None:
+    """/healthz's verdict: not healthy until the pipeline has started."""
+    pipeline = RelayPipeline(relay_settings(tmp_path))
+    healthy, details = pipeline.health()
+    assert healthy is False
+    assert details["listening"] == []
