@@ -87,6 +87,9 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
     evaluate.add_argument("--seed", type=int, default=1000, help="default 1000")
     evaluate.add_argument("--seeds", type=int, default=4, help="default 4")
     evaluate.add_argument("--data", type=Path, default=None, help="CTU-13 folder")
+    evaluate.add_argument(
+        "--json", type=Path, default=None, help="also write the metrics to this file"
+    )
     evaluate.set_defaults(func=run_evaluate)
 
 
@@ -139,5 +142,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
         n_seeds=args.seeds,
         dataset_dir=args.data,
     )
-    print(json.dumps(json_safe(result), indent=2, allow_nan=False))
+    text = json.dumps(json_safe(result), indent=2, allow_nan=False)
+    if args.json is not None:
+        args.json.write_text(text + "\n")
+    print(text)
     return 0
