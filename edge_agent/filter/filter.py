@@ -16,6 +16,13 @@ batch passes through unfiltered (no roll-up, nothing flagged), the reason is
 in ``FilterResult.passthrough_reason`` and counted in
 :attr:`RelayFilter.counters`.  :meth:`RelayFilter.swap_model` replaces the
 model at run time; a batch in flight finishes with the model it started on.
+
+Known shortcoming: a batch is scored on the windows it holds; a batch
+shorter than the model's window (``window_s`` in the manifest, 300 s for the
+shipped model) gives partial windows that look quieter than those the model
+was trained on.  Feed batches aligned to the model window.
+:meth:`RelayFilter.process` is meant to be called from one thread; model
+swaps may come from any thread.
 """
 
 from __future__ import annotations
