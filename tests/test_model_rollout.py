@@ -25,6 +25,7 @@ import hashlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -621,3 +622,262 @@ def test_bad_model_fails_the_execution_and_v1_keeps_scoring(
             st.entry_name(V1["name"], V1["version"], V1["sha256"])
         ]
         assert relay.runner.counters.failures[reason] >= 1
+
+
+# -- a relay killed mid-update ------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("point", "runs_after_kill"),
+    [("download", "1.0.0"), ("before-pointer", "1.0.0"), ("after-pointer", "1.1.0")],
+)
+def test_relay_killed_mid_update_recovers_consistently(
+    fleet: Fleet, tmp_path: Path, point: str, runs_after_kill: str
+) -> None:
+    """A relay process SIGKILLed half-way through a download, after the new
+    version was verified and renamed in, or after ``current`` moved, always
+    has an intact model on disk (v1, or v2 once the pointer moved); restarted,
+    it finishes the same execution: SUCCEEDED, v2 current, v1 kept as
+    previous, no state file and no partial download left."""
+    thing = f"kill-{point}"
+    config = fleet.relay(thing, (f"grp-{thing}",))
+    models = config.parent / "models"
+    model, manifest = write_model(
+        tmp_path / "v2", GOOD_MODEL.read_bytes(), version="1.1.0"
+    )
+    relay = RelayProcess(config, pause_at=point)
+    try:
+        job = fleet.push(model, manifest, f"grp-{thing}")
+        wait_until(
+            (models / f"paused-at-{point}").exists, f"the relay to pause at {point}"
+        )
+        relay.kill()
+    finally:
+        relay.stop()
+    state = json.loads((models / "state.json").read_text())
+    assert state["job_id"] == job
+    assert current_version(config) == runs_after_kill
+    if point == "download":
+        partial = [f for d in (models / "tmp").iterdir() for f in d.iterdir()]
+        model_parts = [f for f in partial if f.suffix == ".tflite"]
+        assert (
+            model_parts
+            and 0 < model_parts[0].stat().st_size < GOOD_MODEL.stat().st_size
+        )
+    assert fleet.execution(job, thing)["status"] == "IN_PROGRESS"
+
+    relay = RelayProcess(config)
+    try:
+        execution = fleet.wait_status(job, thing, {"SUCCEEDED", "FAILED"})
+    finally:
+        relay.stop()
+    details = execution["statusDetails"]["detailsMap"]
+    assert execution["status"] == "SUCCEEDED", details
+    assert details["running_version"] == "1.1.0"
+    assert details["attempts"] == ("2" if point == "download" else "1")
+    assert current_version(config) == "1.1.0"
+    previous = (models / "previous").read_text().strip()
+    assert previous == st.entry_name(V1["name"], V1["version"], V1["sha256"])
+    assert (models / "versions" / previous / GOOD_MODEL.name).read_bytes() == (
+        GOOD_MODEL.read_bytes()
+    )
+    assert not (models / "state.json").exists()
+    assert list((models / "tmp").iterdir()) == []
+
+
+def test_job_canceled_while_relay_was_down_puts_the_old_model_back(
+    fleet: Fleet, tmp_path: Path
+) -> None:
+    """A relay killed right after moving ``current`` to v2, whose job is then
+    force-canceled by the operator, returns to v1 when it restarts, so what
+    runs matches the CANCELED execution."""
+    thing = "kill-then-cancel"
+    config = fleet.relay(thing, ("grp-kill-then-cancel",))
+    models = config.parent / "models"
+    model, manifest = write_model(
+        tmp_path / "v2", GOOD_MODEL.read_bytes(), version="1.1.0"
+    )
+    relay = RelayProcess(config, pause_at="after-pointer")
+    try:
+        job = fleet.push(model, manifest, "grp-kill-then-cancel")
+        wait_until((models / "paused-at-after-pointer").exists, "the relay to pause")
+        relay.kill()
+    finally:
+        relay.stop()
+    assert current_version(config) == "1.1.0"
+    fleet.cli("cancel", job, "--force")
+    assert fleet.execution(job, thing)["status"] == "CANCELED"
+    relay = RelayProcess(config)
+    try:
+        wait_until(lambda: not (models / "state.json").exists(), "the relay to settle")
+    finally:
+        relay.stop()
+    assert current_version(config) == "1.0.0"
+    assert fleet.execution(job, thing)["status"] == "CANCELED"
+
+
+# -- abort threshold, offline relays, rollback ----------------------------------------
+
+
+def test_abort_threshold_stops_a_bad_rollout(
+    fleet: Fleet, real_records: np.ndarray
+) -> None:
+    """With abort at 50% FAILED after 2 finished executions, the NaN model
+    fails on the two relays online; the job is canceled by its abortConfig,
+    the third relay's queued execution is CANCELED and, once it comes online,
+    it never starts the job and keeps scoring with v1."""
+    configs = [fleet.relay(f"abort-{i}", ("abort-all",)) for i in (1, 2, 3)]
+    nan_manifest = NAN_DIR / "nan-model.manifest.json"
+    nan_model = NAN_DIR / json.loads(nan_manifest.read_text())["model_file"]
+    with RelayThread(configs[0]) as r1, RelayThread(configs[1]) as r2:
+        job = fleet.push(
+            nan_model,
+            nan_manifest,
+            "abort-all",
+            "--abort-percent",
+            "50",
+            "--abort-min",
+            "2",
+        )
+        for relay in (r1, r2):
+            execution = fleet.wait_status(
+                job, relay.config.thing_name, {"FAILED", "SUCCEEDED"}
+            )
+            assert execution["status"] == "FAILED"
+    described = wait_until(
+        lambda: (
+            (j := fleet.iot.describe_job(jobId=job)["job"])["status"] == "CANCELED"
+            and j
+        ),
+        "the abort to cancel the job",
+    )
+    assert described["reasonCode"] == "ABORT_CANCEL"
+    assert fleet.execution(job, "abort-3")["status"] == "CANCELED"
+    with RelayThread(configs[2]) as r3:
+        wait_until(lambda: r3.agent.idle_cycles >= 1, "abort-3 to ask for work")
+        assert r3.agent.cycles == 0
+        assert r3.scored_version(real_records) == version_of(V1)
+    assert fleet.execution(job, "abort-3")["status"] == "CANCELED"
+    assert current_version(configs[2]) == "1.0.0"
+
+
+class TcpProxy:
+    """A TCP forwarder to the broker that can go down and come back up.
+
+    Down: the listening socket and every forwarded connection are closed,
+    so the relay sees its connection drop and reconnects are refused.
+    """
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.port = free_port()
+        self._listener: socket.socket | None = None
+        self._conns: list[socket.socket] = []
+        self._lock = threading.Lock()
+
+    def come_up(self) -> None:
+        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", self.port))
+        listener.listen(16)
+        self._listener = listener
+        threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
+
+    def go_down(self) -> None:
+        with self._lock:
+            listener, self._listener = self._listener, None
+            conns, self._conns = self._conns, []
+        if listener is not None:
+            # shutdown wakes the thread blocked in accept(); close alone
+            # would leave the port bound until it returns.
+            with contextlib.suppress(OSError):
+                listener.shutdown(socket.SHUT_RDWR)
+            listener.close()
+        for conn in conns:
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
+            conn.close()
+
+    def _accept(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return  # closed by go_down
+            upstream = socket.create_connection(("127.0.0.1", self.target_port))
+            with self._lock:
+                self._conns += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pump(src: socket.socket, dst: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := src.recv(65536):
+                dst.sendall(data)
+        with contextlib.suppress(OSError):
+            dst.shutdown(socket.SHUT_WR)
+
+
+def test_update_published_while_relay_is_offline_is_taken_on_reconnect(
+    fleet: Fleet, tmp_path: Path, real_records: np.ndarray
+) -> None:
+    """The broker link drops; a job created meanwhile stays QUEUED; when the
+    link is back the relay reconnects on its own (backoff 1-2 s), takes the
+    missed job and installs v2."""
+    proxy = TcpProxy(fleet.server.mqtt_port)
+    proxy.come_up()
+    config = fleet.relay("offline-1", ("grp-offline",), port=proxy.port)
+    model, manifest = write_model(
+        tmp_path / "v2", GOOD_MODEL.read_bytes(), version="1.1.0"
+    )
+    try:
+        with RelayThread(config) as relay:
+            proxy.go_down()
+            wait_until(
+                lambda: not relay.agent._connected.is_set(), "the relay to notice"
+            )
+            job = fleet.push(model, manifest, "grp-offline")
+            assert fleet.execution(job, "offline-1")["status"] == "QUEUED"
+            assert relay.scored_version(real_records) == version_of(V1)
+            proxy.come_up()
+            execution = fleet.wait_status(job, "offline-1", {"SUCCEEDED", "FAILED"})
+            assert execution["status"] == "SUCCEEDED"
+            assert relay.agent.counters.reconnects >= 1
+            v2 = json.loads(manifest.read_text())
+            assert relay.scored_version(real_records) == version_of(v2)
+    finally:
+        proxy.go_down()
+
+
+def test_rollback_reinstalls_the_previous_version_from_disk(
+    fleet: Fleet, tmp_path: Path, real_records: np.ndarray
+) -> None:
+    """After v1 then v2 were rolled out through jobs, ``models rollback``
+    cancels nothing finished, creates a job with v1's document, and the relay
+    goes back to v1 (the folder it kept), reporting version 1.0.0."""
+    config = fleet.relay("rb-1", ("grp-rb",))
+    model, manifest = write_model(
+        tmp_path / "v2", GOOD_MODEL.read_bytes(), version="1.1.0"
+    )
+    with RelayThread(config) as relay:
+        job1 = fleet.push(GOOD_MODEL, GOOD_MANIFEST, "grp-rb")
+        assert fleet.wait_status(job1, "rb-1", {"SUCCEEDED", "FAILED"})["status"] == (
+            "SUCCEEDED"
+        )
+        job2 = fleet.push(model, manifest, "grp-rb")
+        assert fleet.wait_status(job2, "rb-1", {"SUCCEEDED", "FAILED"})["status"] == (
+            "SUCCEEDED"
+        )
+        assert current_version(config) == "1.1.0"
+        line = fleet.cli("rollback", "--group", "grp-rb").splitlines()[-1]
+        job3, version = line.split()[0], line.split()[-1].rstrip(")")
+        assert version == "1.0.0"
+        doc1 = json.loads(fleet.iot.get_job_document(jobId=job1)["document"])
+        doc3 = json.loads(fleet.iot.get_job_document(jobId=job3)["document"])
+        assert doc3 == doc1
+        execution = fleet.wait_status(job3, "rb-1", {"SUCCEEDED", "FAILED"})
+        assert execution["status"] == "SUCCEEDED"
+        assert execution["statusDetails"]["detailsMap"]["running_version"] == "1.0.0"
+        assert current_version(config) == "1.0.0"
+        assert relay.scored_version(real_records) == version_of(V1)

@@ -28,6 +28,7 @@ import concurrent.futures
 import itertools
 import random
 import threading
+import time
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -94,8 +95,9 @@ class JobsAgent:
         self._prefix = uuid.uuid4().hex[:8]
         self._conn: mqtt.Connection | None = None
         self._jobs: iotjobs.IotJobsClient | None = None
-        #: executions handed out so far (for tests and the canonical log line)
+        #: executions handed out so far, and start-next answers with none
         self.cycles = 0
+        self.idle_cycles = 0
 
     # -- connection -------------------------------------------------------------
     def _build_connection(self) -> mqtt.Connection:
@@ -270,14 +272,16 @@ class JobsAgent:
         if not self._connect(stop):
             return
         self._wake.set()
+        next_poll = time.monotonic()
         try:
             while not stop.is_set():
-                self._wake.wait(self.poll_interval_s)
-                if stop.is_set():
-                    break
-                if not self._connected.wait(1.0):
+                # Short waits so that ``stop`` is seen within a second.
+                if not self._wake.wait(1.0) and time.monotonic() < next_poll:
                     continue
+                if stop.is_set() or not self._connected.wait(1.0):
+                    continue  # a reconnect sets the wake-up again
                 self._wake.clear()
+                next_poll = time.monotonic() + self.poll_interval_s
                 try:
                     while not stop.is_set() and self._work_once():
                         pass
@@ -303,6 +307,7 @@ class JobsAgent:
         )
         execution = answer.execution
         if execution is None:
+            self.idle_cycles += 1
             log.debug("modelsync_idle")
             return False
         self.cycles += 1
