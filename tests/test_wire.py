@@ -8,6 +8,7 @@ that the encoder and decoder agree with each other.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import uuid
 from pathlib import Path
@@ -37,6 +38,7 @@ from edge_agent.wire import (
     encode_batches,
     new_batch_id,
 )
+from edge_agent.wire.dictionary import DICTIONARY_V1
 from tests.reference import read_csv, read_datagrams
 
 FIELDS = HeaderFields("acme", "relay-7", 1_700_000_000_000, 1_700_000_010_000, "m-3")
@@ -70,17 +72,30 @@ def rows_of(n: int, seed: int = 1) -> np.ndarray:
     return rows
 
 
+#: SHA-256 of the v1 dictionary, copied from docs/wire-format.md.
+DICTIONARY_SHA256 = "6ac910be057508b1a0d22d37b8463f9e0f3387735c3a112e55790326b3163421"
+
+
+def spec_dictionary() -> zstandard.ZstdCompressionDict:
+    """The v1 zstd dictionary, checked against the spec's SHA-256."""
+    assert hashlib.sha256(DICTIONARY_V1).hexdigest() == DICTIONARY_SHA256
+    return zstandard.ZstdCompressionDict(
+        DICTIONARY_V1, dict_type=zstandard.DICT_TYPE_RAWCONTENT
+    )
+
+
 def body_of(data: bytes) -> dict[str, Any]:
     """Take a batch apart by hand: preamble, zstd frame, msgpack map."""
     assert data[:4] == b"SFB\x01"
-    raw = zstandard.ZstdDecompressor().decompress(data[4:])
+    raw = zstandard.ZstdDecompressor(dict_data=spec_dictionary()).decompress(data[4:])
     body: dict[str, Any] = msgpack.unpackb(raw)
     return body
 
 
 def batch_of(body: dict[str, Any], major: int = 1) -> bytes:
-    """Build a batch by hand from a msgpack body."""
-    frame = zstandard.ZstdCompressor().compress(msgpack.packb(body))
+    """Build a batch by hand from a msgpack body (with the v1 dictionary)."""
+    compressor = zstandard.ZstdCompressor(dict_data=spec_dictionary())
+    frame = compressor.compress(msgpack.packb(body))
     return b"SFB" + bytes([major]) + frame
 
 
@@ -268,6 +283,22 @@ def test_hand_built_batch_decodes() -> None:
     assert decoded.columns["bytes"].tolist() == [1, 2, 3]
     assert decoded.columns["bytes"].dtype == np.dtype("<u8")
     assert decoded.columns["src_addr"].tolist() == [address_bytes("2001:db8::1")] * 3
+
+
+def test_frame_without_the_dictionary_decodes_too() -> None:
+    """The dictionary is only history: a frame made without it is read."""
+    frame = zstandard.ZstdCompressor().compress(msgpack.packb(minimal_body(2)))
+    assert decode_batch(b"SFB\x01" + frame).header.seq == 9
+
+
+def test_dictionary_makes_small_batches_smaller() -> None:
+    """With the v1 dictionary a one-row batch is smaller than without."""
+    [batch] = encode_batches(rows_of(1), FIELDS, seqs(), "k")
+    body = zstandard.ZstdDecompressor(dict_data=spec_dictionary()).decompress(
+        batch.data[4:]
+    )
+    without = zstandard.ZstdCompressor(write_checksum=True).compress(body)
+    assert len(batch.data) - 4 < len(without)
 
 
 def test_unknown_columns_and_header_fields_are_ignored() -> None:

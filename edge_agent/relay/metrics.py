@@ -53,7 +53,8 @@ class EncodeStats:
     spooled: int = 0  # batches the spool accepted
     spooled_rows: int = 0
     #: batches (with their rows) not spooled, by reason: ``encode_error``,
-    #: ``spool_full`` (reject_new), ``spool_write_error``
+    #: ``spool_full`` (reject_new), ``spool_write_error``, ``spool_error``
+    #: and ``encoder_bug`` (both bugs; logged in full)
     dropped: collections.Counter[str] = field(default_factory=collections.Counter)
     dropped_rows: collections.Counter[str] = field(default_factory=collections.Counter)
 

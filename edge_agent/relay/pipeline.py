@@ -201,9 +201,10 @@ class RelayPipeline:
         await self.collector.stop()  # hands over what it received
         encoder = self._tasks.get("encoder")
         if drain and self._queue is not None and encoder is not None:
-            for window in self.aggregator.flush():
+            for window in [*self.aggregator.flush(), None]:
+                if encoder.done():  # cannot happen: the loop catches errors
+                    break
                 await self._queue.put(window)
-            await self._queue.put(None)
             await encoder
         await _cancel(self._tasks.pop("encoder", None))
         if drain and self.spool is not None and self.shipper is not None:
@@ -285,7 +286,12 @@ class RelayPipeline:
             window = await self._queue.get()
             if window is None:
                 return
-            await asyncio.to_thread(self.encode_window, window)
+            try:
+                await asyncio.to_thread(self.encode_window, window)
+            except Exception as exc:  # a bug: count it, keep the relay up
+                rows = int(window.records.shape[0])
+                self._drop("encoder_bug", 1, rows, exc)
+                log.exception("encoder_bug", rows=rows)
             if self.shipper is not None:
                 self.shipper.notify()
 

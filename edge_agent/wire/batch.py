@@ -6,8 +6,9 @@ Layout of a record's data (see docs/wire-format.md for the full spec)::
 
 The 4-byte preamble stays outside the compression so a reader rejects an
 unknown major version (which may change the compression too) before it
-decompresses anything.  The msgpack map holds the header fields under
-short keys and the columns under ``"c"`` (see
+decompresses anything.  The frame is compressed with the fixed v1
+dictionary (:mod:`edge_agent.wire.dictionary`).  The msgpack map holds the
+header fields under short keys and the columns under ``"c"`` (see
 :mod:`edge_agent.wire.columns`).  The zstd frame declares its decompressed
 size and carries a checksum; readers refuse frames over
 :data:`MAX_DECOMPRESSED_BYTES` before allocating.
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -37,6 +39,7 @@ from edge_agent.wire.columns import (
     decode_columns,
     encode_column,
 )
+from edge_agent.wire.dictionary import zstd_dictionary
 from edge_agent.wire.errors import (
     CorruptBatchError,
     OversizedBatchError,
@@ -65,10 +68,34 @@ ZSTD_LEVEL = 3
 #: only known once the split is final (part numbers); they take < 10.
 _HEADER_SLACK = 64
 
-_COMPRESSOR = zstandard.ZstdCompressor(
-    level=ZSTD_LEVEL, write_checksum=True, write_content_size=True
-)
-_DECOMPRESSOR = zstandard.ZstdDecompressor()
+_DICTIONARY = zstd_dictionary()
+# zstandard's (de)compressor objects must not be used by two threads at
+# once; the relay encodes in a worker thread and readers may use many.
+_local = threading.local()
+
+
+def _compress(data: bytes) -> bytes:
+    compressor = getattr(_local, "compressor", None)
+    if compressor is None:
+        compressor = _local.compressor = zstandard.ZstdCompressor(
+            level=ZSTD_LEVEL,
+            dict_data=_DICTIONARY,
+            write_checksum=True,
+            write_content_size=True,
+            write_dict_id=False,
+        )
+    packed: bytes = compressor.compress(data)
+    return packed
+
+
+def _decompress(frame: bytes) -> bytes:
+    decompressor = getattr(_local, "decompressor", None)
+    if decompressor is None:
+        decompressor = _local.decompressor = zstandard.ZstdDecompressor(
+            dict_data=_DICTIONARY
+        )
+    raw: bytes = decompressor.decompress(frame, allow_extra_data=False)
+    return raw
 
 
 @dataclass(frozen=True)
@@ -228,7 +255,7 @@ def encode_batches(
             parts=len(ranges),
             created_ms=writer.created_ms,
         )
-        data = PREAMBLE + _COMPRESSOR.compress(writer.body(lo, hi, header))
+        data = PREAMBLE + _compress(writer.body(lo, hi, header))
         batch = EncodedBatch(header, partition_key, data)
         if batch.record_bytes > max_record_bytes:  # the slack makes this unreachable
             raise OversizedBatchError(
@@ -295,7 +322,7 @@ class _BodyWriter:
 
     def _size(self, lo: int, hi: int) -> tuple[int, int]:
         raw = self.body(lo, hi)
-        return len(raw), len(_COMPRESSOR.compress(raw))
+        return len(raw), len(_compress(raw))
 
     def split(self, n: int, budget: int) -> list[tuple[int, int]]:
         """Row ranges covering ``0:n`` whose compressed bodies fit ``budget``
@@ -365,7 +392,7 @@ def decode_batch(
             f"{max_decompressed} limit"
         )
     try:
-        raw = _DECOMPRESSOR.decompress(frame, allow_extra_data=False)
+        raw = _decompress(frame)
     except zstandard.ZstdError as exc:
         raise CorruptBatchError(f"zstd decompression failed: {exc}") from exc
     try:
