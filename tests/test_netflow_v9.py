@@ -6,7 +6,9 @@ values from what it wrote.
 
 from __future__ import annotations
 
+import itertools
 import struct
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,6 +16,7 @@ import pytest
 from edge_agent.flows.counters import ExporterCounters
 from edge_agent.flows.decoder import DecoderConfig, FlowDecoder
 from edge_agent.flows.schema import ExportProtocol, Field, address_text
+from tests.reference import read_datagrams
 
 EXPORTER = bytes(10) + b"\xff\xff" + bytes([198, 51, 100, 7])
 PORT = 2055
@@ -469,3 +472,28 @@ def test_v9_sequence_counts_datagrams_or_records(by_records: bool) -> None:
     c = counters(decoder)
     assert c.sequence_gaps == 1
     assert c.estimated_lost == (3 if by_records else 1)
+
+
+def test_reordered_capture_counts_missing_datagrams_once(captures_dir: Path) -> None:
+    """nf9-cisco-reordered-sequence: the template datagram comes first with
+    the highest number, nine older datagrams follow late.  Late datagrams
+    are out of order but not lost; the loss is the datagram numbers above
+    the first one that never arrive (counted from the headers here)."""
+    datagrams = read_datagrams(captures_dir / "nf9-cisco-reordered-sequence.pcap")
+    seqs = [struct.unpack_from(">I", d.payload, 12)[0] for d in datagrams]
+    first = seqs[0]
+    missing = set(range(first, max(seqs) + 1)) - set(seqs)
+    late = sum(1 for s in seqs[1:] if s < first)
+    decoder = FlowDecoder()
+    for d in datagrams:
+        decoder.decode(d.payload, d.src, d.src_port, d.time_ms)
+    totals = decoder.stats.totals()
+    assert totals.estimated_lost == len(missing)
+    assert late == 9
+    # One gap event per jump over missing numbers, plus one per late datagram.
+    jumps = sum(
+        1
+        for a, b in itertools.pairwise(sorted(s for s in seqs if s >= first))
+        if b > a + 1
+    )
+    assert totals.sequence_gaps == jumps + late

@@ -3,8 +3,9 @@
 Each stream (exporter address, port, version, domain) has an expected next
 sequence number.  NetFlow v5 and IPFIX count records, NetFlow v9 counts
 datagrams (RFC 3954), though some v9 exporters count records: a stream
-whose numbers keep advancing by the previous datagram's record count is
-switched to counting records.
+whose numbers advance by the previous datagram's record count three times
+(with no in-order datagram of several records in between) is switched to
+counting records, and the gaps those jumps had counted are taken back.
 
 Sequence numbers are u32 and wrap.  A number ahead of the expected one is
 a gap (the difference is counted as lost); one slightly behind is a late
@@ -20,6 +21,8 @@ _MASK = 0xFFFFFFFF
 #: Forward jumps this large are restarts, not loss (a guess: no real link
 #: loses a billion records between two datagrams of one stream).
 _MAX_GAP = 1 << 30
+#: Jumps by the record count that switch a v9 stream to counting records.
+_RECORD_VOTES = 3
 #: A packet this many datagrams' worth behind is late, not a restart.
 _REORDER_DATAGRAMS = 64
 
@@ -28,7 +31,16 @@ StreamKey = tuple[bytes, int, int, int]
 
 
 class _Stream:
-    __slots__ = ("by_records", "expected", "last_records", "last_seq", "lost")
+    __slots__ = (
+        "by_records",
+        "expected",
+        "last_records",
+        "last_seq",
+        "lost",
+        "vote_gaps",
+        "vote_lost",
+        "votes",
+    )
 
     def __init__(self) -> None:
         self.expected: int | None = None
@@ -36,6 +48,9 @@ class _Stream:
         self.last_seq = 0
         self.last_records = -1
         self.by_records = False
+        self.votes = 0  # jumps that matched "counts records"
+        self.vote_gaps = 0  # gaps and loss those jumps counted
+        self.vote_lost = 0
 
 
 class SequenceTracker:
@@ -84,6 +99,9 @@ class SequenceTracker:
         """
         stream = self.streams.get(key)
         if stream is not None and stream.expected == seq:
+            if stream.last_records > 1:
+                # A datagram counted as one: RFC behaviour.
+                stream.votes = stream.vote_gaps = stream.vote_lost = 0
             stream.expected = (seq + (records if stream.by_records else 1)) & _MASK
             stream.last_seq = seq
             stream.last_records = records
@@ -94,11 +112,22 @@ class SequenceTracker:
             not stream.by_records
             and stream.expected is not None
             and stream.last_records > 1
-            and seq != stream.expected
             and (seq - stream.last_seq) & _MASK == stream.last_records
         ):
-            stream.by_records = True
-            stream.expected = seq
+            stream.votes += 1
+            if stream.votes >= _RECORD_VOTES:
+                stream.by_records = True
+                stream.expected = seq
+                counters.sequence_gaps -= stream.vote_gaps
+                counters.estimated_lost -= stream.vote_lost
+                stream.lost = max(0, stream.lost - stream.vote_lost)
+            else:
+                before = (counters.sequence_gaps, counters.estimated_lost)
+                stream.last_records = records
+                self._advance(stream, seq, 1, counters)
+                stream.vote_gaps += counters.sequence_gaps - before[0]
+                stream.vote_lost += counters.estimated_lost - before[1]
+                return
         units = records if stream.by_records else 1
         stream.last_records = records
         self._advance(stream, seq, units, counters)
