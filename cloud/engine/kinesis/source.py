@@ -588,7 +588,13 @@ def lag_from_progress(progress: Mapping[str, Any]) -> dict[str, int]:
         raw = source.get("latestOffset")
         if not raw:
             continue
-        data = json.loads(raw) if isinstance(raw, str) else raw
+        if isinstance(raw, str):
+            try:
+                data = json.loads(raw)
+            except ValueError:
+                continue  # Spark reports something else when it has no offset
+        else:
+            data = raw
         if isinstance(data, dict) and "millis_behind_latest" in data:
             return {str(k): int(v) for k, v in data["millis_behind_latest"].items()}
     return {}

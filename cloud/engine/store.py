@@ -1,0 +1,328 @@
+"""The engine's durable state: accepted batch ids, window sums, set-asides.
+
+Exactly-once across restarts rests on one rule: everything a micro-batch
+writes is keyed by its Spark batch id, and writing it again (a replayed
+micro-batch, after a crash between the sink and the checkpoint's commit)
+changes nothing.
+
+* Batch ledger: a relay batch id belongs to the first micro-batch that
+  saw it.  Later micro-batches drop it as a duplicate; a replay of that
+  same micro-batch accepts it again.
+* Window partials: per (tenant, window start, micro-batch) the summed
+  estimator statistics; a window's totals are the sum of its partials.
+* Tenant watermarks and closed windows: a window is final once its end is
+  ``lateness`` behind the latest flow time seen for the tenant; partials
+  for a closed window from a later micro-batch are refused (counted late).
+* Invalid records: shard, sequence number and error, per micro-batch.
+
+:class:`SqliteStore` keeps this in one SQLite file on the driver: right for
+local mode and tests; a cluster driver that can move to another host needs
+a shared store behind the same :class:`EngineStore` protocol (DynamoDB or
+MongoDB, next).  The ledger is pruned by age (``prune``), so a duplicate
+older than the horizon would pass again.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from cloud.engine.estimates import STAT_FIELDS
+
+
+@dataclass(frozen=True)
+class BatchClaim:
+    """A relay batch seen in a micro-batch (one Kinesis record)."""
+
+    batch_id: str
+    tenant_id: str
+    relay_id: str
+    relay_seq: int
+    shard_id: str
+    sequence_number: str
+
+
+@dataclass(frozen=True)
+class WindowPartial:
+    """Summed statistics of one tenant's window from one micro-batch."""
+
+    tenant_id: str
+    window_start_ms: int
+    window_end_ms: int
+    max_time_ms: int  # latest flow time_end in it
+    flows: int
+    stats: dict[str, float]
+
+
+@dataclass(frozen=True)
+class WindowTotals:
+    """A window's statistics summed over all its partials."""
+
+    tenant_id: str
+    window_start_ms: int
+    window_end_ms: int
+    flows: int
+    stats: dict[str, float]
+    closed: bool
+
+
+@dataclass(frozen=True)
+class InvalidRecord:
+    """A Kinesis record set aside because it does not decode."""
+
+    shard_id: str
+    sequence_number: str
+    error_kind: str
+    error: str
+
+
+class EngineStore(Protocol):
+    """What the micro-batch processor needs from durable state."""
+
+    def claim_batches(self, micro_batch: int, claims: Sequence[BatchClaim]) -> set[str]:
+        """Return the batch ids of ``claims`` this micro-batch owns."""
+        ...
+
+    def add_partials(
+        self, micro_batch: int, partials: Sequence[WindowPartial]
+    ) -> list[WindowPartial]:
+        """Store partials; return those refused because their window closed."""
+        ...
+
+    def advance_watermarks(
+        self, lateness_ms: int, tenants_max_ms: dict[str, int]
+    ) -> list[tuple[str, int]]:
+        """Move tenant watermarks; close windows behind them; return the
+        (tenant, window start) pairs closed now."""
+        ...
+
+    def window_totals(self, keys: Iterable[tuple[str, int]]) -> list[WindowTotals]:
+        """Totals of the given (tenant, window start) windows."""
+        ...
+
+    def set_aside(self, micro_batch: int, records: Sequence[InvalidRecord]) -> None:
+        """Keep invalid records for inspection."""
+        ...
+
+
+_SCHEMA = f"""
+CREATE TABLE IF NOT EXISTS batches (
+    batch_id TEXT PRIMARY KEY,
+    micro_batch INTEGER NOT NULL,
+    tenant_id TEXT NOT NULL,
+    relay_id TEXT NOT NULL,
+    relay_seq INTEGER NOT NULL,
+    shard_id TEXT NOT NULL,
+    sequence_number TEXT NOT NULL,
+    seen_ms INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS batches_seen ON batches (seen_ms);
+CREATE TABLE IF NOT EXISTS partials (
+    tenant_id TEXT NOT NULL,
+    window_start_ms INTEGER NOT NULL,
+    micro_batch INTEGER NOT NULL,
+    window_end_ms INTEGER NOT NULL,
+    max_time_ms INTEGER NOT NULL,
+    flows INTEGER NOT NULL,
+    {", ".join(f"{name} REAL NOT NULL" for name in STAT_FIELDS)},
+    PRIMARY KEY (tenant_id, window_start_ms, micro_batch)
+);
+CREATE TABLE IF NOT EXISTS watermarks (
+    tenant_id TEXT PRIMARY KEY,
+    watermark_ms INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS closed_windows (
+    tenant_id TEXT NOT NULL,
+    window_start_ms INTEGER NOT NULL,
+    PRIMARY KEY (tenant_id, window_start_ms)
+);
+CREATE TABLE IF NOT EXISTS invalid_records (
+    micro_batch INTEGER NOT NULL,
+    shard_id TEXT NOT NULL,
+    sequence_number TEXT NOT NULL,
+    error_kind TEXT NOT NULL,
+    error TEXT NOT NULL,
+    PRIMARY KEY (shard_id, sequence_number)
+);
+"""
+
+
+class SqliteStore:
+    """:class:`EngineStore` in one SQLite file (driver-local)."""
+
+    def __init__(self, path: Path | str) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        # Spark calls foreachBatch on a py4j callback thread, not the creator's.
+        self._db = sqlite3.connect(
+            self.path, isolation_level=None, check_same_thread=False
+        )
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        self._db.close()
+
+    def claim_batches(self, micro_batch: int, claims: Sequence[BatchClaim]) -> set[str]:
+        now = int(time.time() * 1000)
+        with self._db:
+            self._db.execute("BEGIN")
+            self._db.executemany(
+                "INSERT OR IGNORE INTO batches VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                [
+                    (
+                        c.batch_id,
+                        micro_batch,
+                        c.tenant_id,
+                        c.relay_id,
+                        c.relay_seq,
+                        c.shard_id,
+                        c.sequence_number,
+                        now,
+                    )
+                    for c in claims
+                ],
+            )
+            owned: set[str] = set()
+            ids = sorted({c.batch_id for c in claims})
+            for lo in range(0, len(ids), 500):
+                chunk = ids[lo : lo + 500]
+                marks = ",".join("?" * len(chunk))
+                owned.update(
+                    row[0]
+                    for row in self._db.execute(
+                        f"SELECT batch_id FROM batches WHERE micro_batch = ? "
+                        f"AND batch_id IN ({marks})",
+                        (micro_batch, *chunk),
+                    )
+                )
+        return owned
+
+    def add_partials(
+        self, micro_batch: int, partials: Sequence[WindowPartial]
+    ) -> list[WindowPartial]:
+        refused: list[WindowPartial] = []
+        columns = ", ".join(STAT_FIELDS)
+        marks = ", ".join("?" * (6 + len(STAT_FIELDS)))
+        with self._db:
+            self._db.execute("BEGIN")
+            for p in partials:
+                key = (p.tenant_id, p.window_start_ms)
+                closed = self._db.execute(
+                    "SELECT 1 FROM closed_windows WHERE tenant_id = ? "
+                    "AND window_start_ms = ?",
+                    key,
+                ).fetchone()
+                stored = self._db.execute(
+                    "SELECT 1 FROM partials WHERE tenant_id = ? "
+                    "AND window_start_ms = ? AND micro_batch = ?",
+                    (*key, micro_batch),
+                ).fetchone()
+                if closed and not stored:
+                    refused.append(p)
+                    continue
+                self._db.execute(
+                    f"INSERT OR REPLACE INTO partials (tenant_id, window_start_ms, "
+                    f"micro_batch, window_end_ms, max_time_ms, flows, {columns}) "
+                    f"VALUES ({marks})",
+                    (
+                        p.tenant_id,
+                        p.window_start_ms,
+                        micro_batch,
+                        p.window_end_ms,
+                        p.max_time_ms,
+                        p.flows,
+                        *(float(p.stats[name]) for name in STAT_FIELDS),
+                    ),
+                )
+        return refused
+
+    def advance_watermarks(
+        self, lateness_ms: int, tenants_max_ms: dict[str, int]
+    ) -> list[tuple[str, int]]:
+        closed: list[tuple[str, int]] = []
+        with self._db:
+            self._db.execute("BEGIN")
+            for tenant, latest in sorted(tenants_max_ms.items()):
+                mark = latest - lateness_ms
+                self._db.execute(
+                    "INSERT INTO watermarks VALUES (?, ?) ON CONFLICT (tenant_id) "
+                    "DO UPDATE SET watermark_ms = "
+                    "MAX(watermark_ms, excluded.watermark_ms)",
+                    (tenant, mark),
+                )
+                (current,) = self._db.execute(
+                    "SELECT watermark_ms FROM watermarks WHERE tenant_id = ?", (tenant,)
+                ).fetchone()
+                rows = self._db.execute(
+                    "SELECT DISTINCT window_start_ms FROM partials p "
+                    "WHERE tenant_id = ? AND window_end_ms <= ? AND NOT EXISTS "
+                    "(SELECT 1 FROM closed_windows c WHERE c.tenant_id = p.tenant_id "
+                    "AND c.window_start_ms = p.window_start_ms)",
+                    (tenant, current),
+                ).fetchall()
+                for (start,) in rows:
+                    self._db.execute(
+                        "INSERT INTO closed_windows VALUES (?, ?)", (tenant, start)
+                    )
+                    closed.append((tenant, int(start)))
+        return closed
+
+    def window_totals(self, keys: Iterable[tuple[str, int]]) -> list[WindowTotals]:
+        sums = ", ".join(f"SUM({name})" for name in STAT_FIELDS)
+        out: list[WindowTotals] = []
+        for tenant, start in sorted(set(keys)):
+            row = self._db.execute(
+                f"SELECT MAX(window_end_ms), SUM(flows), {sums} FROM partials "
+                "WHERE tenant_id = ? AND window_start_ms = ?",
+                (tenant, start),
+            ).fetchone()
+            if row is None or row[0] is None:
+                continue
+            closed = self._db.execute(
+                "SELECT 1 FROM closed_windows WHERE tenant_id = ? "
+                "AND window_start_ms = ?",
+                (tenant, start),
+            ).fetchone()
+            out.append(
+                WindowTotals(
+                    tenant_id=tenant,
+                    window_start_ms=start,
+                    window_end_ms=int(row[0]),
+                    flows=int(row[1]),
+                    stats=dict(zip(STAT_FIELDS, map(float, row[2:]), strict=True)),
+                    closed=closed is not None,
+                )
+            )
+        return out
+
+    def set_aside(self, micro_batch: int, records: Sequence[InvalidRecord]) -> None:
+        with self._db:
+            self._db.execute("BEGIN")
+            self._db.executemany(
+                "INSERT OR REPLACE INTO invalid_records VALUES (?, ?, ?, ?, ?)",
+                [
+                    (micro_batch, r.shard_id, r.sequence_number, r.error_kind, r.error)
+                    for r in records
+                ],
+            )
+
+    def invalid_records(self) -> list[InvalidRecord]:
+        """Every record set aside, in (shard, sequence) order."""
+        rows = self._db.execute(
+            "SELECT shard_id, sequence_number, error_kind, error FROM invalid_records"
+        ).fetchall()
+        out = [InvalidRecord(*row) for row in rows]
+        return sorted(out, key=lambda r: (r.shard_id, int(r.sequence_number)))
+
+    def prune(self, older_than_ms: int) -> int:
+        """Forget ledger entries first seen before ``older_than_ms``."""
+        with self._db:
+            cursor = self._db.execute(
+                "DELETE FROM batches WHERE seen_ms < ?", (older_than_ms,)
+            )
+        return int(cursor.rowcount)
