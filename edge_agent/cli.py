@@ -37,8 +37,38 @@ def build_parser() -> argparse.ArgumentParser:
     for name in EDGE_COMMAND_MODULES:
         importlib.import_module(name).register(subparsers)
     for ep in entry_points(group="sampleflow.commands"):
-        ep.load()(subparsers)
+        try:
+            register = ep.load()
+        except ImportError as exc:
+            # A relay-only install declares the cloud commands too (one
+            # pyproject) but lacks their dependencies: offer a clear message
+            # instead of breaking every other command.
+            _register_unavailable(subparsers, ep.name, exc)
+            continue
+        register(subparsers)
     return parser
+
+
+def _register_unavailable(
+    subparsers: argparse._SubParsersAction[argparse.ArgumentParser],
+    name: str,
+    error: ImportError,
+) -> None:
+    """Add a subcommand that explains why ``name`` cannot run here."""
+    if name in subparsers.choices:
+        return
+    message = (
+        f"sampleflow {name}: not available in this install ({error}); "
+        "install the cloud extra: pip install 'sampleflow[cloud]'"
+    )
+    sub = subparsers.add_parser(name, help="(needs the cloud extra)", add_help=False)
+    sub.add_argument("rest", nargs=argparse.REMAINDER)
+
+    def explain(_args: argparse.Namespace) -> int:
+        print(message, file=sys.stderr)
+        return 2
+
+    sub.set_defaults(func=explain)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
