@@ -881,3 +881,34 @@ def test_rollback_reinstalls_the_previous_version_from_disk(
         assert execution["statusDetails"]["detailsMap"]["running_version"] == "1.0.0"
         assert current_version(config) == "1.0.0"
         assert relay.scored_version(real_records) == version_of(V1)
+
+
+@pytest.mark.slow
+def test_per_relay_timeout_times_out_a_stuck_install(
+    fleet: Fleet, tmp_path: Path
+) -> None:
+    """With --timeout-minutes 1, a relay stuck mid-download (and then killed)
+    has its execution TIMED_OUT by the server; restarted, the relay settles
+    the timed-out job and keeps running v1."""
+    thing = "timeout-1"
+    config = fleet.relay(thing, ("grp-timeout",))
+    models = config.parent / "models"
+    model, manifest = write_model(
+        tmp_path / "v2", GOOD_MODEL.read_bytes(), version="1.1.0"
+    )
+    relay = RelayProcess(config, pause_at="download")
+    try:
+        job = fleet.push(model, manifest, "grp-timeout", "--timeout-minutes", "1")
+        wait_until((models / "paused-at-download").exists, "the relay to stall")
+        # The server turns IN_PROGRESS into TIMED_OUT after the minute.
+        fleet.wait_status(job, thing, {"TIMED_OUT"})
+        relay.kill()
+    finally:
+        relay.stop()
+    relay = RelayProcess(config)
+    try:
+        wait_until(lambda: not (models / "state.json").exists(), "the relay to settle")
+    finally:
+        relay.stop()
+    assert current_version(config) == "1.0.0"
+    assert fleet.execution(job, thing)["status"] == "TIMED_OUT"

@@ -505,3 +505,42 @@ def test_s3_source_downloads_with_the_relays_credentials(
     outcome = relay.runner.run("job-s3", 1, doc)
     assert outcome.status == SUCCEEDED, outcome.details
     assert outcome.details["running_version"] == "1.2.0"
+
+
+def test_swap_during_scoring_loses_no_record(
+    tmp_path: Path, web: tuple[Path, str], signer: Signer
+) -> None:
+    """While a thread keeps filtering real sampled records, an install swaps
+    v1 for v2: every batch is scored whole by v1 or by v2 (never passed
+    through), and each batch's flow counts add up to its input records."""
+    from cloud.training.thinning import sample_flows  # noqa: PLC0415
+
+    flows = ctu13.load_flows(ROOT / "data" / "ctu13-scenario6", slices=[7])
+    records, _ = sample_flows(flows, 100, 5)
+    relay = make_relay(tmp_path, signer)
+    doc = publish(web, signer, GOOD_MODEL.read_bytes(), version="1.1.0")
+    seen: list[str | None] = []
+    losses: list[int] = []
+    stop = threading.Event()
+
+    def score() -> None:
+        while not stop.is_set() or len(seen) < 3:
+            result = relay.filter.process(records)
+            seen.append(result.model_version)
+            losses.append(records.size - int(result.flow_count.sum()))
+
+    thread = threading.Thread(target=score)
+    thread.start()
+    try:
+        while not seen and thread.is_alive():
+            stop.wait(0.01)  # at least one batch on v1 first
+        outcome = relay.runner.run("job-live", 1, doc)
+    finally:
+        stop.set()
+        thread.join(60)
+    assert outcome.status == SUCCEEDED
+    v1, v2 = filter_version(V1), filter_version({**V1, "version": "1.1.0"})
+    assert seen[0] == v1 and seen[-1] == v2 and set(seen) == {v1, v2}
+    assert losses == [0] * len(losses)
+    # Versions only ever move forward: v1 batches, then v2 batches.
+    assert seen == sorted(seen, key=lambda v: v == v2)
