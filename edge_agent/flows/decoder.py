@@ -233,7 +233,12 @@ class FlowDecoder:
                 self._bugs += 1
                 if self._bugs % _BUG_LOG_EVERY == 1:
                     log.exception("decoder_bug", exporter_port=port, bugs=self._bugs)
-        return batch.build(self.sampling.lookup, self.sampling.override)
+        records = batch.build(self.sampling.lookup, self.sampling.override)
+        for address, port, count in batch.failures:
+            counters = stats.exporter(address, port)
+            counters.errors["decoder_bug"] += 1
+            counters.records -= count
+        return records
 
     def _dispatch(
         self,

@@ -17,8 +17,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import structlog
 
 from edge_agent.flows.schema import FLOW_DTYPE, Direction, ExportProtocol, Field
+
+log = structlog.get_logger(__name__)
 
 #: IPFIX/v9 field length meaning "variable length" (RFC 7011 §7).
 VARLEN = 65535
@@ -276,7 +279,7 @@ def compile_layout(fields: Sequence[FieldSpec], record_length: int) -> Layout:
     return Layout(dtype=dtype, fields=mapped, unusable=unusable)
 
 
-def _uint(view: np.ndarray, name: str, width: int) -> np.ndarray:
+def uint_column(view: np.ndarray, name: str, width: int) -> np.ndarray:
     """Return a field as uint64, whatever its (reduced-size) width."""
     col = view[name]
     if col.ndim == 1:
@@ -503,13 +506,13 @@ def _time(
         (ns_ie, _ntp_ms),
     ):
         if ie in fields:
-            raw = _uint(view, *fields[ie])
+            raw = uint_column(view, *fields[ie])
             valid = raw != 0
             return convert(raw), None if valid.all() else valid
     if up_ie in fields:
-        return _uptime_abs(_uint(view, *fields[up_ie]), ctx, base)
+        return _uptime_abs(uint_column(view, *fields[up_ie]), ctx, base)
     if delta_ie in fields:
-        us = _uint(view, *fields[delta_ie]).astype(np.int64)
+        us = uint_column(view, *fields[delta_ie]).astype(np.int64)
         return ctx.export_ms - us // 1000, None
     return None, None
 
@@ -554,20 +557,20 @@ def record_rates(
     rate = np.zeros(n, dtype=np.uint64)
     for ie in (SAMPLER_RANDOM_INTERVAL, SAMPLING_INTERVAL):
         if ie in fields:
-            value = _uint(view, *fields[ie])
+            value = uint_column(view, *fields[ie])
             rate = np.where(value > 0, value, rate)
     if SAMPLING_PACKET_INTERVAL in fields:
-        interval = _uint(view, *fields[SAMPLING_PACKET_INTERVAL])
+        interval = uint_column(view, *fields[SAMPLING_PACKET_INTERVAL])
         space = (
-            _uint(view, *fields[SAMPLING_PACKET_SPACE])
+            uint_column(view, *fields[SAMPLING_PACKET_SPACE])
             if SAMPLING_PACKET_SPACE in fields
             else np.zeros(n, dtype=np.uint64)
         )
         safe = np.maximum(interval, np.uint64(1))
         rate = np.where(interval > 0, (interval + space) // safe, rate)
     if SAMPLING_SIZE in fields and SAMPLING_POPULATION in fields:
-        size = _uint(view, *fields[SAMPLING_SIZE])
-        population = _uint(view, *fields[SAMPLING_POPULATION])
+        size = uint_column(view, *fields[SAMPLING_SIZE])
+        population = uint_column(view, *fields[SAMPLING_POPULATION])
         safe = np.maximum(size, np.uint64(1))
         rate = np.where(size > 0, population // safe, rate)
     return np.minimum(rate, np.uint64(0xFFFFFFFF))
@@ -579,7 +582,7 @@ def sampler_ids(
     """The sampler/selector id of each record (IE 48, else 302), or None."""
     for ie in (SAMPLER_ID, SELECTOR_ID):
         if ie in fields:
-            return _uint(view, *fields[ie])
+            return uint_column(view, *fields[ie])
     return None
 
 
@@ -627,7 +630,7 @@ def build_records(
                 col = view[spec[0]]
                 # A plain big-endian field is cast on the copy; reduced-size
                 # odd widths are assembled first.
-                out[column] = col if col.ndim == 1 else _uint(view, *spec)
+                out[column] = col if col.ndim == 1 else uint_column(view, *spec)
                 present |= bit
                 break
 
@@ -651,7 +654,7 @@ def build_records(
                 family6 = source[2]
                 ip_version = np.where(family6, 6, 4).astype(np.uint64)
     if IP_VERSION in fields:
-        ip_version = _uint(view, *fields[IP_VERSION])
+        ip_version = uint_column(view, *fields[IP_VERSION])
     head = ctx.exporter_port | int(ctx.proto) << 16 | ctx.domain << 32
     if isinstance(ip_version, int):
         overlay["head"] = head | ip_version << 24
@@ -673,11 +676,13 @@ def build_records(
         m4 = fields.get(v4_ie)
         m6 = fields.get(v6_ie)
         if m4 is not None and m6 is not None and family6 is not None:
-            out[column] = np.where(family6, _uint(view, *m6), _uint(view, *m4))
+            out[column] = np.where(
+                family6, uint_column(view, *m6), uint_column(view, *m4)
+            )
         elif m4 is not None or m6 is not None:
             spec = m4 if m4 is not None else m6
             assert spec is not None
-            out[column] = _uint(view, *spec)
+            out[column] = uint_column(view, *spec)
         else:
             continue
         present |= bit
@@ -688,7 +693,7 @@ def build_records(
     if have_port:
         spec = fields[DST_PORT]
         col = view[spec[0]]
-        out["dst_port"] = col if col.ndim == 1 else _uint(view, *spec)
+        out["dst_port"] = col if col.ndim == 1 else uint_column(view, *spec)
         present |= int(Field.DST_PORT)
     icmp = _icmp(view, fields, out)
     if icmp is not None:
@@ -703,7 +708,9 @@ def build_records(
         present |= int(Field.DST_PORT)
 
     if DIRECTION in fields:
-        out["direction"] = view[fields[DIRECTION][0]]
+        spec = fields[DIRECTION]
+        col = view[spec[0]]
+        out["direction"] = col if col.ndim == 1 else uint_column(view, *spec)
         present |= int(Field.DIRECTION)
     else:
         out["direction"] = int(Direction.UNKNOWN)
@@ -724,18 +731,18 @@ def _icmp(
     code6 = fields.get(ICMP_TYPE_CODE_V6)
     value: np.ndarray | None = None
     if code4 is not None:
-        value = _uint(view, *code4)
+        value = uint_column(view, *code4)
     elif ICMP_TYPE_V4 in fields:
-        value = _uint(view, *fields[ICMP_TYPE_V4]) << np.uint64(8)
+        value = uint_column(view, *fields[ICMP_TYPE_V4]) << np.uint64(8)
         if ICMP_CODE_V4 in fields:
-            value |= _uint(view, *fields[ICMP_CODE_V4])
+            value |= uint_column(view, *fields[ICMP_CODE_V4])
     v6: np.ndarray | None = None
     if code6 is not None:
-        v6 = _uint(view, *code6)
+        v6 = uint_column(view, *code6)
     elif ICMP_TYPE_V6 in fields:
-        v6 = _uint(view, *fields[ICMP_TYPE_V6]) << np.uint64(8)
+        v6 = uint_column(view, *fields[ICMP_TYPE_V6]) << np.uint64(8)
         if ICMP_CODE_V6 in fields:
-            v6 |= _uint(view, *fields[ICMP_CODE_V6])
+            v6 |= uint_column(view, *fields[ICMP_CODE_V6])
     if v6 is not None:
         value = v6 if value is None else np.where(out["protocol"] == 58, v6, value)
     return value
@@ -749,16 +756,18 @@ def _times(
 ) -> int | np.ndarray:
     """Fill time_start/time_end; return their present bits (int: for all)."""
     if SYSTEM_INIT_MILLISECONDS in fields:
-        init = _uint(view, *fields[SYSTEM_INIT_MILLISECONDS]).astype(np.int64)
+        init = uint_column(view, *fields[SYSTEM_INIT_MILLISECONDS]).astype(np.int64)
         ctx.init_ms = np.where(init > 0, init, ctx.init_ms)
     base: list[np.ndarray] = []
     start, start_ok = _time(view, fields, ctx, START_IDS, base)
     end, end_ok = _time(view, fields, ctx, END_IDS, base)
     duration: np.ndarray | None = None
     if DURATION_MILLISECONDS in fields:
-        duration = _uint(view, *fields[DURATION_MILLISECONDS]).astype(np.int64)
+        duration = uint_column(view, *fields[DURATION_MILLISECONDS]).astype(np.int64)
     elif DURATION_MICROSECONDS in fields:
-        duration = _uint(view, *fields[DURATION_MICROSECONDS]).astype(np.int64) // 1000
+        duration = (
+            uint_column(view, *fields[DURATION_MICROSECONDS]).astype(np.int64) // 1000
+        )
     if duration is not None:
         if start is None and end is not None:
             start, start_ok = end - duration, end_ok
@@ -766,7 +775,7 @@ def _times(
             end, end_ok = start + duration, start_ok
     if start is None and end is None and OBSERVATION_TIME_MILLISECONDS in fields:
         # Event exporters (NAT, firewall) stamp the event, not a flow.
-        obs = _uint(view, *fields[OBSERVATION_TIME_MILLISECONDS])
+        obs = uint_column(view, *fields[OBSERVATION_TIME_MILLISECONDS])
         start, start_ok = obs.astype(np.int64), None if obs.all() else obs != 0
         end, end_ok = start, start_ok
     bits: int | np.ndarray = 0
@@ -872,6 +881,8 @@ class RecordBatch:
         self.done: list[np.ndarray] = []
         self.total = 0
         self.deferred = False
+        #: (exporter, port, records) of groups whose build failed (a bug)
+        self.failures: list[tuple[bytes, int, int]] = []
 
     def add(
         self,
@@ -926,9 +937,17 @@ class RecordBatch:
 
     def _build(self, sampler: SamplerLookup, override: OverrideLookup) -> np.ndarray:
         built: list[tuple[_Group, np.ndarray]] = []
+        failed: list[_Group] = []
         for group in self.groups.values():
-            built.append((group, _build_group(group, sampler, override)))
-        if len(built) == 1 and not self.ready:
+            try:
+                built.append((group, _build_group(group, sampler, override)))
+            except Exception:
+                # A bug, not bad input (walkers reject that): the group's
+                # records are dropped and counted, the rest is returned.
+                _log_build_failure(group.port)
+                failed.append(group)
+                self.failures.append((group.exporter, group.port, sum(group.counts)))
+        if len(built) == 1 and not self.ready and not failed:
             return built[0][1]
         out = np.empty(self.total, dtype=FLOW_DTYPE)
         # Whole-record copies through a void view: numpy copies structured
@@ -936,18 +955,40 @@ class RecordBatch:
         whole = out.view(_RECORD_VOID)
         for group, records in built:
             src = records.view(_RECORD_VOID)
-            counts = np.array(group.counts, dtype=np.int64)
-            if len(counts) == 1:
+            if len(group.counts) == 1:
                 start = group.starts[0]
                 whole[start : start + len(records)] = src
                 continue
-            starts = np.array(group.starts, dtype=np.int64)
-            first = np.cumsum(counts) - counts
-            dest = np.repeat(starts - first, counts) + np.arange(len(records))
-            np.put(whole, dest, src)
+            np.put(whole, _positions(group), src)
         for start, records in self.ready:
             whole[start : start + len(records)] = records.view(_RECORD_VOID)
+        if failed:
+            keep = np.ones(self.total, dtype=bool)
+            for group in failed:
+                keep[_positions(group)] = False
+            return out[keep]
         return out
+
+
+_build_failures = 0
+
+
+def _log_build_failure(port: int) -> None:
+    """Log a failed group build, at most once per 1000 (hot path)."""
+    global _build_failures  # noqa: PLW0603 - a process-wide log sampler
+    _build_failures += 1
+    if _build_failures % 1000 == 1:
+        log.exception(
+            "record_build_failed", exporter_port=port, failures=_build_failures
+        )
+
+
+def _positions(group: _Group) -> np.ndarray:
+    """Output positions of a group's records (its sets are runs)."""
+    counts = np.array(group.counts, dtype=np.int64)
+    starts = np.array(group.starts, dtype=np.int64)
+    first = np.cumsum(counts) - counts
+    return np.repeat(starts - first, counts) + np.arange(int(counts.sum()))
 
 
 _RECORD_VOID = np.dtype(f"V{FLOW_DTYPE.itemsize}")

@@ -48,6 +48,11 @@ from edge_agent.flows.templates import (
     split_varlen,
 )
 
+#: Bound of the systemInitTime table (one entry per exporter domain).
+_MAX_INIT_TIMES = 65536
+#: Times beyond this (year ~2500, in ms) are not a clock value.
+_MAX_TIME_MS = 1 << 44
+
 V9_HEADER = struct.Struct(">HHIIII")
 SET_HEADER = struct.Struct(">HH")
 FIELD = struct.Struct(">HH")
@@ -213,7 +218,7 @@ class TemplatedDecoder:
         exporter, port, _, domain, _ = template.key
         if template.is_options:
             counters.options_records += count
-            self._options(template, region, count, width, batch)
+            self._options(template, region, count, width, export)
             return count
         init_ms = context[3]
         if init_ms < 0 and self.PROTO == ExportProtocol.IPFIX:
@@ -239,9 +244,10 @@ class TemplatedDecoder:
         region: bytes | memoryview,
         count: int,
         width: int,
-        batch: RecordBatch,
+        export: Export,
     ) -> None:
         """Learn sampling rates and system init time from options records."""
+        batch = export.batch
         fields = template.layout.fields
         if not width:
             return
@@ -249,9 +255,11 @@ class TemplatedDecoder:
         exporter, port, _, domain, _ = template.key
         if ie.SYSTEM_INIT_MILLISECONDS in fields:
             name, width_ = fields[ie.SYSTEM_INIT_MILLISECONDS]
-            init = int(ie._uint(view, name, width_)[-1])
+            init = int(ie.uint_column(view, name, width_)[-1])
             key = (exporter, port, domain)
-            if init and (key in self.init_times or len(self.init_times) < 65536):
+            if not 0 < init < _MAX_TIME_MS:
+                export.counters.errors["system_init_time_invalid"] += 1
+            elif key in self.init_times or len(self.init_times) < _MAX_INIT_TIMES:
                 self.init_times[key] = init
         rates = record_rates(view, fields)
         if rates is None:
