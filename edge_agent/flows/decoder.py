@@ -19,6 +19,7 @@ Not thread-safe: use one decoder per collector task.
 
 from __future__ import annotations
 
+import collections
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,7 +35,7 @@ from edge_agent.flows.netflow_v9 import NetflowV9Decoder
 from edge_agent.flows.sampling import SamplingTable
 from edge_agent.flows.schema import V4_MAPPED_PREFIX, address_bytes
 from edge_agent.flows.sequence import SequenceTracker
-from edge_agent.flows.sflow import SflowDecoder
+from edge_agent.flows.sflow import CounterRecord, SflowDecoder
 from edge_agent.flows.templates import PendingStore, TemplateCache
 
 log = structlog.get_logger(__name__)
@@ -143,13 +144,15 @@ class FlowDecoder:
         }
         self._v9 = NetflowV9Decoder(**shared)
         self._ipfix = IpfixDecoder(**shared)
-        self._sflow = SflowDecoder(self.sampling)
+        #: the sFlow decoder (counter samples, drop notifications)
+        self.sflow = SflowDecoder(self.sampling)
         self._bugs = 0
 
     @property
-    def counter_samples(self) -> Any:
-        """sFlow counter samples collected by the sFlow decoder (pass-through)."""
-        return getattr(self._sflow, "counter_samples", [])
+    def counter_samples(self) -> collections.deque[CounterRecord]:
+        """sFlow counter records kept by the sFlow decoder (pass-through):
+        a bounded deque, oldest first; consumers pop from the left."""
+        return self.sflow.counter_samples
 
     def _settle(self, batch: RecordBatch) -> None:
         batch.settle(self.sampling.lookup, self.sampling.override)
@@ -257,7 +260,7 @@ class FlowDecoder:
             return
         if payload[:4] == _SFLOW_V5:
             before = counters.records
-            records = self._sflow.decode(payload, exporter, port, received_ms, counters)
+            records = self.sflow.decode(payload, exporter, port, received_ms, counters)
             batch.add_records(records)
             if counters.records == before:
                 counters.records += len(records)

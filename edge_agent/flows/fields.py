@@ -295,8 +295,9 @@ def uint_column(view: np.ndarray, name: str, width: int) -> np.ndarray:
 class RecordContext:
     """Per-record values that come from outside the record.
 
-    Arrays have one entry per record (``np.repeat`` of per-datagram values);
-    the scalars hold for the whole group (one template, one exporter).
+    Arrays have one entry per record (``np.repeat`` of per-datagram values)
+    or are 0-d when every record shares the value; the scalars hold for the
+    whole group (one template, one exporter).
     ``sysuptime_ms`` is -1 for IPFIX; ``init_ms`` is the exporter's
     systemInitTimeMilliseconds when an options record announced it, else -1.
     ``rate`` is the sampling rate looked up for the domain when the data was
@@ -1000,12 +1001,15 @@ def _build_group(
     layout = group.layout
     data = group.regions[0] if len(group.regions) == 1 else b"".join(group.regions)
     view = np.frombuffer(data, dtype=layout.dtype)
-    counts = np.array(group.counts, dtype=np.int64)
-    context = np.array(group.context, dtype=np.int64)
-    if len(counts) == 1:
-        n = int(counts[0])
-        columns = [np.full(n, value, dtype=np.int64) for value in context[0]]
+    contexts = group.context
+    columns: list[np.ndarray]
+    if len(contexts) == 1 or (len(contexts) <= 8 and len(set(contexts)) == 1):
+        # One header context (one datagram): 0-d arrays broadcast, which
+        # saves five full-length arrays on the small per-datagram path.
+        columns = [np.array(value, dtype=np.int64) for value in contexts[0]]
     else:
+        counts = np.array(group.counts, dtype=np.int64)
+        context = np.array(contexts, dtype=np.int64)
         columns = [np.repeat(context[:, i], counts) for i in range(5)]
     exporter = group.exporter
     domain = group.domain
@@ -1023,13 +1027,17 @@ def _build_group(
             exporter_port=group.port,
             proto=group.proto,
             domain=domain,
-            unix_secs=columns[0][block],
-            sysuptime_ms=columns[1][block],
-            export_ms=columns[2][block],
-            init_ms=columns[3][block],
-            rate=columns[4][block],
+            unix_secs=_block(columns[0], block),
+            sysuptime_ms=_block(columns[1], block),
+            export_ms=_block(columns[2], block),
+            init_ms=_block(columns[3], block),
+            rate=_block(columns[4], block),
             override=rate_override,
             sampler_lookup=lookup,
         )
         build_records(view[block], layout.fields, ctx, out[block])
     return out
+
+
+def _block(column: np.ndarray, block: slice) -> np.ndarray:
+    return column if column.ndim == 0 else column[block]

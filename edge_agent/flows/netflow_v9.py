@@ -28,14 +28,16 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
+import structlog
 
 from edge_agent.flows import fields as ie
 from edge_agent.flows.counters import DecodeStats, ExporterCounters
 from edge_agent.flows.fields import FieldSpec, RecordBatch, record_rates, sampler_ids
 from edge_agent.flows.sampling import SamplingTable
-from edge_agent.flows.schema import ExportProtocol
+from edge_agent.flows.schema import ExportProtocol, address_text
 from edge_agent.flows.sequence import SequenceTracker
 from edge_agent.flows.templates import (
     HeldSet,
@@ -48,10 +50,14 @@ from edge_agent.flows.templates import (
     split_varlen,
 )
 
+#: Bound of the set of degraded modes logged once.
+_MAX_WARNED = 1024
 #: Bound of the systemInitTime table (one entry per exporter domain).
 _MAX_INIT_TIMES = 65536
 #: Times beyond this (year ~2500, in ms) are not a clock value.
 _MAX_TIME_MS = 1 << 44
+
+log = structlog.get_logger(__name__)
 
 V9_HEADER = struct.Struct(">HHIIII")
 SET_HEADER = struct.Struct(">HH")
@@ -123,6 +129,8 @@ class TemplatedDecoder:
         #: systemInitTimeMilliseconds announced in options data, per
         #: (exporter, port, domain); bounded like the template cache.
         self.init_times: dict[tuple[bytes, int, int], int] = {}
+        #: degraded modes already logged (bounded)
+        self._warned: set[tuple[str, bytes, int]] = set()
 
     # -- templates ----------------------------------------------------------
 
@@ -153,10 +161,29 @@ class TemplatedDecoder:
         reason = self.templates.put(template)
         if reason is not None:
             counters.errors[reason] += 1
+            self._warn_once(
+                reason,
+                key[:2],
+                "template_cache_full",
+                exporter=address_text(key[0]),
+                exporter_port=key[1],
+                reason=reason,
+                knob="max_templates_per_exporter / max_exporters",
+            )
             return
         if template.layout.unusable:
             counters.errors["field_length_unsupported"] += template.layout.unusable
         counters.templates = self.templates.count(key[0], key[1])
+        log.debug(
+            "template_learned",
+            exporter=address_text(key[0]),
+            exporter_port=key[1],
+            version=key[2],
+            domain=key[3],
+            template_id=key[4],
+            fields=len(fields),
+            options=is_options,
+        )
         for held in self.pending.release(key):
             counters.pending_decoded += 1
             self.decode_set(template, held.body, held.context, export)
@@ -185,9 +212,29 @@ class TemplatedDecoder:
             return self.decode_set(template, body, export.context, export)
         export.counters.pending_held += 1
         held = HeldSet(key, bytes(body), export.context, export.received_ms)
-        for dropped in self.pending.hold(held):
+        dropped_sets = self.pending.hold(held)
+        for dropped in dropped_sets:
             self.stats.exporter(dropped.key[0], dropped.key[1]).pending_expired += 1
+        if dropped_sets:
+            self._warn_once(
+                "pending_full",
+                (b"", 0),
+                "pending_full",
+                held_sets=self.pending.sets,
+                held_bytes=self.pending.bytes,
+                knob="pending_max_records / pending_max_bytes",
+            )
         return None
+
+    def _warn_once(
+        self, kind: str, key: tuple[bytes, int], event: str, **fields: Any
+    ) -> None:
+        """Log a degraded mode at warning once per (kind, exporter)."""
+        marker = (kind, *key)
+        if marker in self._warned or len(self._warned) >= _MAX_WARNED:
+            return
+        self._warned.add(marker)
+        log.warning(event, **fields)
 
     def decode_set(
         self,
