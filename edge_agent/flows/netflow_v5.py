@@ -10,6 +10,12 @@ flow sequence (counts records), engine type, engine id, sampling (top 2
 bits mode, low 14 bits interval).  v1 header (16 bytes): version, count,
 sysUptime, unix secs, unix nsecs.  The domain of a v5 record is
 ``engine_type << 8 | engine_id``; v1 has none (0).
+
+The header's sampling interval is the rate whatever the mode bits say
+(Juniper MX sends mode 0 with interval 1000); an interval of 0 announces
+nothing.  Times follow the export header: abs = unix_secs*1000 -
+(sysUptime - value); unix_nsecs is not used (ms precision is kept by the
+uptime difference, the usual collector convention).
 """
 
 from __future__ import annotations

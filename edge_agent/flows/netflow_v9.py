@@ -350,6 +350,7 @@ class NetflowV9Decoder(TemplatedDecoder):
         context: tuple[int, int, int, int, int] | None = None
         pos = 20
         records = 0
+        templates_before = counters.templates_received
         while size - pos >= 4:
             set_id, length = unpack_set(payload, pos)
             if length < 4:
@@ -418,6 +419,8 @@ class NetflowV9Decoder(TemplatedDecoder):
             pos += length
         if pos < size and any(payload[pos:]):
             counters.errors["trailing_bytes"] += 1
+        # Exporters that number records count template records too.
+        records += counters.templates_received - templates_before
         self.sequences.check_v9((exporter, port, 9, domain), seq, records, counters)
 
     def _templates(self, body: memoryview, export: Export) -> None:
