@@ -9,6 +9,11 @@ with vector arithmetic, never per record in Python.
 
 NetFlow v1/v5 records are described with the same element numbers (a fixed
 "template"), so every protocol but sFlow goes through one builder.
+:class:`RecordBatch` collects the record regions of many datagrams, joins
+those of one layout and builds them in cache-sized blocks.
+
+Known shortcoming: a variable-length field is never mapped to a column,
+even for an element the table knows (no exporter seen sends one that way).
 """
 
 from __future__ import annotations
@@ -100,8 +105,8 @@ OBSERVATION_TIME_MILLISECONDS = 323
 
 #: Unsigned elements copied into one column, in order of preference: the
 #: first element the template carries wins.  Bytes: octetDeltaCount, then
-#: octetTotalCount, then postOctetDeltaCount (egress exporters such as
-#: FortiGate send only OUT_BYTES), then initiatorOctets (Cisco ASA NSEL).
+#: octetTotalCount (YAF), then postOctetDeltaCount (exporters that count
+#: only egress, OUT_BYTES), then initiatorOctets (Cisco ASA NSEL).
 UINT_COLUMNS: dict[str, tuple[tuple[int, ...], Field]] = {
     "bytes": (
         (OCTET_DELTA, OCTET_TOTAL, POST_OCTET_DELTA, INITIATOR_OCTETS),
