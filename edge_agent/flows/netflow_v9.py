@@ -22,6 +22,8 @@ Error reasons counted here (``ExporterCounters.errors``):
 * ``field_length_unsupported``: a known element with a width its column
   cannot take (the field is skipped, the rest of the record decoded).
 * ``record_overrun``: a variable-length field runs past its set.
+* ``system_init_time_invalid``: an options record's
+  systemInitTimeMilliseconds is 0 or beyond year 2500 (ignored).
 """
 
 from __future__ import annotations
