@@ -14,9 +14,10 @@ from pathlib import Path
 import pytest
 
 # Real local servers (MiniStack) for integration tests, as fixtures.
+from tests.mongo_server import mongo_server
 from tests.servers import kinesis_stream, ministack
 
-__all__ = ["kinesis_stream", "ministack"]
+__all__ = ["kinesis_stream", "ministack", "mongo_server"]
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DIR = PROJECT_ROOT.parent / "shared"
