@@ -513,6 +513,7 @@ def test_drop_notifications_tshark_does_not_decode(captures_dir: Path) -> None:
     assert {d.frame for d, _ in decoded} == {1, 2}
     drops = list(decoder.drop_notifications)
     assert decoder.drop_notifications_seen == 3
+    assert counters.drop_notifications == 3  # per exporter, too
     assert len(drops) == 3
     for drop in drops:
         assert drop.agent == address16("192.168.119.184")

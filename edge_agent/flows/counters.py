@@ -38,6 +38,7 @@ class ExporterCounters:
     pending_expired: int = 0  # held records dropped by age/count/byte bounds
     options_records: int = 0
     counter_samples: int = 0  # sFlow counter samples seen
+    drop_notifications: int = 0  # sFlow discarded-packet samples seen
 
 
 class DecodeStats:
@@ -88,4 +89,5 @@ class DecodeStats:
             total.pending_expired += c.pending_expired
             total.options_records += c.options_records
             total.counter_samples += c.counter_samples
+            total.drop_notifications += c.drop_notifications
         return total

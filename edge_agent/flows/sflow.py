@@ -654,6 +654,7 @@ class SflowDecoder:
                     vlan = header_vlan
 
                 if sample_format == 5:
+                    counters.drop_notifications += 1
                     if context is None:
                         context = _Datagram(
                             exporter,
