@@ -201,9 +201,12 @@ class FlowDecoder:
             counters = known.get((address, port)) or stats.exporter(address, port)
             counters.datagrams += 1
             counters.bytes += len(payload)
-            if pending.sets and pending.queue:
-                head = pending.queue[0]
-                if head.received_ms < received_ms - pending.max_age_ms:
+            if pending.sets:
+                head = pending.oldest()
+                if (
+                    head is not None
+                    and head.received_ms < received_ms - pending.max_age_ms
+                ):
                     self._expire(received_ms)
             try:
                 # The common versions first, without a call layer.

@@ -176,16 +176,6 @@ class TemplatedDecoder:
         if template.layout.unusable:
             counters.errors["field_length_unsupported"] += template.layout.unusable
         counters.templates = self.templates.count(key[0], key[1])
-        log.debug(
-            "template_learned",
-            exporter=address_text(key[0]),
-            exporter_port=key[1],
-            version=key[2],
-            domain=key[3],
-            template_id=key[4],
-            fields=len(fields),
-            options=is_options,
-        )
         for held in self.pending.release(key):
             counters.pending_decoded += 1
             self.decode_set(template, held.body, held.context, export)

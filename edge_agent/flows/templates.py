@@ -17,8 +17,7 @@ is unknown until its template arrives.
 from __future__ import annotations
 
 import collections
-import contextlib
-from collections.abc import Sequence
+from collections.abc import Sequence, ValuesView
 from dataclasses import dataclass, field
 
 from edge_agent.flows.fields import VARLEN, FieldSpec, Layout, compile_layout
@@ -268,6 +267,8 @@ class HeldSet:
     body: bytes
     context: tuple[int, int, int, int]
     received_ms: int
+    ident: int = 0
+    #: True while the set is in a store
     live: bool = True
 
 
@@ -275,6 +276,10 @@ class HeldSet:
 class PendingStore:
     """Held data sets, bounded by count, bytes and age (oldest dropped first).
 
+    Held sets are kept in arrival order in an ordered dict keyed by a serial
+    number, so a release removes its sets in O(1) and the store never keeps
+    more entries than live sets (:attr:`queue` iterates them, oldest first);
+    ``by_key`` has the sets waiting for each template, oldest first.
     ``hold``, ``expire`` and ``release`` return the sets they take out so
     the caller can count them per exporter.
     """
@@ -282,29 +287,34 @@ class PendingStore:
     max_sets: int
     max_bytes: int
     max_age_ms: int
-    queue: collections.deque[HeldSet] = field(default_factory=collections.deque)
-    by_key: dict[TemplateKey, list[HeldSet]] = field(default_factory=dict)
+    _entries: collections.OrderedDict[int, HeldSet] = field(
+        default_factory=collections.OrderedDict
+    )
+    by_key: dict[TemplateKey, collections.deque[HeldSet]] = field(default_factory=dict)
     sets: int = 0
     bytes: int = 0
+    _serial: int = 0
 
-    def _take(self, held: HeldSet) -> None:
+    @property
+    def queue(self) -> ValuesView[HeldSet]:
+        """The held sets, oldest first (a live view)."""
+        return self._entries.values()
+
+    def oldest(self) -> HeldSet | None:
+        """The set held longest, or None."""
+        return next(iter(self._entries.values()), None)
+
+    def _pop_oldest(self) -> HeldSet:
+        _, held = self._entries.popitem(last=False)
         held.live = False
+        waiting = self.by_key[held.key]
+        # Global order is arrival order, so it is also the oldest of its key.
+        waiting.popleft()
+        if not waiting:
+            del self.by_key[held.key]
         self.sets -= 1
         self.bytes -= len(held.body)
-        waiting = self.by_key.get(held.key)
-        if waiting is not None:
-            with contextlib.suppress(ValueError):
-                waiting.remove(held)
-            if not waiting:
-                del self.by_key[held.key]
-
-    def _pop_oldest(self) -> HeldSet | None:
-        while self.queue:
-            held = self.queue.popleft()
-            if held.live:
-                self._take(held)
-                return held
-        return None
+        return held
 
     def hold(self, held: HeldSet) -> list[HeldSet]:
         """Keep a set; return the sets dropped to make room (maybe itself)."""
@@ -312,15 +322,15 @@ class PendingStore:
             held.live = False
             return [held]
         dropped: list[HeldSet] = []
-        while (
+        while self._entries and (
             self.sets >= self.max_sets or self.bytes + len(held.body) > self.max_bytes
         ):
-            oldest = self._pop_oldest()
-            if oldest is None:
-                break
-            dropped.append(oldest)
-        self.queue.append(held)
-        self.by_key.setdefault(held.key, []).append(held)
+            dropped.append(self._pop_oldest())
+        self._serial += 1
+        held.ident = self._serial
+        held.live = True
+        self._entries[held.ident] = held
+        self.by_key.setdefault(held.key, collections.deque()).append(held)
         self.sets += 1
         self.bytes += len(held.body)
         return dropped
@@ -331,23 +341,19 @@ class PendingStore:
         if not waiting:
             return []
         for held in waiting:
+            del self._entries[held.ident]
             held.live = False
             self.sets -= 1
             self.bytes -= len(held.body)
-        return waiting
+        return list(waiting)
 
     def expire(self, now_ms: int) -> list[HeldSet]:
         """Take out every set older than ``max_age_ms`` at ``now_ms``."""
         dropped: list[HeldSet] = []
         limit = now_ms - self.max_age_ms
-        while self.queue:
-            held = self.queue[0]
-            if not held.live:
-                self.queue.popleft()
-                continue
+        while self._entries:
+            held = next(iter(self._entries.values()))
             if held.received_ms >= limit:
                 break
-            self.queue.popleft()
-            self._take(held)
-            dropped.append(held)
+            dropped.append(self._pop_oldest())
         return dropped
