@@ -912,3 +912,31 @@ def test_per_relay_timeout_times_out_a_stuck_install(
         relay.stop()
     assert current_version(config) == "1.0.0"
     assert fleet.execution(job, thing)["status"] == "TIMED_OUT"
+
+
+def test_restart_after_an_accepted_report_keeps_the_new_model(
+    fleet: Fleet, tmp_path: Path
+) -> None:
+    """A relay that stopped after its SUCCEEDED report was accepted but before
+    it forgot the update (its state file still says installed) learns on
+    restart that the job succeeded (the device plane only says "terminal";
+    the rejected re-report carries the status) and keeps v2."""
+    config = fleet.relay("reported-1", ("grp-reported",))
+    models = config.parent / "models"
+    model, manifest = write_model(
+        tmp_path / "v2", GOOD_MODEL.read_bytes(), version="1.1.0"
+    )
+    with RelayThread(config) as relay:
+        job = fleet.push(model, manifest, "grp-reported")
+        assert fleet.wait_status(job, "reported-1", {"SUCCEEDED", "FAILED"})[
+            "status"
+        ] == ("SUCCEEDED")
+        target = relay.store.current_entry()
+        previous = relay.store.previous_entry()
+    state = st.UpdateState(job, 1, st.INSTALLED, target=target, previous=previous)
+    st.ModelStore(models).write_state(state)
+    with RelayThread(config) as relay:
+        wait_until(lambda: not (models / "state.json").exists(), "the relay to settle")
+        assert relay.runner.counters.rolled_back == 0
+    assert current_version(config) == "1.1.0"
+    assert fleet.execution(job, "reported-1")["status"] == "SUCCEEDED"

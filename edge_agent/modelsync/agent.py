@@ -37,9 +37,11 @@ import structlog
 from awscrt import mqtt
 from awsiot import iotjobs, mqtt_connection_builder
 
+from edge_agent.modelsync import store as st
 from edge_agent.modelsync.config import ModelSyncConfig
 from edge_agent.modelsync.document import is_model_document
 from edge_agent.modelsync.runner import ModelSyncCounters, Outcome, UpdateRunner
+from edge_agent.modelsync.store import UpdateState
 
 log = structlog.get_logger(__name__)
 
@@ -298,9 +300,7 @@ class JobsAgent:
         assert jobs is not None
         state = self.runner.store.read_state()
         if state is not None:
-            status = self._execution_status(state.job_id)
-            if status in _TERMINAL or status == "gone":
-                self.runner.settle(state, status)
+            self._settle_recorded(state)
         answer = self._request(
             jobs.publish_start_next_pending_job_execution,
             iotjobs.StartNextPendingJobExecutionRequest(thing_name=self.thing),
@@ -328,7 +328,28 @@ class JobsAgent:
         self._report(job_id, number, outcome)
         return True
 
+    def _settle_recorded(self, state: UpdateState) -> None:
+        """Settle an update recorded before a restart, if its job has ended.
+
+        The device plane does not describe finished executions (it answers
+        TerminalStateReached without saying how they ended).  An update
+        that never reached its report (downloading, installing) was ended
+        by the service, so it is undone.  One whose outcome was recorded
+        (installed, failed) may have been reported just before the restart:
+        the outcome is sent again, and the rejection of that report carries
+        the execution's real status.
+        """
+        status = self._execution_status(state.job_id)
+        if status in ("QUEUED", "IN_PROGRESS"):
+            return  # start-next hands it back and the runner resumes it
+        if status == "terminal" and state.phase in (st.INSTALLED, st.FAILED):
+            status = self._final_status(state)
+        elif status == "terminal":
+            status = "ENDED"  # canceled or timed out before any report
+        self.runner.settle(state, status)
+
     def _execution_status(self, job_id: str) -> str:
+        """QUEUED, IN_PROGRESS, "terminal" or "gone"."""
         jobs = self._jobs
         assert jobs is not None
         try:
@@ -341,9 +362,34 @@ class JobsAgent:
         except JobRequestRejectedError as exc:
             if exc.code == "ResourceNotFound":
                 return "gone"
-            return exc.status or "gone"
+            if exc.status:
+                return exc.status
+            return "terminal"
         execution = answer.execution
-        return "gone" if execution is None else str(execution.status)
+        if execution is None:
+            return "gone"
+        status = str(execution.status)
+        return "terminal" if status in _TERMINAL else status
+
+    def _final_status(self, state: UpdateState) -> str:
+        """Report the recorded outcome again; the real terminal status."""
+        jobs = self._jobs
+        assert jobs is not None
+        outcome = self.runner.recorded_outcome(state)
+        try:
+            self._request(
+                jobs.publish_update_job_execution,
+                iotjobs.UpdateJobExecutionRequest(
+                    thing_name=self.thing,
+                    job_id=state.job_id,
+                    execution_number=state.execution_number,
+                    status=outcome.status,
+                    status_details=outcome.details or None,
+                ),
+            )
+        except JobRequestRejectedError as exc:
+            return exc.status or "unknown"
+        return outcome.status  # accepted: it had not been reported yet
 
     def _progress(self, job_id: str, number: int) -> Callable[[str], None]:
         def report(phase: str) -> None:
@@ -392,7 +438,8 @@ class JobsAgent:
             if exc.code not in _JOB_MOVED_ON:
                 return  # kept in the state file: reported again next cycle
             if state is not None and state.job_id == job_id:
-                self.runner.settle(state, exc.status or "gone")
+                # Our report was refused, so the job ended without it.
+                self.runner.settle(state, exc.status or "ENDED")
             return
         log.info(
             "modelsync_job_reported",

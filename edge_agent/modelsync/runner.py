@@ -333,15 +333,42 @@ class UpdateRunner:
         if state is not None and state.job_id == job_id:
             self.store.clear_state()
 
+    def recorded_outcome(self, state: st.UpdateState) -> Outcome:
+        """The outcome a state in phase installed or failed stands for."""
+        if state.phase == st.FAILED:
+            return self._failed_outcome(state)
+        current = self.store.current()
+        if current is None or current.entry != state.target:
+            return self._failed_outcome(state)
+        return Outcome(
+            SUCCEEDED,
+            _details(
+                running_model=current.name,
+                running_version=current.version,
+                attempts=state.attempts,
+            ),
+        )
+
     def settle(self, state: st.UpdateState, job_status: str) -> None:
         """Finish a recorded update whose execution is no longer ours to run.
 
-        ``job_status`` is the execution's status on the broker (or "gone").
-        Unless the job SUCCEEDED, a model this update put in place is undone,
-        so that what runs matches the job.
+        ``job_status`` is the execution's final status on the broker, "gone"
+        (deleted), "ENDED" (canceled or timed out before any report) or
+        "unknown".  A model this update put in place stays only if the job
+        SUCCEEDED; it also stays, with a warning, when the status is unknown
+        and the update had been recorded installed (most likely its report
+        was accepted just before a restart).  Otherwise it is undone, so that
+        what runs matches the job.
         """
+        keep = job_status == SUCCEEDED or (
+            job_status in ("unknown", "gone") and state.phase == st.INSTALLED
+        )
+        if job_status in ("unknown", "gone") and state.phase == st.INSTALLED:
+            log.warning(
+                "modelsync_settle_uncertain", job_id=state.job_id, status=job_status
+            )
         if (
-            job_status != SUCCEEDED
+            not keep
             and state.phase in (st.INSTALLING, st.INSTALLED)
             and self.store.current_entry() == state.target
         ):
