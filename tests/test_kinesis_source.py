@@ -488,6 +488,58 @@ def test_continuous_trigger_picks_up_records_as_they_come(
         query.stop()
 
 
+@pytest.mark.integration
+def test_stream_outage_is_counted_not_fatal(
+    spark: Any, ministack: MiniStack, tmp_path: Path
+) -> None:
+    """When the stream goes away under a running query, the source reports
+    read errors in its progress and the query keeps running."""
+    client = kinesis_client(ministack.endpoint_url)
+    stream = _new_stream(client, 1)
+    sink = Collector()
+    query = (
+        spark.readStream.format("kinesis")
+        .option("streamName", stream)
+        .option("endpointUrl", ministack.endpoint_url)
+        .option("region", "us-east-1")
+        .option("startingPosition", "TRIM_HORIZON")
+        .load()
+        .writeStream.foreachBatch(sink)
+        .option("checkpointLocation", str(tmp_path / "checkpoint"))
+        .trigger(processingTime="500 milliseconds")
+        .start()
+    )
+    try:
+        sent = _put(client, stream, 5, "before")
+        deadline = time.monotonic() + 120
+        while len(sink.rows) < len(sent) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert sink.by_sequence() == sent
+        client.delete_stream(StreamName=stream)
+
+        def read_errors() -> int:
+            for progress in reversed(query.recentProgress):
+                for source in progress["sources"]:
+                    report = source.get("latestOffset")
+                    if isinstance(report, str):
+                        try:
+                            report = json.loads(report)
+                        except ValueError:
+                            continue
+                    if isinstance(report, dict) and "read_errors" in report:
+                        return int(report["read_errors"])
+            return 0
+
+        deadline = time.monotonic() + 120
+        while read_errors() == 0 and time.monotonic() < deadline:
+            assert query.exception() is None
+            time.sleep(0.2)
+        assert read_errors() > 0
+        assert query.isActive
+    finally:
+        query.stop()
+
+
 def test_output_schema_is_the_documented_one() -> None:
     """The five documented columns, in order, with their types."""
     assert [(f.name, f.dataType.simpleString()) for f in SCHEMA.fields] == [

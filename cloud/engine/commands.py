@@ -146,6 +146,9 @@ def run_command(args: argparse.Namespace) -> int:
     finally:
         engine.close()
     error = engine.query.exception()
+    # Stopping the session drains Spark's listener bus while this process
+    # can still answer its callbacks (else the last progress event fails).
+    engine.spark.stop()
     if error is not None:
         log.error("engine_failed", error=str(error))
         return 1

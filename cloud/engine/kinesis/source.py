@@ -48,6 +48,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import botocore.exceptions
 import pyarrow as pa
 import structlog
 from pyspark.sql.datasource import (
@@ -111,6 +112,9 @@ SCHEMA = StructType(
 
 LATEST = "LATEST"
 STARTING_POSITIONS = (TRIM_HORIZON, LATEST)
+
+#: Errors of a call that botocore already retried: counted, never fatal.
+_AWS_ERRORS = (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError)
 
 #: Rows per Arrow batch a partition yields.
 _ARROW_BATCH_ROWS = 4096
@@ -304,6 +308,8 @@ class KinesisStreamReader(DataSourceStreamReader, SupportsTriggerAvailableNow):
         self.throttled_calls = 0
         #: shards that left the listing before they were drained.
         self.lost_shards = 0
+        #: ListShards/GetRecords calls that failed after botocore's retries.
+        self.read_errors = 0
 
     def __getstate__(self) -> dict[str, Any]:
         return {"options": self.options, "schema": self.schema}
@@ -350,7 +356,17 @@ class KinesisStreamReader(DataSourceStreamReader, SupportsTriggerAvailableNow):
     def latestOffset(self, start: dict, limit: ReadLimit) -> dict:  # noqa: N802
         """Read ahead from ``start`` and return the end of the next batch."""
         offset = StreamOffset.from_json(start)
-        listing = self._list()
+        try:
+            listing = self._list()
+        except _AWS_ERRORS as exc:
+            # An outage must not end the query: no new data this round.
+            self.read_errors += 1
+            log.warning(
+                "kinesis_list_failed",
+                stream=self.options.client.stream_name,
+                error=str(exc),
+            )
+            return start
         offset, lost = forget_expired_shards(offset, listing)
         for shard_id in lost:
             self.lost_shards += 1
@@ -435,17 +451,24 @@ class KinesisStreamReader(DataSourceStreamReader, SupportsTriggerAvailableNow):
                 and buffer.records[-1].arrival_ms > self._target_ms
             ):
                 return
-            if buffer.iterator is None:
-                buffer.iterator = shard_iterator(
-                    self.client, stream, shard_id, buffer.position_after_buffer()
-                )
             room = 10_000 if want is None else want - len(buffer.records)
             calls += 1
             try:
+                if buffer.iterator is None:
+                    buffer.iterator = shard_iterator(
+                        self.client, stream, shard_id, buffer.position_after_buffer()
+                    )
                 page = get_records(self.client, shard_id, buffer.iterator, room)
             except IteratorExpiredError:
                 buffer.iterator = None
                 continue
+            except _AWS_ERRORS as exc:
+                # Keep what is buffered; this shard waits for the next round.
+                self.read_errors += 1
+                log.warning(
+                    "kinesis_read_failed", stream=stream, shard=shard_id, error=str(exc)
+                )
+                return
             if page.throttled:
                 self.throttled_calls += 1
                 log.warning("kinesis_throttled", stream=stream, shard=shard_id)
@@ -515,6 +538,7 @@ class KinesisStreamReader(DataSourceStreamReader, SupportsTriggerAvailableNow):
             "millis_behind_latest": dict(sorted(self._lag_ms.items())),
             "throttled_calls": self.throttled_calls,
             "lost_shards": self.lost_shards,
+            "read_errors": self.read_errors,
         }
 
     def stop(self) -> None:
