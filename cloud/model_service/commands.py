@@ -1,0 +1,210 @@
+"""``sampleflow model-service run | openapi`` and ``sampleflow bench model-service``.
+
+Registered through the ``sampleflow.commands`` entry-point group.  FastAPI
+and uvicorn (cloud extra) are imported when a command runs, not when the
+parser is built.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from cloud.model_service.config import (
+    DEFAULT_MAX_ROWS,
+    DEFAULT_MODEL,
+    DEFAULT_POLL_INTERVAL_S,
+    PROJECT_MODELS_DIR,
+    ConfigError,
+    ServiceConfig,
+    parse_tenant_models,
+)
+
+Subparsers = argparse._SubParsersAction  # argparse exposes no public name
+
+
+def register(subparsers: Subparsers[argparse.ArgumentParser]) -> None:
+    """Add ``model-service`` (``run``, ``openapi``) and ``bench model-service``."""
+    service = subparsers.add_parser(
+        "model-service", help="the cloud model service (HTTP scoring)"
+    )
+    commands = service.add_subparsers(dest="model_service_command", metavar="COMMAND")
+    service.set_defaults(func=lambda args: _help(service))
+
+    run = commands.add_parser(
+        "run",
+        help="serve POST /v1/score until SIGTERM or SIGINT",
+        description=(
+            "Load per-tenant models from a folder or S3, reload them when a "
+            "manifest changes, and score feature rows over HTTP.  See "
+            "docs/model-service.md."
+        ),
+    )
+    _add_source_arguments(run)
+    run.add_argument("--host", default="127.0.0.1", help="listen address")
+    run.add_argument(
+        "--port", type=int, default=8480, help="listen port (default 8480)"
+    )
+    run.set_defaults(func=run_service)
+
+    openapi = commands.add_parser(
+        "openapi",
+        help="print (or write) the service's OpenAPI document",
+        description="Write the OpenAPI JSON of the service, as docs/ commits it.",
+    )
+    openapi.add_argument("--out", type=Path, metavar="FILE", help="write here")
+    openapi.set_defaults(func=write_openapi)
+
+    _register_bench(subparsers)
+
+
+def _add_source_arguments(parser: argparse.ArgumentParser) -> None:
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument(
+        "--models-dir",
+        type=Path,
+        metavar="DIR",
+        help=f"models folder (default: {PROJECT_MODELS_DIR})",
+    )
+    where.add_argument("--s3-uri", metavar="s3://BUCKET/PREFIX", help="models on S3")
+    parser.add_argument("--s3-endpoint-url", metavar="URL", help="S3 endpoint (local)")
+    parser.add_argument(
+        "--default-model",
+        default=DEFAULT_MODEL,
+        metavar="NAME",
+        help=f"shared model for tenants without their own, or 'none' "
+        f"(default {DEFAULT_MODEL})",
+    )
+    parser.add_argument(
+        "--tenant-model",
+        action="append",
+        default=[],
+        metavar="TENANT=NAME",
+        help="score TENANT with the shared model NAME (repeatable)",
+    )
+    parser.add_argument(
+        "--poll-interval",
+        type=float,
+        default=DEFAULT_POLL_INTERVAL_S,
+        metavar="S",
+        help="seconds between checks for new models "
+        f"(default {DEFAULT_POLL_INTERVAL_S})",
+    )
+    parser.add_argument(
+        "--max-rows",
+        type=int,
+        default=DEFAULT_MAX_ROWS,
+        metavar="N",
+        help=f"rows accepted per request (default {DEFAULT_MAX_ROWS})",
+    )
+
+
+def config_from_args(args: argparse.Namespace) -> ServiceConfig:
+    """Settings from parsed arguments; raises :class:`ConfigError`."""
+    models_dir = args.models_dir
+    if models_dir is None and args.s3_uri is None:
+        models_dir = PROJECT_MODELS_DIR
+    default = None if args.default_model.lower() == "none" else args.default_model
+    return ServiceConfig(
+        models_dir=models_dir,
+        s3_uri=args.s3_uri,
+        s3_endpoint_url=args.s3_endpoint_url,
+        default_model=default,
+        tenant_models=parse_tenant_models(args.tenant_model),
+        poll_interval_s=args.poll_interval,
+        max_rows=args.max_rows,
+    )
+
+
+def _help(parser: argparse.ArgumentParser) -> int:
+    parser.print_help()
+    return 2
+
+
+def run_service(args: argparse.Namespace) -> int:
+    """Serve until SIGTERM/SIGINT (uvicorn handles both and drains)."""
+    import uvicorn  # noqa: PLC0415 - cloud extra
+
+    from cloud.model_service.app import create_app  # noqa: PLC0415
+
+    try:
+        config = config_from_args(args)
+    except ConfigError as exc:
+        print(f"sampleflow model-service: {exc}", file=sys.stderr)
+        return 2
+    app = create_app(config.registry(), max_rows=config.max_rows)
+    uvicorn.run(
+        app,
+        host=args.host,
+        port=args.port,
+        log_level="warning",
+        access_log=False,
+        workers=1,
+    )
+    return 0
+
+
+def openapi_document() -> dict[str, Any]:
+    """The service's OpenAPI document (independent of the loaded models)."""
+    from cloud.model_service.app import create_app  # noqa: PLC0415
+    from cloud.model_service.registry import (  # noqa: PLC0415
+        DirectorySource,
+        ModelRegistry,
+    )
+
+    registry = ModelRegistry(DirectorySource(PROJECT_MODELS_DIR), None)
+    return create_app(registry, poll=False).openapi()
+
+
+def write_openapi(args: argparse.Namespace) -> int:
+    """Print the OpenAPI document, or write it to ``--out``."""
+    text = json.dumps(openapi_document(), indent=2, sort_keys=True) + "\n"
+    if args.out is None:
+        sys.stdout.write(text)
+    else:
+        args.out.write_text(text)
+    return 0
+
+
+def _register_bench(subparsers: Subparsers[argparse.ArgumentParser]) -> None:
+    """Add ``model-service`` to the ``bench`` command (made by edge_agent.bench)."""
+    bench = subparsers.choices.get("bench")
+    if bench is None:
+        bench = subparsers.add_parser("bench", help="run a benchmark")
+        bench.add_subparsers(dest="benchmark", metavar="BENCHMARK")
+    benchmarks = next(
+        a for a in bench._actions if isinstance(a, argparse._SubParsersAction)
+    )
+    parser = benchmarks.add_parser(
+        "model-service",
+        help="rows/s scored through HTTP and in-process",
+        description=(
+            "Start the model service as a real server process on a loopback "
+            "port, post batches of feature rows to it, then score the same "
+            "batches in-process; print rows/s and rows per CPU-second of both."
+        ),
+    )
+    parser.add_argument("--models-dir", type=Path, metavar="DIR", default=None)
+    parser.add_argument(
+        "--batch", type=int, default=1000, metavar="N", help="rows per request"
+    )
+    parser.add_argument(
+        "--seconds", type=float, default=3.0, metavar="S", help="timing per mode"
+    )
+    parser.set_defaults(func=bench_model_service)
+
+
+def bench_model_service(args: argparse.Namespace) -> int:
+    """Run the benchmark (see :mod:`cloud.model_service.bench`)."""
+    from cloud.model_service.bench import print_report, run_benchmark  # noqa: PLC0415
+
+    report = run_benchmark(
+        models_dir=args.models_dir or PROJECT_MODELS_DIR,
+        batch=args.batch,
+        seconds=args.seconds,
+    )
+    print_report(report)
+    return 0
