@@ -376,6 +376,41 @@ def test_every_record_read_exactly_once_with_its_bytes(
 
 
 @pytest.mark.integration
+def test_batches_stay_under_the_byte_bound(
+    spark: Any, ministack: MiniStack, tmp_path: Path
+) -> None:
+    """With maxBytesPerBatch at 35 kB, 10 kB records come at most 3 a
+    batch, and a 50 kB record (over the bound alone) still comes through."""
+    client = kinesis_client(ministack.endpoint_url)
+    stream = _new_stream(client, 1)
+    records = [bytes([i]) * 10_000 for i in range(12)] + [b"\xff" * 50_000]
+    answer = client.put_records(
+        StreamName=stream,
+        Records=[{"Data": d, "PartitionKey": "k"} for d in records],
+    )
+    sent = {
+        r["SequenceNumber"]: (r["ShardId"], d)
+        for r, d in zip(answer["Records"], records, strict=True)
+    }
+    sink = Collector()
+    _run_available_now(
+        spark,
+        ministack.endpoint_url,
+        stream,
+        tmp_path / "checkpoint",
+        sink,
+        startingPosition="TRIM_HORIZON",
+        maxBytesPerBatch="35000",
+    )
+    assert sink.by_sequence() == sent
+    sizes: dict[int, int] = {}
+    for batch, _, _, data, _ in sink.rows:
+        sizes[batch] = sizes.get(batch, 0) + len(data)
+    assert all(size <= 35_000 or size == 50_000 for size in sizes.values())
+    assert sorted(n for n in sink.batch_sizes.values() if n) == [1, 3, 3, 3, 3]
+
+
+@pytest.mark.integration
 def test_batch_in_flight_is_replayed_from_kinesis_exactly(
     spark: Any, ministack: MiniStack, tmp_path: Path
 ) -> None:

@@ -52,6 +52,12 @@ def register(subparsers: Any) -> None:
         help="Kinesis records per micro-batch, all shards (default 10000)",
     )
     run.add_argument(
+        "--max-bytes-per-batch",
+        type=int,
+        default=64 * 1024 * 1024,
+        help="record data per micro-batch, all shards (default 64 MiB)",
+    )
+    run.add_argument(
         "--trigger-interval",
         type=float,
         default=2.0,
@@ -118,6 +124,7 @@ def run_command(args: argparse.Namespace) -> int:
             region=args.region,
             starting_position=args.starting_position,
             max_records_per_batch=args.max_records_per_batch,
+            max_bytes_per_batch=args.max_bytes_per_batch,
             trigger_interval_s=args.trigger_interval,
             window_s=args.window,
             slide_s=args.slide,

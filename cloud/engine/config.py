@@ -30,6 +30,7 @@ class EngineConfig:
     region: str | None = None
     starting_position: str = "TRIM_HORIZON"
     max_records_per_batch: int = 10_000
+    max_bytes_per_batch: int = 64 * 1024 * 1024
     trigger_interval_s: float = 2.0
     window_s: int = 60
     slide_s: int = 10
@@ -52,7 +53,12 @@ class EngineConfig:
                 f"starting_position must be one of {STARTING_POSITIONS}, "
                 f"got {self.starting_position!r}"
             )
-        for name in ("max_records_per_batch", "window_s", "slide_s"):
+        for name in (
+            "max_records_per_batch",
+            "max_bytes_per_batch",
+            "window_s",
+            "slide_s",
+        ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.slide_s > self.window_s:
@@ -86,6 +92,7 @@ class EngineConfig:
             "streamName": self.stream_name,
             "startingPosition": self.starting_position,
             "maxRecordsPerBatch": str(self.max_records_per_batch),
+            "maxBytesPerBatch": str(self.max_bytes_per_batch),
         }
         if self.endpoint_url:
             options["endpointUrl"] = self.endpoint_url

@@ -22,18 +22,19 @@ any task runs and logs it, so the end must be exact.  Kinesis can only tell
 where a shard ends by reading it, so the driver-side reader reads ahead:
 ``latestOffset`` polls each readable shard (GetRecords, at most
 ``maxGetRecordsCallsPerShard`` calls, at most the batch's share of
-``maxRecordsPerBatch`` records), keeps the records, and returns the last
-sequence number per shard.  ``partitions`` then makes one partition per
-shard that carries those records, so executors do not read them again.
+``maxRecordsPerBatch`` records and ``maxBytesPerBatch`` bytes), keeps the
+records, and returns the last sequence number per shard.  ``partitions``
+then makes one partition per shard that carries those records, so
+executors do not read them again.
 A batch replayed after a restart (its offsets logged, its commit not) finds
 no read-ahead records; its partitions carry only the range, and executors
 read exactly that range from Kinesis.  Nothing is lost or read twice beyond
 that batch in flight, as long as the records are within the retention.
 
 Known shortcoming: every record passes through the driver, so one driver's
-network and the per-shard read limits (2 MB/s) bound the throughput; the
-read-ahead is bounded by ``maxRecordsPerBatch`` (times the record size,
-up to 1 MiB each).
+network and the per-shard read limit (2 MB/s) bound the throughput, and a
+micro-batch's records travel inside its tasks (``maxBytesPerBatch`` bounds
+both the read-ahead and those task payloads).
 
 Lag: ``reportLatestOffset`` returns MillisBehindLatest per shard from the
 last read-ahead; Spark puts it in each progress event's
@@ -147,6 +148,9 @@ class SourceOptions:
       checkpoint has no offsets yet.  Default LATEST.
     * ``maxRecordsPerBatch``: records per micro-batch over all shards
       (default 10000); Trigger.AvailableNow honours it too.
+    * ``maxBytesPerBatch``: record data per micro-batch over all shards
+      (default 64 MiB; one record always fits): bounds the driver's
+      read-ahead and the task payloads that carry it.
     * ``maxGetRecordsCallsPerShard``: GetRecords calls per shard per
       micro-batch (default 5, AWS's per-second shard limit).
     """
@@ -154,6 +158,7 @@ class SourceOptions:
     client: ClientSettings
     starting_position: str = LATEST
     max_records_per_batch: int = 10_000
+    max_bytes_per_batch: int = 64 * 1024 * 1024
     max_get_records_calls: int = 5
 
     @classmethod
@@ -176,6 +181,9 @@ class SourceOptions:
             ),
             starting_position=position,
             max_records_per_batch=_positive_int(options, "maxRecordsPerBatch", 10_000),
+            max_bytes_per_batch=_positive_int(
+                options, "maxBytesPerBatch", 64 * 1024 * 1024
+            ),
             max_get_records_calls=_positive_int(
                 options, "maxGetRecordsCallsPerShard", 5
             ),
@@ -220,6 +228,9 @@ class _ShardBuffer:
     iterator: str | None = None
     #: the shard is closed and every record of it is buffered.
     exhausted: bool = False
+
+    def data_bytes(self) -> int:
+        return sum(len(r.data) for r in self.records)
 
     def position_after_buffer(self) -> ShardPosition:
         if self.records:
@@ -384,18 +395,20 @@ class KinesisStreamReader(DataSourceStreamReader, SupportsTriggerAvailableNow):
             s for s in readable_shards(offset, self._lineage) if s in known_before
         ]
         if isinstance(limit, ReadMaxRows):
-            share: int | None = max(1, limit.max_rows // max(1, len(readable)))
+            ways = max(1, len(readable))
+            share: int | None = max(1, limit.max_rows // ways)
+            byte_share: int | None = max(1, self.options.max_bytes_per_batch // ways)
             max_calls: int | None = self.options.max_get_records_calls
         else:
             if not isinstance(limit, ReadAllAvailable):
                 log.warning("kinesis_read_limit_unsupported", limit=repr(limit))
-            share, max_calls = None, None
+            share, byte_share, max_calls = None, None, None
         end = offset
         for shard_id in readable:
             position = offset.shards[shard_id]
             buffer = self._buffer_for(shard_id, position)
-            self._fill(shard_id, buffer, share, max_calls)
-            taken = self._take(buffer, share)
+            self._fill(shard_id, buffer, share, byte_share, max_calls)
+            taken = self._take(buffer, share, byte_share)
             if taken:
                 drained = buffer.exhausted and taken == len(buffer.records)
                 end = end.with_shard(
@@ -433,15 +446,19 @@ class KinesisStreamReader(DataSourceStreamReader, SupportsTriggerAvailableNow):
         shard_id: str,
         buffer: _ShardBuffer,
         want: int | None,
+        want_bytes: int | None,
         max_calls: int | None,
     ) -> None:
-        """Poll the shard until ``want`` records are buffered, the shard is
-        caught up or closed, or ``max_calls`` GetRecords calls were made."""
+        """Poll the shard until ``want`` records or ``want_bytes`` of data
+        are buffered, the shard is caught up or closed, or ``max_calls``
+        GetRecords calls were made."""
         stream = self.options.client.stream_name
         calls = 0
         idle_calls = 0
         while not buffer.exhausted:
             if want is not None and len(buffer.records) >= want:
+                return
+            if want_bytes is not None and buffer.data_bytes() >= want_bytes:
                 return
             if max_calls is not None and calls >= max_calls:
                 return
@@ -487,15 +504,22 @@ class KinesisStreamReader(DataSourceStreamReader, SupportsTriggerAvailableNow):
                 if not page.millis_behind_latest or idle_calls > 100:
                     return
 
-    def _take(self, buffer: _ShardBuffer, share: int | None) -> int:
-        """How many buffered records go into the batch."""
+    def _take(
+        self, buffer: _ShardBuffer, share: int | None, byte_share: int | None
+    ) -> int:
+        """How many buffered records go into the batch (at least one fits the
+        byte share, so a record larger than it still goes through)."""
         count = (
             len(buffer.records) if share is None else min(share, len(buffer.records))
         )
-        if self._target_ms is not None:
-            for index in range(count):
-                if buffer.records[index].arrival_ms > self._target_ms:
-                    return index
+        size = 0
+        for index in range(count):
+            record = buffer.records[index]
+            if self._target_ms is not None and record.arrival_ms > self._target_ms:
+                return index
+            size += len(record.data)
+            if byte_share is not None and index > 0 and size > byte_share:
+                return index
         return count
 
     def partitions(self, start: dict, end: dict) -> Sequence[InputPartition]:
