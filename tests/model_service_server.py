@@ -163,11 +163,12 @@ class ServiceProcess:
     def log_path(self) -> Path:
         return self.workdir / f"model-service-{id(self)}.log"
 
-    def start(self) -> None:
+    def start(self, port: int | None = None) -> None:
+        """Start on ``port`` (one try) or on a free port (three tries)."""
         self.workdir.mkdir(parents=True, exist_ok=True)
         last: ServerStartError | None = None
-        for _ in range(3):
-            self.port = free_port()
+        for _ in range(1 if port else 3):
+            self.port = port or free_port()
             env = dict(os.environ)
             env.update(self.env)
             with self.log_path.open("ab") as log:
