@@ -940,3 +940,25 @@ def test_restart_after_an_accepted_report_keeps_the_new_model(
         assert relay.runner.counters.rolled_back == 0
     assert current_version(config) == "1.1.0"
     assert fleet.execution(job, "reported-1")["status"] == "SUCCEEDED"
+
+
+def test_a_job_that_is_not_a_model_install_is_rejected(
+    fleet: Fleet, bad_fleet: list[RelayThread]
+) -> None:
+    """A job document of another kind is REJECTED (reason not_a_model_job)
+    instead of blocking the relay's queue."""
+    job_id = f"other-{time.monotonic_ns() % 10**9}"
+    fleet.iot.create_job(
+        jobId=job_id,
+        targets=[
+            fleet.iot.describe_thing_group(thingGroupName="bad-all")["thingGroupArn"]
+        ],
+        document=json.dumps({"operation": "reboot"}),
+    )
+    for relay in bad_fleet:
+        execution = fleet.wait_status(
+            job_id, relay.config.thing_name, {"REJECTED", "FAILED"}
+        )
+        assert execution["status"] == "REJECTED"
+        assert execution["statusDetails"]["detailsMap"]["reason"] == "not_a_model_job"
+        assert current_version(relay.config.models_dir.parent / "relay.json") == "1.0.0"

@@ -26,7 +26,7 @@ import json
 import re
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -80,7 +80,6 @@ class ModelSyncConfig:
     max_attempts: int = 3
     s3_region: str | None = None
     s3_endpoint_url: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not _THING_RE.match(self.thing_name):
@@ -114,7 +113,7 @@ class ModelSyncConfig:
         cls, data: Mapping[str, Any], base_dir: Path | None = None
     ) -> ModelSyncConfig:
         """Build from a parsed file; relative paths resolve against ``base_dir``."""
-        names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - names)
         if unknown:
             raise ModelSyncConfigError(
