@@ -322,12 +322,12 @@ class RelayThread:
 
     def __enter__(self) -> RelayThread:
         self.thread.start()
-        wait_until(self.agent._connected.is_set, f"{self.config.thing_name} to connect")
+        wait_until(lambda: self.agent.connected, f"{self.config.thing_name} to connect")
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.stop_event.set()
-        self.agent._wake.set()
+        self.agent.wake()
         self.thread.join(30)
         assert not self.thread.is_alive()
 
@@ -834,9 +834,7 @@ def test_update_published_while_relay_is_offline_is_taken_on_reconnect(
     try:
         with RelayThread(config) as relay:
             proxy.go_down()
-            wait_until(
-                lambda: not relay.agent._connected.is_set(), "the relay to notice"
-            )
+            wait_until(lambda: not relay.agent.connected, "the relay to notice")
             job = fleet.push(model, manifest, "grp-offline")
             assert fleet.execution(job, "offline-1")["status"] == "QUEUED"
             assert relay.scored_version(real_records) == version_of(V1)

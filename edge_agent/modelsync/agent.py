@@ -101,6 +101,15 @@ class JobsAgent:
         self.cycles = 0
         self.idle_cycles = 0
 
+    @property
+    def connected(self) -> bool:
+        """Whether the MQTT connection is up right now."""
+        return self._connected.is_set()
+
+    def wake(self) -> None:
+        """Ask for the job queue to be checked now (also used to stop fast)."""
+        self._wake.set()
+
     # -- connection -------------------------------------------------------------
     def _build_connection(self) -> mqtt.Connection:
         c = self.config
