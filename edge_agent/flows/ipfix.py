@@ -32,7 +32,6 @@ _U32 = struct.Struct(">I")
 class IpfixDecoder(TemplatedDecoder):
     """Walk IPFIX messages."""
 
-    VERSION = 10
     PROTO = ExportProtocol.IPFIX
 
     def walk(

@@ -107,7 +107,6 @@ class Export:
 class TemplatedDecoder:
     """Template learning, held data and data-set decoding for v9 and IPFIX."""
 
-    VERSION: int = 0
     PROTO: ExportProtocol = ExportProtocol.NETFLOW_V9
 
     def __init__(
@@ -315,7 +314,6 @@ class TemplatedDecoder:
 class NetflowV9Decoder(TemplatedDecoder):
     """Walk NetFlow v9 datagrams."""
 
-    VERSION = 9
     PROTO = ExportProtocol.NETFLOW_V9
 
     def walk(
