@@ -394,3 +394,23 @@ def test_committed_openapi_document_is_current(service: ServiceProcess) -> None:
         "500",
         "503",
     }
+
+
+def test_bench_command_reports_both_modes(capsys: pytest.CaptureFixture[str]) -> None:
+    """`sampleflow bench model-service` scores through a real server and
+    in-process and prints a line for each with rows counted."""
+    import argparse  # noqa: PLC0415
+
+    from cloud.model_service.commands import register  # noqa: PLC0415
+
+    parser = argparse.ArgumentParser(prog="sampleflow")
+    register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(
+        ["bench", "model-service", "--seconds", "0.3", "--batch", "200"]
+    )
+    assert args.func(args) == 0
+    out = capsys.readouterr().out
+    lines = {line.split()[0]: line.split() for line in out.splitlines() if line}
+    assert "in-process" in lines and "HTTP" in lines
+    for mode in ("in-process", "HTTP"):
+        assert float(lines[mode][1].replace(",", "")) > 0
