@@ -300,6 +300,16 @@ class JobsAgent:
                     log.info("modelsync_cycle_abandoned", reason="no answer")
                     stop.wait(1.0)
                     self._wake.set()
+                except JobRequestRejectedError as exc:
+                    # e.g. start-next refused: retried at the next poll.
+                    self.counters.requests_rejected += 1
+                    log.warning("modelsync_request_rejected", error=str(exc))
+                except Exception:
+                    # A bug must not stop updates for good: log, wait, retry.
+                    self.counters.cycle_errors += 1
+                    log.exception("modelsync_cycle_failed")
+                    stop.wait(5.0)
+                    self._wake.set()
         finally:
             self._close_quietly()
 

@@ -89,6 +89,8 @@ class ModelSyncCounters:
     reconnects: int = 0
     connect_failures: int = 0
     reports_failed: int = 0  # status updates the broker refused or lost
+    requests_rejected: int = 0  # other jobs requests the broker refused
+    cycle_errors: int = 0  # unexpected errors in a work cycle (logged)
 
 
 def _details(**values: object) -> dict[str, str]:
