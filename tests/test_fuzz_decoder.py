@@ -369,14 +369,6 @@ def test_pending_bound_drops_the_oldest() -> None:
     assert counters.pending_expired == 100 - 32
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "PendingStore.release leaves released sets in its queue until the "
-        "oldest live set expires, so the queue (and the bodies it references) "
-        "grows with every hold/release cycle behind one long-held set"
-    ),
-)
 def test_pending_queue_stays_bounded_across_release_cycles() -> None:
     """One set waits for a template that never comes while 2,000 others are
     held and released (data, template, withdrawal): the store keeps no
