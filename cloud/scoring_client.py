@@ -76,6 +76,8 @@ class ScoringClientConfig:
     request (the service refuses more than its ``--max-rows``, 100,000 by
     default).  ``retries``: retries after the first try, per request.
     Timeouts in seconds; ``read_timeout_s`` bounds each read of an answer.
+    ``losses``: rows whose normalised losses come back (``all``, ``alerts``:
+    the default, what detections keep, ``none``); the others are NaN.
     """
 
     url: str
@@ -86,6 +88,7 @@ class ScoringClientConfig:
     backoff_factor_s: float = 0.5
     backoff_max_s: float = 10.0
     pool_size: int = 4
+    losses: str = "alerts"
 
     def __post_init__(self) -> None:
         if not self.url.startswith(("http://", "https://")):
@@ -96,6 +99,10 @@ class ScoringClientConfig:
             raise ValueError(f"chunk_rows must be >= 1, got {self.chunk_rows}")
         if self.retries < 0:
             raise ValueError(f"retries must be >= 0, got {self.retries}")
+        if self.losses not in {"all", "alerts", "none"}:
+            raise ValueError(
+                f"losses must be 'all', 'alerts' or 'none', got {self.losses!r}"
+            )
 
 
 @dataclass(frozen=True)
@@ -104,7 +111,8 @@ class ScoreResult:
 
     ``scores`` float64 in [0, 1]; ``alert`` bool (score >= the model's alert
     threshold); ``classes`` threat class names (``none`` unless alerting);
-    ``losses`` ``(n, len(loss_names))`` normalised losses; ``model_versions``
+    ``losses`` ``(n, len(loss_names))`` normalised losses (NaN in rows the
+    config's ``losses`` setting left out); ``model_versions``
     the version that scored each row (chunks may straddle a model reload);
     ``thresholds`` per model version.
     """
@@ -203,6 +211,7 @@ class ScoringClient:
                 "tenant": tenant,
                 "spec_version": spec_version,
                 "rows": x[lo:hi].tolist(),
+                "losses": self.config.losses,
             }
             if hosts is not None:
                 body["hosts"] = list(hosts[lo:hi])
@@ -300,8 +309,13 @@ def _combine(answers: list[dict[str, Any]]) -> ScoreResult:
             "reload during the call); retry"
         )
     width = len(names)
+    missing = [float("nan")] * width
     losses = [
-        np.asarray(a["losses"], dtype=np.float64).reshape(-1, width) for a in answers
+        np.asarray(
+            [row if row is not None else missing for row in a["losses"]],
+            dtype=np.float64,
+        ).reshape(-1, width)
+        for a in answers
     ]
     return ScoreResult(
         scores=np.concatenate(

@@ -123,6 +123,24 @@ def test_scores_match_an_independent_numpy_computation(service: ServiceProcess) 
     )
 
 
+def test_losses_can_be_limited_to_alerting_rows(service: ServiceProcess) -> None:
+    """losses="alerts" returns the losses of alerting rows and null for the
+    others; losses="none" returns null for every row."""
+    rows = sample_rows(40, seed=13)
+    want = reference_scores(SHIPPED, rows)
+    status, body = _score(service, "newco", rows.tolist(), losses="alerts")
+    assert status == 200
+    for i, alert in enumerate(want["alert"]):
+        if alert:
+            np.testing.assert_allclose(body["losses"][i], want["z"][i], atol=Z_ATOL)
+        else:
+            assert body["losses"][i] is None
+    status, body = _score(service, "newco", rows.tolist(), losses="none")
+    assert status == 200
+    assert body["losses"] == [None] * 40
+    assert body["scores"] and len(body["scores"]) == 40
+
+
 def test_ids_are_echoed_in_order(service: ServiceProcess) -> None:
     """Host and window ids come back row-aligned with the scores."""
     rows = sample_rows(3, seed=2).tolist()
@@ -411,6 +429,6 @@ def test_bench_command_reports_both_modes(capsys: pytest.CaptureFixture[str]) ->
     assert args.func(args) == 0
     out = capsys.readouterr().out
     lines = {line.split()[0]: line.split() for line in out.splitlines() if line}
-    assert "in-process" in lines and "HTTP" in lines
-    for mode in ("in-process", "HTTP"):
+    assert {"in-process", "HTTP/alerts", "HTTP/all"} <= set(lines)
+    for mode in ("in-process", "HTTP/alerts", "HTTP/all"):
         assert float(lines[mode][1].replace(",", "")) > 0

@@ -154,6 +154,10 @@ def test_rows_are_chunked_and_reassembled_in_order(proxy_factory: Any) -> None:
     assert result.alert.tolist() == want["alert"].tolist()
     assert result.classes == want["classes"]
     assert result.losses.shape == (12_345, 16)
+    # Default: losses of alerting rows only, NaN elsewhere.
+    alert = want["alert"]
+    assert np.isnan(result.losses[~alert]).all()
+    np.testing.assert_allclose(result.losses[alert], want["z"][alert], atol=1e-3)
     assert result.loss_names[-1] == "total"
     assert set(result.model_versions) == {model_version(SHIPPED)}
     assert (

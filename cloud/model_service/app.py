@@ -21,7 +21,7 @@ import time
 from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import asynccontextmanager
 from importlib.metadata import PackageNotFoundError, version
-from typing import Any
+from typing import Any, Literal
 
 import prometheus_client
 import pydantic_core
@@ -43,6 +43,7 @@ from cloud.model_service.registry import (
 from cloud.model_service.scoring import (
     NonFiniteOutputError,
     RowsRejectedError,
+    Scored,
     check_rows,
     class_names,
     score_rows,
@@ -83,6 +84,11 @@ class ScoreRequest(BaseModel):
     window_starts_ms: list[int] | None = Field(
         default=None, description="optional window start per row (ms), echoed back"
     )
+    losses: Literal["all", "alerts", "none"] = Field(
+        default="all",
+        description="which rows get their normalised losses in the answer "
+        "(the others get null): most of the answer's size",
+    )
 
 
 class Thresholds(BaseModel):
@@ -108,7 +114,7 @@ class ScoreResponse(BaseModel):
     classes: list[str] = Field(
         description="dominant threat class of alerting rows, 'none' otherwise"
     )
-    losses: list[list[float]] = Field(
+    losses: list[list[float] | None] = Field(
         description="per-feature reconstruction losses normalised by the "
         "network's normal windows (z, clipped to ±10)"
     )
@@ -190,6 +196,19 @@ class ServiceMetrics:
             registry=self.registry,
         )
         self.registry.register(_Figures(registry))
+
+
+def _losses(scored: Scored, which: str) -> list[list[float] | None]:
+    """The ``losses`` field: every row, alerting rows only, or none."""
+    if which == "all":
+        rows: list[list[float] | None] = scored.z.tolist()
+        return rows
+    if which == "none":
+        return [None] * len(scored.scores)
+    return [
+        z if alert else None
+        for z, alert in zip(scored.z.tolist(), scored.alert.tolist(), strict=True)
+    ]
 
 
 def _describe(errors: Sequence[Any]) -> str:
@@ -339,7 +358,7 @@ def create_app(
             "scores": scored.scores.tolist(),
             "alert": scored.alert.tolist(),
             "classes": class_names(scored.classes),
-            "losses": scored.z.tolist(),
+            "losses": _losses(scored, request.losses),
         }
         if request.hosts is not None:
             body["hosts"] = request.hosts

@@ -166,11 +166,15 @@ def _start_server(models_dir: Path, batch: int) -> tuple[subprocess.Popen[bytes]
     raise BenchError("model service did not become ready within 60 s")
 
 
-def _http(models_dir: Path, batches: list[np.ndarray], seconds: float) -> ModeResult:
+def _http(
+    models_dir: Path, batches: list[np.ndarray], seconds: float, losses: str
+) -> ModeResult:
     proc, url = _start_server(models_dir, batches[0].shape[0])
     try:
         client = ScoringClient(
-            ScoringClientConfig(url=url, chunk_rows=batches[0].shape[0], retries=0)
+            ScoringClientConfig(
+                url=url, chunk_rows=batches[0].shape[0], retries=0, losses=losses
+            )
         )
         client.score("bench", batches[0])  # warm up
         rows, lat = 0, []
@@ -194,13 +198,20 @@ def _http(models_dir: Path, batches: list[np.ndarray], seconds: float) -> ModeRe
             proc.kill()
             proc.wait(10)
     p50, p99 = _latencies(lat)
-    return ModeResult("HTTP", rows, wall, server_cpu, server_cpu + client_cpu, p50, p99)
+    return ModeResult(
+        f"HTTP/{losses}", rows, wall, server_cpu, server_cpu + client_cpu, p50, p99
+    )
 
 
 def run_benchmark(
-    models_dir: Path, batch: int = 1000, seconds: float = 3.0
+    models_dir: Path,
+    batch: int = 1000,
+    seconds: float = 3.0,
+    losses: tuple[str, ...] = ("alerts", "all"),
 ) -> BenchReport:
-    """Time both modes on batches of ``batch`` rows for ``seconds`` each."""
+    """Time in-process scoring and HTTP with each ``losses`` setting (which
+    rows get their losses back) on batches of ``batch`` rows, ``seconds``
+    each."""
     if batch < 1 or seconds <= 0:
         raise BenchError(f"need batch >= 1 and seconds > 0, got {batch}, {seconds}")
     manifest_path = Path(models_dir) / f"{DEFAULT_MODEL}.manifest.json"
@@ -214,7 +225,7 @@ def run_benchmark(
     version = registry.resolve("bench").version
     results = (
         _in_process(registry, batches, seconds),
-        _http(models_dir, batches, seconds),
+        *(_http(models_dir, batches, seconds, which) for which in losses),
     )
     return BenchReport(version, batch, seconds, results)
 
@@ -226,18 +237,19 @@ def print_report(report: BenchReport) -> None:
         f"rows, {report.seconds:g} s per mode"
     )
     header = (
-        f"{'mode':<11} {'rows/s wall':>12} {'rows/CPU-s scorer':>18} "
+        f"{'mode':<12} {'rows/s wall':>12} {'rows/CPU-s scorer':>18} "
         f"{'rows/CPU-s all':>15} {'p50 ms':>8} {'p99 ms':>8}"
     )
     print(header)
     for r in report.results:
         print(
-            f"{r.mode:<11} {r.rows_per_s:>12,.0f} {r.rows_per_scorer_cpu_s:>18,.0f} "
+            f"{r.mode:<12} {r.rows_per_s:>12,.0f} {r.rows_per_scorer_cpu_s:>18,.0f} "
             f"{r.rows_per_cpu_s:>15,.0f} {r.p50_ms:>8.2f} {r.p99_ms:>8.2f}"
         )
-    inproc, http = report.results
-    ratio = inproc.rows_per_scorer_cpu_s / http.rows_per_scorer_cpu_s
-    print(
-        f"scorer CPU per row: HTTP {ratio:.1f}x in-process "
-        "(JSON parsing, validation and encoding)"
-    )
+    inproc, *http = report.results
+    for h in http:
+        ratio = inproc.rows_per_scorer_cpu_s / h.rows_per_scorer_cpu_s
+        print(
+            f"scorer CPU per row: {h.mode} {ratio:.1f}x in-process "
+            "(JSON parsing, validation and encoding)"
+        )
