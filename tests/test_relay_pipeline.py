@@ -12,6 +12,7 @@ import asyncio
 import collections
 import csv
 import io
+import ipaddress
 import json
 import os
 import signal
@@ -27,10 +28,11 @@ from typing import Any
 
 import numpy as np
 import pytest
+from prometheus_client import generate_latest
 
 from edge_agent.aggregate import AGG_DTYPE, AggregatedWindow, FlushReason
 from edge_agent.cli import main as cli_main
-from edge_agent.flows.schema import address_bytes
+from edge_agent.flows.schema import address_bytes, address_text
 from edge_agent.relay.commands import print_status, read_metrics
 from edge_agent.relay.config import Settings, load_settings
 from edge_agent.relay.partition import partition_key
@@ -49,6 +51,30 @@ CAPTURES = {
     "w-ipfix-mikrotik.pcap": "127.0.0.14",
     "w-pynetflow-softflowd-v9.pcap": "127.0.0.15",
 }
+
+
+#: The private ranges the relay's filter counts as internal by default,
+#: written out here rather than read from the relay.
+PRIVATE = [
+    ipaddress.ip_network(n)
+    for n in ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "fc00::/7")
+]
+RELAY_MODEL = "relay-ctu13s6-r100-w300:"
+NAN_MODEL = (
+    Path(__file__).resolve().parent / "data" / "nan-model" / "nan-model.manifest.json"
+)
+
+
+def is_private(raw: bytes) -> bool:
+    """Whether a 16-byte address column value lies in a private range."""
+    ip = ipaddress.ip_address(address_text(raw))
+    return any(ip.version == n.version and ip in n for n in PRIVATE)
+
+
+def tshark_rows(path: Path) -> list[dict[str, str]]:
+    """The flow records of a tshark CSV (options records left out)."""
+    with path.open(newline="") as fh:
+        return [r for r in csv.DictReader(fh) if r.get("bytes")]
 
 
 def tshark_totals(path: Path) -> tuple[int, int, int]:
@@ -190,10 +216,28 @@ def test_captures_reach_kinesis_with_totals_intact(
     got: dict[bytes, list[int]] = collections.defaultdict(lambda: [0, 0, 0])
     ids = set()
     last_seq: dict[str, int] = {}
+    scored = 0
     for record in records:
         batch = decode_batch(record["Data"])
         h = batch.header
         assert (h.tenant_id, h.relay_id) == ("acme", "edge-1")
+        # The filter scored every batch: model version in the header, one
+        # score per row, finite exactly where an end is a private host.
+        assert h.model_version is not None
+        assert h.model_version.startswith(RELAY_MODEL)
+        score = batch.columns["score"]
+        internal = np.array(
+            [
+                is_private(bytes(s)) or is_private(bytes(d))
+                for s, d in zip(
+                    batch.columns["src_addr"], batch.columns["dst_addr"], strict=True
+                )
+            ],
+            dtype=bool,
+        )
+        assert np.array_equal(np.isfinite(score), internal)
+        assert np.all((score[internal] >= 0) & (score[internal] <= 1))
+        scored += int(internal.sum())
         assert h.batch_id not in ids
         ids.add(h.batch_id)
         key = record["PartitionKey"]
@@ -208,6 +252,180 @@ def test_captures_reach_kinesis_with_totals_intact(
         totals[1] += int(batch.columns["bytes"].sum())
         totals[2] += int(batch.columns["packets"].sum())
     assert {k: tuple(v) for k, v in got.items()} == expected
+    assert scored > 0  # two of the captures have private hosts
+    assert sum(v for _, v in metrics["sampleflow_relay_filter_windows_total"]) > 0
+    assert not metrics.get("sampleflow_relay_filter_passthrough_total")
+
+
+def spool_scenario(
+    captures_dir: Path, settings: Settings, names: dict[str, str]
+) -> RelayPipeline:
+    """Send ``names`` (capture: source address) to a pipeline whose Kinesis
+    is out of reach, stop it (every window goes to the spool), return it."""
+    pipeline = RelayPipeline(settings, tick_s=0.05, drain_s=0.1)
+    total = sum(len(tshark_rows(captures_dir / f"{n}.tshark.csv")) for n in names)
+
+    async def scenario() -> None:
+        await pipeline.start()
+        try:
+            port = pipeline.collector.listening[0][1]
+            for name, source in names.items():
+                with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+                    sock.bind((source, 0))
+                    for datagram in read_datagrams(captures_dir / name):
+                        sock.sendto(datagram.payload, ("127.0.0.1", port))
+            await wait_for(lambda: pipeline.aggregator.stats.records_in >= total)
+        finally:
+            await pipeline.stop()
+
+    run(scenario)
+    return pipeline
+
+
+def unreachable_settings(tmp_path: Path, **env: str) -> Settings:
+    """Test relay settings with Kinesis out of reach and no metrics port."""
+    return relay_settings(
+        tmp_path,
+        SAMPLEFLOW_AGGREGATE_WINDOW_S="3600",
+        SAMPLEFLOW_KINESIS_ENDPOINT_URL="http://127.0.0.1:9",
+        SAMPLEFLOW_METRICS_ENABLED="false",
+        **env,
+    )
+
+
+def test_flagged_hosts_are_spooled_first_in_full_detail(
+    captures_dir: Path, tmp_path: Path
+) -> None:
+    """With the alert threshold at 0 every private host is flagged: per
+    exporter its rows come first (lower seq) with the 5-tuples of the tshark
+    decode; the other rows are rolled up (no ephemeral source port towards
+    a well-known port is left); totals equal tshark's."""
+    names = {
+        "nf9-fortigate-data-before-template.pcap": "127.0.0.13",
+        "w-ipfix-mikrotik.pcap": "127.0.0.14",
+        "nf5-freebsd-ng_netflow.pcap": "127.0.0.11",
+    }
+    settings = unreachable_settings(tmp_path, SAMPLEFLOW_FILTER_THRESHOLD="0")
+    pipeline = spool_scenario(captures_dir, settings, names)
+    with Spool(settings.spool_dir) as spool:
+        batches = [decode_batch(b.payload) for b in spool.pending()]
+    by_exporter: dict[bytes, list[Any]] = collections.defaultdict(list)
+    for b in batches:
+        [exporter] = set(b.columns["exporter"].tolist())
+        by_exporter[exporter].append(b)
+    for name, source in names.items():
+        rows = tshark_rows(captures_dir / f"{name}.tshark.csv")
+        mine = sorted(by_exporter[address_bytes(source)], key=lambda b: b.header.seq)
+        flags: dict[int, list[bool]] = collections.defaultdict(list)
+        express_tuples, octets, flows = set(), 0, 0
+        for b in mine:
+            c = b.columns
+            ends = [
+                is_private(bytes(s)) or is_private(bytes(d))
+                for s, d in zip(c["src_addr"], c["dst_addr"], strict=True)
+            ]
+            assert len(set(ends)) == 1  # a batch is all express or all not
+            flags[b.header.window_start_ms].append(ends[0])
+            for i in range(b.header.record_count):
+                t = (
+                    address_text(bytes(c["src_addr"][i])),
+                    address_text(bytes(c["dst_addr"][i])),
+                    int(c["src_port"][i]),
+                    int(c["dst_port"][i]),
+                    int(c["protocol"][i]),
+                )
+                if ends[0]:
+                    # tshark leaves ICMP ports empty: compare TCP/UDP ports only.
+                    express_tuples.add(t if t[4] in (6, 17) else (t[0], t[1], t[4]))
+                else:
+                    ephemeral = t[4] in (6, 17) and t[2] > 1023 and t[3] <= 1023
+                    assert not ephemeral, t
+            octets += int(c["bytes"].sum())
+            flows += int(c["flow_count"].sum())
+        # In each window express batches come first: True..., then False...
+        for window_flags in flags.values():
+            assert window_flags == sorted(window_flags, reverse=True)
+        internal_rows = [
+            r
+            for r in rows
+            if any(
+                is_private(address_bytes(r[k]))
+                for k in ("src_addr", "dst_addr")
+                if r[k]
+            )
+        ]
+        expected_tuples = set()
+        for r in internal_rows:
+            src = str(ipaddress.ip_address(r["src_addr"]))
+            dst = str(ipaddress.ip_address(r["dst_addr"]))
+            proto = int(r["protocol"])
+            expected_tuples.add(
+                (src, dst, int(r["src_port"]), int(r["dst_port"]), proto)
+                if proto in (6, 17)
+                else (src, dst, proto)
+            )
+        assert express_tuples == expected_tuples
+        assert (flows, octets) == (
+            len(rows),
+            sum(int(r["bytes"].split("|")[0]) for r in rows),
+        )
+    assert pipeline.encode_stats.express_rows > 0
+
+
+@pytest.mark.parametrize(
+    ("model", "reason"),
+    [(NAN_MODEL, "non_finite_output"), (Path("missing.json"), "model_load_failed")],
+    ids=["nan-model", "missing-model"],
+)
+def test_unusable_model_passes_rows_through_counted(
+    captures_dir: Path, tmp_path: Path, model: Path, reason: str
+) -> None:
+    """A model giving NaN, or none at all: batches carry no score and no
+    model version, totals equal tshark's, the reason is counted."""
+    name = "nf9-fortigate-data-before-template.pcap"
+    settings = unreachable_settings(
+        tmp_path,
+        SAMPLEFLOW_FILTER_MODEL=str(tmp_path / model)
+        if not model.is_absolute()
+        else str(model),
+    )
+    pipeline = spool_scenario(captures_dir, settings, {name: "127.0.0.13"})
+    with Spool(settings.spool_dir) as spool:
+        batches = [decode_batch(b.payload) for b in spool.pending()]
+    assert batches
+    for b in batches:
+        assert b.header.model_version is None
+        assert "score" not in b.columns
+    records, octets, packets = tshark_totals(captures_dir / f"{name}.tshark.csv")
+    assert sum(int(b.columns["flow_count"].sum()) for b in batches) == records
+    assert sum(int(b.columns["bytes"].sum()) for b in batches) == octets
+    assert sum(int(b.columns["packets"].sum()) for b in batches) == packets
+    assert pipeline.filter is not None
+    assert pipeline.filter.counters.passthrough_batches[reason] >= 1
+    metrics = read_metrics(generate_latest(pipeline.registry).decode())
+    passthrough = dict(
+        (labels["reason"], value)
+        for labels, value in metrics["sampleflow_relay_filter_passthrough_total"]
+    )
+    assert passthrough[reason] >= 1
+
+
+def test_filter_disabled_ships_unscored_rows(
+    captures_dir: Path, tmp_path: Path
+) -> None:
+    """filter.enabled = false: no score column, no roll-up (ephemeral client
+    ports kept), totals equal tshark's."""
+    name = "nf5-freebsd-ng_netflow.pcap"
+    settings = unreachable_settings(tmp_path, SAMPLEFLOW_FILTER_ENABLED="false")
+    pipeline = spool_scenario(captures_dir, settings, {name: "127.0.0.11"})
+    assert pipeline.filter is None
+    with Spool(settings.spool_dir) as spool:
+        batches = [decode_batch(b.payload) for b in spool.pending()]
+    assert all("score" not in b.columns for b in batches)
+    ports = {int(p) for b in batches for p in b.columns["src_port"]}
+    rows = tshark_rows(captures_dir / f"{name}.tshark.csv")
+    assert ports == {int(r["src_port"]) for r in rows}
+    assert sum(int(b.columns["flow_count"].sum()) for b in batches) == len(rows)
 
 
 def test_stop_spools_open_windows_when_kinesis_is_unreachable(
@@ -256,6 +474,8 @@ def test_full_spool_with_reject_new_counts_the_drop(tmp_path: Path) -> None:
         tmp_path,
         SAMPLEFLOW_SPOOL_MAX_BYTES=str(64 * 1024),
         SAMPLEFLOW_SPOOL_FULL_POLICY="reject_new",
+        # Synthetic rows repeat keys, which the filter would roll up.
+        SAMPLEFLOW_FILTER_ENABLED="false",
         SAMPLEFLOW_KINESIS_ENDPOINT_URL="http://127.0.0.1:9",
         SAMPLEFLOW_METRICS_ENABLED="false",
     )
@@ -288,7 +508,7 @@ def test_split_by_exporter_keeps_runs() -> None:
     rows["exporter"] = [np.void(address_bytes(a)) for a in addresses]
     rows["bytes"] = [1, 2, 3, 4, 5]
     parts = split_by_exporter(rows)
-    assert [(e, r["bytes"].tolist()) for e, r in parts] == [
+    assert [(e, rows["bytes"][lo:hi].tolist()) for e, lo, hi in parts] == [
         (address_bytes("192.0.2.1"), [1, 2]),
         (address_bytes("192.0.2.2"), [3]),
         (address_bytes("2001:db8::1"), [4, 5]),

@@ -5,7 +5,7 @@ The relay ships :data:`AGG_DTYPE` rows, not raw records; see
 :mod:`edge_agent.aggregate.window` for the windowing rules.
 """
 
-from edge_agent.aggregate.reduce import reduce_rows
+from edge_agent.aggregate.reduce import group_by_words, order_by_addresses, reduce_rows
 from edge_agent.aggregate.schema import (
     AGG_COLUMNS,
     AGG_DTYPE,
@@ -31,6 +31,8 @@ __all__ = [
     "FlushReason",
     "concat_rows",
     "empty_rows",
+    "group_by_words",
+    "order_by_addresses",
     "reduce_rows",
     "to_aggregate_rows",
 ]

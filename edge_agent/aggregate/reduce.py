@@ -36,29 +36,45 @@ def _hash_words(words: np.ndarray) -> np.ndarray:
     return h
 
 
-def _group(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Return (ordered, starts): the rows with equal keys made adjacent, and
-    the index in ``ordered`` where each key's group starts.
+def group_by_words(words: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Group rows of an ``(n, k)`` uint64 key matrix by equal keys.
+
+    Returns ``(order, starts)``: a permutation that makes rows with equal
+    keys adjacent, and the positions in that order where each group starts.
 
     Sorting one 64-bit hash of the key is several times faster than a
     lexicographic sort of all key words.  Two different keys with the same
     hash (the boundary check below sees it) could interleave, so then the
     exact lexicographic sort is used instead.
     """
-    words = _key_words(rows)
     h = _hash_words(words)
     order = np.argsort(h, kind="stable")
-    ordered = take_rows(rows, order)
-    sorted_words = _key_words(ordered)
+    sorted_words = words[order]
     key_change = np.any(sorted_words[1:] != sorted_words[:-1], axis=1)
     sorted_h = h[order]
     if np.any(key_change & (sorted_h[1:] == sorted_h[:-1])):
         order = np.lexsort(words.T[::-1])
-        ordered = take_rows(rows, order)
-        sorted_words = _key_words(ordered)
+        sorted_words = words[order]
         key_change = np.any(sorted_words[1:] != sorted_words[:-1], axis=1)
     starts = np.concatenate(([0], np.flatnonzero(key_change) + 1))
-    return ordered, starts
+    return order, starts
+
+
+def _group(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Return (ordered, starts): the rows with equal keys made adjacent, and
+    the index in ``ordered`` where each key's group starts."""
+    order, starts = group_by_words(_key_words(rows))
+    return take_rows(rows, order), starts
+
+
+def order_by_addresses(rows: np.ndarray) -> np.ndarray:
+    """AGG_DTYPE rows ordered by exporter, then source, then destination
+    address (equal addresses side by side compress well; runs of one
+    exporter are what the relay splits batches by)."""
+    if rows.shape[0] <= 1:
+        return rows.copy()
+    address_words = _key_words(np.ascontiguousarray(rows))[:, :_ADDRESS_WORDS]
+    return take_rows(rows, np.lexsort(address_words.T[::-1]))
 
 
 def reduce_rows(rows: np.ndarray) -> np.ndarray:
@@ -85,7 +101,4 @@ def reduce_rows(rows: np.ndarray) -> np.ndarray:
     out["tcp_flags"] = np.bitwise_or.reduceat(ordered["tcp_flags"], starts)
     out["time_start"] = np.minimum.reduceat(ordered["time_start"], starts)
     out["time_end"] = np.maximum.reduceat(ordered["time_end"], starts)
-    if out.shape[0] > 1:
-        address_words = _key_words(out)[:, :_ADDRESS_WORDS]
-        out = take_rows(out, np.lexsort(address_words.T[::-1]))
-    return out
+    return order_by_addresses(out)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -27,6 +28,27 @@ from edge_agent.features import FEATURE_SPEC_VERSION, FeatureScaler
 from edge_agent.features.scoring import GlobalDetector, LossNormaliser
 
 MANIFEST_FORMAT = "sampleflow-model/1"
+
+#: The relay model shipped with the project (trained on CTU-13, 1:100, 300 s).
+SHIPPED_RELAY_MANIFEST = "relay-ctu13s6-r100-w300.manifest.json"
+#: Where an installed wheel puts the shipped relay model, under sys.prefix
+#: (pyproject.toml, [tool.setuptools.data-files]).
+INSTALLED_MODELS_DIR = Path("share") / "sampleflow" / "models"
+
+
+def default_model_manifest() -> Path | None:
+    """The shipped relay model's manifest, or None if neither copy exists.
+
+    A development checkout or editable install has it in ``models/`` at the
+    project root (next to the ``edge_agent`` package); an installed wheel
+    has it under ``sys.prefix`` (:data:`INSTALLED_MODELS_DIR`).  The
+    checkout wins, so a developer's retrained model is the one used.
+    """
+    candidates = (
+        Path(__file__).resolve().parents[2] / "models" / SHIPPED_RELAY_MANIFEST,
+        Path(sys.prefix) / INSTALLED_MODELS_DIR / SHIPPED_RELAY_MANIFEST,
+    )
+    return next((path for path in candidates if path.is_file()), None)
 
 
 class ModelLoadError(Exception):
@@ -166,8 +188,17 @@ def load_model(manifest_path: Path | str) -> LoadedModel:
             f"says {expected_sha[:12]}...",
         )
     interpreter_cls = _interpreter_class()
+    # The builtin kernels without the default XNNPACK delegate: a model of a
+    # few hundred weights gains nothing from it, and creating it prints an
+    # INFO line on stderr, where the relay's JSON log goes.
+    resolver = getattr(sys.modules[interpreter_cls.__module__], "OpResolverType", None)
+    options: dict[str, Any] = {}
+    if resolver is not None:
+        options["experimental_op_resolver_type"] = (
+            resolver.BUILTIN_WITHOUT_DEFAULT_DELEGATES
+        )
     try:
-        interpreter = interpreter_cls(model_content=blob, num_threads=1)
+        interpreter = interpreter_cls(model_content=blob, num_threads=1, **options)
         interpreter.allocate_tensors()
         details = interpreter.get_input_details()[0]
         signature = [int(d) for d in details["shape_signature"]]

@@ -257,6 +257,26 @@ def print_status(
     line("records aggregated", f"{total('records_in_total'):.0f}")
     line("rows out", f"{total('records_out_total'):.0f}")
     line("aggregation ratio", f"{total('aggregation_ratio'):.2f} records per row")
+    if total("filter_enabled"):
+        models = [
+            labels["version"] for labels, _ in metrics.get(p + "filter_model_info", [])
+        ]
+        line("filter model", models[0] if models else "none (rows pass through)")
+        line(
+            "filter rows",
+            f"{total('filter_rows_in_total'):.0f} in, "
+            f"{total('filter_rows_out_total'):.0f} out, "
+            f"{total('filter_express_rows_total'):.0f} express",
+        )
+        passthrough = [
+            f"{labels['reason']} {value:.0f}"
+            for labels, value in metrics.get(p + "filter_passthrough_total", [])
+            if value > 0
+        ]
+        if passthrough:
+            line("filter passed through", ", ".join(passthrough) + " windows")
+    else:
+        line("filter", "off")
     line("batches encoded", f"{total('batches_encoded_total'):.0f}")
     line("batches spooled", f"{total('batches_spooled_total'):.0f}")
     line("batches shipped", f"{total('batches_shipped_total'):.0f}")

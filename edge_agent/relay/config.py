@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Union, get_args, get_origin, get_type_hints
 
 from edge_agent.collect.udp import CollectorConfig
+from edge_agent.filter.model import default_model_manifest
 from edge_agent.flows.decoder import DecoderConfig
 from edge_agent.relay.partition import PARTITION_SCHEMES
 from edge_agent.ship.config import ShipperConfig, ShipperConfigError
@@ -205,6 +206,73 @@ class AggregateSettings:
         _check_range("aggregate.max_keys", self.max_keys, 1, 100_000_000)
 
 
+#: Private address ranges, counted as internal unless
+#: ``filter.private_networks`` is false: RFC 1918 and IPv6 unique local
+#: addresses (RFC 4193).
+PRIVATE_NETWORKS: tuple[str, ...] = (
+    "10.0.0.0/8",
+    "172.16.0.0/12",
+    "192.168.0.0/16",
+    "fc00::/7",
+)
+
+
+def _check_cidr(key: str, value: str) -> None:
+    try:
+        ipaddress.ip_network(value, strict=True)
+    except ValueError as exc:
+        raise ConfigError(
+            key, value, f"must be a CIDR with no host bits set ({exc})"
+        ) from None
+
+
+@dataclass(frozen=True)
+class FilterSettings:
+    """``[filter]``: the TFLite scoring filter between aggregation and encode.
+
+    Hosts whose window scores at or above the alert threshold keep full
+    detail and are shipped first; the rest is rolled up (see
+    edge_agent.filter).  Without a usable model the rows pass through
+    unfiltered and the reason is counted.
+    """
+
+    SECTION: ClassVar[str] = "filter"
+    enabled: bool = True
+    #: the model's manifest (its .tflite next to it); default: the shipped
+    #: relay model (edge_agent.filter.default_model_manifest)
+    model: Path | None = None
+    #: CIDRs of this network's hosts (the features score internal hosts),
+    #: on top of the private ranges unless private_networks is false
+    internal_networks: tuple[str, ...] = ()
+    #: count 10/8, 172.16/12, 192.168/16 and fc00::/7 as internal too
+    private_networks: bool = True
+    #: a detector score in [0, 1] replacing the model's alert threshold
+    threshold: float | None = None
+    #: bound on the scoring history of the open model windows (80 bytes a
+    #: row; 0: score each aggregation window on its own)
+    history_rows: int = 200_000
+
+    def __post_init__(self) -> None:
+        for cidr in self.internal_networks:
+            _check_cidr("filter.internal_networks", cidr)
+        if self.enabled and not self.networks:
+            raise ConfigError(
+                "filter.internal_networks",
+                self.internal_networks,
+                "list one or more CIDRs when private_networks is false "
+                "(the filter scores internal hosts)",
+            )
+        if self.threshold is not None:
+            _check_range("filter.threshold", self.threshold, 0.0, 1.0)
+        _check_range("filter.history_rows", self.history_rows, 0, 100_000_000)
+
+    @property
+    def networks(self) -> tuple[str, ...]:
+        """The internal networks in effect."""
+        private = PRIVATE_NETWORKS if self.private_networks else ()
+        return (*private, *(n for n in self.internal_networks if n not in private))
+
+
 @dataclass(frozen=True)
 class SpoolSettings:
     """``[spool]``: the on-disk queue between encoder and shipper."""
@@ -292,6 +360,7 @@ SECTIONS: tuple[type, ...] = (
     CollectorSettings,
     DecoderSettings,
     AggregateSettings,
+    FilterSettings,
     SpoolSettings,
     KinesisSettings,
     MetricsSettings,
@@ -310,10 +379,18 @@ class Settings:
     collector: CollectorSettings
     decoder: DecoderSettings
     aggregate: AggregateSettings
+    filter: FilterSettings
     spool: SpoolSettings
     kinesis: KinesisSettings
     metrics: MetricsSettings
     sources: Mapping[str, str] = field(default_factory=dict, compare=False)
+
+    @property
+    def filter_model(self) -> Path | None:
+        """The filter model's manifest in effect (None: none found)."""
+        if self.filter.model is not None:
+            return self.filter.model
+        return default_model_manifest()
 
     @property
     def spool_dir(self) -> Path:
@@ -539,6 +616,8 @@ def render_settings(settings: Settings) -> str:
             value = getattr(values, f.name)
             if section == "spool" and f.name == "dir" and value is None:
                 value = settings.spool_dir
+            if section == "filter" and f.name == "model" and value is None:
+                value = settings.filter_model
             source = settings.sources.get(f"{section}.{f.name}", "default")
             if value is None:
                 lines.append(f"# {f.name} is not set  # {source}")

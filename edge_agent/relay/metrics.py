@@ -57,6 +57,9 @@ class EncodeStats:
     #: and ``encoder_bug`` (both bugs; logged in full)
     dropped: collections.Counter[str] = field(default_factory=collections.Counter)
     dropped_rows: collections.Counter[str] = field(default_factory=collections.Counter)
+    express_rows: int = 0  # rows of flagged host windows, shipped first
+    #: windows the filter raised on (a bug), shipped unfiltered
+    filter_errors: int = 0
 
 
 def _exporter_label(key: tuple[bytes, int]) -> str:
@@ -91,6 +94,7 @@ class RelayCollector(Collector):
         yield from self._collector(p)
         yield from self._decoder(p)
         yield from self._aggregate(p)
+        yield from self._filter(p)
         yield from self._encoder(p)
         yield from self._spool(p)
         yield from self._shipper(p)
@@ -205,6 +209,63 @@ class RelayCollector(Collector):
         held = _gauge("aggregator_held_rows", "Rows held in open windows.")
         held.add_metric([], p.aggregator.held_rows)
         yield from (records_in, rows, ratio, windows, fallback, held)
+
+    def _filter(self, p: RelayPipeline) -> Iterator[Metric]:
+        f = p.filter
+        enabled = _gauge("filter_enabled", "1 if the scoring filter is on.")
+        enabled.add_metric([], 0 if f is None else 1)
+        yield enabled
+        if f is None:
+            return
+        c = f.counters
+        model = f.model
+        info = _gauge(
+            "filter_model_info", "The model scoring now (value 1).", ["version"]
+        )
+        if model is not None:
+            info.add_metric([model.version], 1)
+        yield info
+        for name, doc, value in (
+            ("filter_windows_total", "Windows the filter processed.", c.batches),
+            ("filter_rows_in_total", "Rows into the filter.", c.records_in),
+            ("filter_rows_out_total", "Rows out of the filter.", c.records_out),
+            ("filter_express_rows_total",
+             "Rows of flagged host windows, kept in detail and shipped first.",
+             c.records_express),
+            ("filter_host_windows_scored_total",
+             "Host windows scored (once per window of rows they appear in).",
+             c.host_windows_scored),
+            ("filter_host_windows_express_total",
+             "Host windows at or above the alert threshold.",
+             c.host_windows_express),
+            ("filter_passthrough_rows_total",
+             "Rows passed through unfiltered.", c.passthrough_records),
+            ("filter_model_loads_total", "Models loaded.", c.model_loads),
+            ("filter_history_restarts_total",
+             "Times the scoring history hit its bound (filter.history_rows).",
+             c.history_restarts),
+        ):  # fmt: skip
+            counter = _counter(name, doc)
+            counter.add_metric([], value)
+            yield counter
+        passthrough = _counter(
+            "filter_passthrough_total",
+            "Windows passed through unfiltered, by reason.",
+            ["reason"],
+        )
+        reasons = collections.Counter(dict(list(c.passthrough_batches.items())))
+        if p.encode_stats.filter_errors:
+            reasons["filter_error"] += p.encode_stats.filter_errors
+        for reason, count in sorted(reasons.items()):
+            passthrough.add_metric([reason], count)
+        yield passthrough
+        failures = _counter(
+            "filter_model_load_failures_total", "Failed model loads, by reason.",
+            ["reason"],
+        )  # fmt: skip
+        for reason, count in sorted(list(c.model_load_failures.items())):
+            failures.add_metric([reason], count)
+        yield failures
 
     def _encoder(self, p: RelayPipeline) -> Iterator[Metric]:
         e = p.encode_stats
