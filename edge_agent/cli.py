@@ -18,6 +18,8 @@ import sys
 from collections.abc import Sequence
 from importlib.metadata import entry_points
 
+from edge_agent.logs import configure_logging
+
 #: Modules of the edge package that contribute subcommands.
 EDGE_COMMAND_MODULES: tuple[str, ...] = (
     "edge_agent.collect.decode_command",
@@ -75,6 +77,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the process exit code."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    try:
+        configure_logging()
+    except ValueError as exc:
+        print(f"sampleflow: {exc}", file=sys.stderr)
+        return 2
     func = getattr(args, "func", None)
     if func is None:
         parser.print_help()

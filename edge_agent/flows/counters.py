@@ -32,10 +32,11 @@ class ExporterCounters:
     templates: int = 0  # templates currently known for this exporter
     templates_received: int = 0
     templates_withdrawn: int = 0
-    #: data records held because their template had not arrived yet
+    #: data SETS held because their template had not arrived yet (a set's
+    #: record count is unknown until its template comes)
     pending_held: int = 0
-    pending_decoded: int = 0  # held records decoded once the template came
-    pending_expired: int = 0  # held records dropped by age/count/byte bounds
+    pending_decoded: int = 0  # held sets decoded once the template came
+    pending_expired: int = 0  # held sets dropped by age/count/byte bounds
     options_records: int = 0
     counter_samples: int = 0  # sFlow counter samples seen
     drop_notifications: int = 0  # sFlow discarded-packet samples seen
