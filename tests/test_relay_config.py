@@ -5,11 +5,22 @@ from __future__ import annotations
 
 import tomllib
 from pathlib import Path
+from typing import Any
 
 import pytest
+import structlog
 
 from edge_agent.cli import main as cli_main
 from edge_agent.relay.config import ConfigError, load_settings, render_settings
+from edge_agent.relay.pipeline import RelayPipeline
+
+
+@pytest.fixture(autouse=True)
+def _reset_logging() -> Any:
+    """cli_main() points structlog at this test's captured stderr; put the
+    defaults back so later tests do not write to a closed file."""
+    yield
+    structlog.reset_defaults()
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -21,7 +32,7 @@ def write(tmp_path: Path, text: str) -> Path:
 def test_every_setting_has_a_default() -> None:
     """No file and no environment: the documented defaults."""
     s = load_settings(None, {})
-    assert s.relay.tenant_id == "default"
+    assert s.relay.tenant_id is None  # no default: relay run needs one
     assert s.relay.relay_id  # the host name, made valid
     assert s.relay.state_dir == Path("/var/lib/sampleflow")
     assert s.collector.listen_addresses == ("0.0.0.0",)
@@ -271,3 +282,72 @@ def test_check_config_fails_with_the_reason(
     assert captured.out == ""
     assert "spool.full_policy='panic'" in captured.err
     assert "drop_oldest, reject_new" in captured.err
+
+
+def test_relay_run_without_tenant_names_the_key(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """No tenant in file or environment: `relay run` exits 2 before binding
+    anything, naming relay.tenant_id and both ways to set it; a
+    pipeline refuses it too."""
+    monkeypatch.delenv("SAMPLEFLOW_RELAY_TENANT_ID", raising=False)
+    path = write(tmp_path, '[relay]\nrelay_id = "edge-1"\n')
+    assert cli_main(["relay", "run", "--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "relay.tenant_id=None" in err
+    assert "SAMPLEFLOW_RELAY_TENANT_ID" in err and "[relay] tenant_id" in err
+    with pytest.raises(ConfigError, match=r"relay\.tenant_id"):
+        RelayPipeline(load_settings(path, {}))
+
+
+def test_check_config_without_tenant_passes_with_a_note(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """check-config stays usable without a tenant: exit 0, the settings on
+    stdout, a note naming relay.tenant_id on stderr."""
+    monkeypatch.delenv("SAMPLEFLOW_RELAY_TENANT_ID", raising=False)
+    assert cli_main(["relay", "check-config", str(write(tmp_path, ""))]) == 0
+    captured = capsys.readouterr()
+    assert "# tenant_id is not set  # default" in captured.out
+    assert "note: relay.tenant_id=None" in captured.err
+
+
+def test_filter_settings(tmp_path: Path) -> None:
+    """[filter]: private ranges plus the configured CIDRs; bad CIDRs,
+    thresholds outside [0, 1] and no networks at all are refused."""
+    s = load_settings(
+        write(
+            tmp_path,
+            '[filter]\ninternal_networks = ["147.32.0.0/16"]\nthreshold = 0.9\n',
+        ),
+        {},
+    )
+    assert s.filter.networks == (
+        "10.0.0.0/8",
+        "172.16.0.0/12",
+        "192.168.0.0/16",
+        "fc00::/7",
+        "147.32.0.0/16",
+    )
+    assert s.filter.threshold == 0.9
+    assert s.filter_model is not None
+    assert s.filter_model.name == "relay-ctu13s6-r100-w300.manifest.json"
+    only = load_settings(
+        None,
+        {
+            "SAMPLEFLOW_FILTER_PRIVATE_NETWORKS": "false",
+            "SAMPLEFLOW_FILTER_INTERNAL_NETWORKS": "2001:db8::/32",
+        },
+    )
+    assert only.filter.networks == ("2001:db8::/32",)
+    for env, message in (
+        ({"SAMPLEFLOW_FILTER_INTERNAL_NETWORKS": "10.0.0.1/8"}, "host bits set"),
+        ({"SAMPLEFLOW_FILTER_THRESHOLD": "1.5"}, r"filter\.threshold=1\.5"),
+        ({"SAMPLEFLOW_FILTER_PRIVATE_NETWORKS": "off"}, "list one or more CIDRs"),
+    ):
+        with pytest.raises(ConfigError, match=message):
+            load_settings(None, env)

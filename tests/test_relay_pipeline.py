@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import structlog
 from prometheus_client import generate_latest
 
 from edge_agent.aggregate import AGG_DTYPE, AggregatedWindow, FlushReason
@@ -63,6 +64,14 @@ RELAY_MODEL = "relay-ctu13s6-r100-w300:"
 NAN_MODEL = (
     Path(__file__).resolve().parent / "data" / "nan-model" / "nan-model.manifest.json"
 )
+
+
+@pytest.fixture(autouse=True)
+def _reset_logging() -> Any:
+    """cli_main() points structlog at this test's captured stderr; put the
+    defaults back so later tests do not write to a closed file."""
+    yield
+    structlog.reset_defaults()
 
 
 def is_private(raw: bytes) -> bool:

@@ -128,11 +128,19 @@ def _load(path: Path | None, prog: str) -> Settings | None:
 
 
 def check_config(args: argparse.Namespace) -> int:
-    """``relay check-config``: validate, print the effective settings."""
+    """``relay check-config``: validate, print the effective settings.
+
+    Settings ``relay run`` needs but that are not set (the tenant) do not
+    fail the check; they are named on stderr.
+    """
     settings = _load(args.config, "check-config")
     if settings is None:
         return 2
     sys.stdout.write(render_settings(settings))
+    try:
+        settings.require_tenant()
+    except ConfigError as exc:
+        print(f"sampleflow relay check-config: note: {exc}", file=sys.stderr)
     return 0
 
 
@@ -163,6 +171,11 @@ def run_relay(args: argparse.Namespace) -> int:
     """``relay run``: run the pipeline until SIGTERM/SIGINT."""
     settings = _load(args.config, "run")
     if settings is None:
+        return 2
+    try:
+        settings.require_tenant()
+    except ConfigError as exc:
+        print(f"sampleflow relay run: configuration error: {exc}", file=sys.stderr)
         return 2
     configure_logging(settings.relay.log_level, settings.relay.log_format)
     try:

@@ -94,8 +94,10 @@ class RelaySettings:
     """``[relay]``: who this relay is and where it keeps its state."""
 
     SECTION: ClassVar[str] = "relay"
-    #: the customer the relay ships for (part of every batch header)
-    tenant_id: str = "default"
+    #: the customer the relay ships for (part of every batch header and
+    #: partition key); no default: ``relay run`` refuses to start without
+    #: it, so no relay ships a customer's flows under a made-up tenant
+    tenant_id: str | None = None
     #: stable across restarts (sequence numbers and partition keys use it);
     #: defaults to the host name
     relay_id: str = field(default_factory=_default_relay_id)
@@ -106,7 +108,8 @@ class RelaySettings:
     log_format: str = "json"
 
     def __post_init__(self) -> None:
-        _check_id("relay.tenant_id", self.tenant_id)
+        if self.tenant_id is not None:
+            _check_id("relay.tenant_id", self.tenant_id)
         _check_id("relay.relay_id", self.relay_id)
         _check_choice("relay.log_level", self.log_level, LOG_LEVELS)
         _check_choice("relay.log_format", self.log_format, LOG_FORMATS)
@@ -384,6 +387,19 @@ class Settings:
     kinesis: KinesisSettings
     metrics: MetricsSettings
     sources: Mapping[str, str] = field(default_factory=dict, compare=False)
+
+    def require_tenant(self) -> str:
+        """``relay.tenant_id``; raises :class:`ConfigError` if it is not set."""
+        tenant = self.relay.tenant_id
+        if tenant is None:
+            raise ConfigError(
+                "relay.tenant_id",
+                None,
+                "must be set to run a relay: the tenant its batches belong to "
+                "([relay] tenant_id in the file, or SAMPLEFLOW_RELAY_TENANT_ID); "
+                + _ID_RULE,
+            )
+        return tenant
 
     @property
     def filter_model(self) -> Path | None:

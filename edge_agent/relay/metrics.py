@@ -107,9 +107,7 @@ class RelayCollector(Collector):
             labels=["tenant_id", "relay_id", "stream"],
         )
         s = p.settings
-        info.add_metric(
-            [s.relay.tenant_id, s.relay.relay_id, s.kinesis.stream_name or ""], 1
-        )
+        info.add_metric([p.tenant_id, s.relay.relay_id, s.kinesis.stream_name or ""], 1)
         yield info
         up = _gauge("uptime_seconds", "Seconds since the pipeline started.")
         up.add_metric([], p.uptime_s)

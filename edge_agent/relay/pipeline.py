@@ -102,6 +102,8 @@ class RelayPipeline:
         drain_s: float = 5.0,
     ) -> None:
         self.settings = settings
+        #: raises ConfigError naming relay.tenant_id when it is not set
+        self.tenant_id = settings.require_tenant()
         self._clock = clock
         self._client_factory = client_factory
         self.tick_s = tick_s
@@ -169,7 +171,7 @@ class RelayPipeline:
         s = self.settings
         log.info(
             "relay_starting",
-            tenant_id=s.relay.tenant_id,
+            tenant_id=self.tenant_id,
             relay_id=s.relay.relay_id,
             spool=str(s.spool_dir),
             stream=s.kinesis.stream_name or s.kinesis.stream_arn,
@@ -411,7 +413,7 @@ class RelayPipeline:
         s = self.settings
         e = self.encode_stats
         fields = HeaderFields(
-            s.relay.tenant_id,
+            self.tenant_id,
             s.relay.relay_id,
             window.start_ms,
             window.end_ms,
@@ -420,7 +422,7 @@ class RelayPipeline:
         for exporter, lo, hi in split_by_exporter(rows):
             part = rows[lo:hi]
             key = partition_key(
-                s.kinesis.partition_key, s.relay.tenant_id, s.relay.relay_id, exporter
+                s.kinesis.partition_key, self.tenant_id, s.relay.relay_id, exporter
             )
             try:
                 batches = encode_batches(
