@@ -157,12 +157,10 @@ def local_up(args: argparse.Namespace) -> int:
     stack = LocalStack(settings)
     with _Interrupted() as interrupted:
         try:
-            stack.up(_say)
+            stack.up(_say, interrupted.event)
         except StackError as exc:
             print(f"sampleflow local up: {exc}", file=sys.stderr)
-            return 1
-        except KeyboardInterrupt:
-            return 130
+            return 130 if interrupted.event.is_set() else 1
         _print_status(stack)
         if args.detach:
             _say("running in the background; stop with `sampleflow local down`")
@@ -170,7 +168,9 @@ def local_up(args: argparse.Namespace) -> int:
         _say("supervising; Ctrl-C stops everything")
         code = 0
         try:
-            stack.supervise(interrupted.event)
+            if not stack.supervise(interrupted.event):
+                _say("stopped by `sampleflow local down`")
+                return 0
         except StackError as exc:
             print(f"sampleflow local up: {exc}", file=sys.stderr)
             code = 1

@@ -412,9 +412,30 @@ def main(args: argparse.Namespace, settings: Any, stop: threading.Event) -> int:
         else:
             print(f"starting the local stack in {stack.state_dir}")
             started_here = True
-            stack.up(lambda text: print("  " + text, flush=True))
+            stack.up(lambda text: print("  " + text, flush=True), stop)
         t_stack = time.monotonic()
+        pids = {r.name: r.pid for r in stack.running_parts()}
         report = _run(args, stack, stop, t_begin, t_stack)
+        if report is None:
+            return 130
+        stops = started_here and not args.keep
+        report["stack"] = {
+            "state_dir": str(stack.state_dir),
+            "started_by_demo": started_here,
+            "stopped_by_demo": stops,
+            "pids": pids,
+        }
+        report["timings"]["total_s"] = round(time.monotonic() - t_begin, 1)
+        print_report(report, sys.stdout)
+        if stops:
+            print(
+                "the demo stops the stack it started: run `sampleflow local up` "
+                "first (or pass --keep) to look at the results afterwards"
+            )
+        if args.json is not None:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(report, indent=2) + "\n")
+            print(f"report written to {args.json}")
     except (DemoError, StackError) as exc:
         print(f"sampleflow demo: {exc}", file=sys.stderr)
         return 1
@@ -425,14 +446,6 @@ def main(args: argparse.Namespace, settings: Any, stop: threading.Event) -> int:
                 stack.down()
             except StackError as exc:
                 print(f"sampleflow demo: {exc}", file=sys.stderr)
-    if report is None:
-        return 130
-    report["timings"]["total_s"] = round(time.monotonic() - t_begin, 1)
-    print_report(report, sys.stdout)
-    if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
-        print(f"report written to {args.json}")
     return 0
 
 

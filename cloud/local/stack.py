@@ -71,6 +71,9 @@ from cloud.local.settings import HOST, LocalSettings, how_to_set
 log = structlog.get_logger(__name__)
 
 STATE_FILE = "stack.json"
+#: ``down`` renames the state file to this while it stops the parts, so a
+#: supervising ``up`` knows the exits it sees are wanted.
+STOPPING_FILE = "stack.stopping.json"
 #: Dummy credentials for the local AWS server only (MiniStack accepts any).
 LOCAL_AWS_ENV: dict[str, str] = {
     "AWS_ACCESS_KEY_ID": "local",
@@ -177,11 +180,13 @@ class LocalStack:
         self.state_dir = self.settings.state_dir
         self.logs_dir = self.state_dir / "logs"
         self.state_path = self.state_dir / STATE_FILE
+        self.stopping_path = self.state_dir / STOPPING_FILE
         self.relay_config_path = self.state_dir / "relay" / "relay.toml"
         self.engine_dir = self.state_dir / "engine"
         self.checkpoint_dir = self.engine_dir / "checkpoint"
         self.estimates_path = self.engine_dir / "estimates.jsonl"
         self._running: dict[str, _Running] = {}
+        self._stop: threading.Event | None = None
 
     @classmethod
     def attach(cls, settings: LocalSettings) -> LocalStack:
@@ -341,10 +346,16 @@ class LocalStack:
 
     # -- up -----------------------------------------------------------------
 
-    def up(self, progress: Progress = lambda _: None) -> None:
+    def up(
+        self,
+        progress: Progress = lambda _: None,
+        stop: threading.Event | None = None,
+    ) -> None:
         """Start every available part, create the AWS resources, wait until
         all are healthy.  Raises :class:`PortInUseError` or
-        :class:`StackError`; on failure nothing started is left running."""
+        :class:`StackError` (also when ``stop`` is set meanwhile: Ctrl-C);
+        on failure nothing started is left running."""
+        self._stop = stop
         running = self.running_parts()
         if running:
             names = ", ".join(f"{r.name} (pid {r.pid})" for r in running)
@@ -500,6 +511,8 @@ class LocalStack:
                     reasons[name] = reason
             if not waiting:
                 return
+            if self._stop is not None and self._stop.is_set():
+                raise StackError("stack", "interrupted while starting")
             if time.monotonic() > deadline:
                 name = next(iter(waiting))
                 running = self._running[name]
@@ -671,12 +684,13 @@ class LocalStack:
         tmp.replace(self.state_path)
 
     def _read_state(self) -> list[_Running]:
+        path = self.state_path if self.state_path.exists() else self.stopping_path
         try:
-            state = json.loads(self.state_path.read_text())
+            state = json.loads(path.read_text())
         except FileNotFoundError:
             return []
         except (OSError, ValueError) as exc:
-            raise StackError("stack", f"unreadable {self.state_path}: {exc}") from exc
+            raise StackError("stack", f"unreadable {path}: {exc}") from exc
         out = []
         for entry in state.get("parts", []):
             name = entry["name"]
@@ -742,6 +756,8 @@ class LocalStack:
         process of a part's group outlived SIGKILL.
         """
         entries = self._read_state()
+        with contextlib.suppress(FileNotFoundError):
+            self.state_path.replace(self.stopping_path)
         rank = {name: i for i, name in enumerate(PART_ORDER)}
         entries.sort(key=lambda r: -rank.get(r.name, len(PART_ORDER)))
         stopped = []
@@ -758,23 +774,31 @@ class LocalStack:
             stopped.append(entry.name)
         self._running = {}
         with contextlib.suppress(FileNotFoundError):
-            self.state_path.unlink()
+            self.stopping_path.unlink()
         if survivors:
             raise StackError(
                 "stack", "processes survived SIGKILL: " + "; ".join(survivors)
             )
         return stopped
 
-    def supervise(self, stop: threading.Event, interval_s: float = 1.0) -> None:
-        """Watch the parts until ``stop`` is set; raise :class:`StackError`
-        when one exits (the caller then stops the rest)."""
+    def supervise(self, stop: threading.Event, interval_s: float = 1.0) -> bool:
+        """Watch the parts until ``stop`` is set (returns True) or
+        ``sampleflow local down`` ran elsewhere (its state file is gone:
+        returns False); raise :class:`StackError` when a part exits on its
+        own (the caller then stops the rest)."""
         while not stop.wait(interval_s):
+            if not self.state_path.exists():
+                for entry in self._running.values():
+                    _reap(entry)
+                return False
             for entry in self._running.values():
                 exited = (
                     entry.process.poll() is not None
                     if entry.process is not None
                     else not _alive(entry.pid, entry.start_ticks)
                 )
+                if exited and not self.state_path.exists():
+                    break  # `down` is stopping the parts
                 if exited:
                     code = entry.process.returncode if entry.process else None
                     raise StackError(
@@ -783,6 +807,7 @@ class LocalStack:
                         f"{log_tail(Path(entry.log))}",
                         Path(entry.log),
                     )
+        return True
 
 
 # -- ports --------------------------------------------------------------------

@@ -1,0 +1,261 @@
+"""The local stack: real servers started, watched and stopped by the CLI.
+
+``sampleflow local up/status/down`` run as separate processes, as a user
+runs them.  After each stop the test looks for every process the stack
+had (the parts' pids and every member of their process groups, read from
+/proc while they ran) and requires that none is left.  Settings are unit
+tested for precedence and error messages.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from cloud.local.settings import LocalSettings, SettingsError, load_settings
+from cloud.local.stack import LocalStack, group_members
+from tests.servers import free_port
+
+PARTS = ("ministack", "store", "model-service", "engine", "relay")
+
+
+def free_udp_port() -> int:
+    """A UDP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def write_config(path: Path, **overrides: object) -> dict[str, int]:
+    """A [local] TOML file with free ports; returns the ports."""
+    ports = {
+        "ministack_port": free_port(),
+        "store_port": free_port(),
+        "model_service_port": free_port(),
+        "relay_port": free_udp_port(),
+        "relay_metrics_port": free_port(),
+    }
+    values: dict[str, object] = {**ports, **overrides}
+    lines = ["[local]"]
+    for key, value in values.items():
+        lines.append(f"{key} = {json.dumps(value)}")
+    path.write_text("\n".join(lines) + "\n")
+    return ports
+
+
+def cli(
+    *args: str, cwd: Path, timeout: float = 240.0
+) -> subprocess.CompletedProcess[str]:
+    """Run ``sampleflow ARGS`` as its own process."""
+    return subprocess.run(
+        [sys.executable, "-m", "edge_agent.cli", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def alive(pid: int) -> bool:
+    """Whether a process exists and is not a zombie."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state not in ("Z", "X")
+
+
+def recorded_processes(state_dir: Path) -> dict[str, tuple[int, list[int]]]:
+    """Per part: its pid, and every live process of its process group."""
+    state = json.loads((state_dir / "stack.json").read_text())
+    out = {}
+    for part in state["parts"]:
+        pid = int(part["pid"])
+        out[part["name"]] = (pid, sorted({pid, *group_members(pid)}))
+    return out
+
+
+def wait_gone(pids: list[int], timeout_s: float = 10.0) -> list[int]:
+    deadline = time.monotonic() + timeout_s
+    left = [p for p in pids if alive(p)]
+    while left and time.monotonic() < deadline:
+        time.sleep(0.2)
+        left = [p for p in left if alive(p)]
+    return left
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_up_status_down_leaves_no_process(tmp_path: Path) -> None:
+    """`local up --detach` brings every part up healthy on the configured
+    ports, `local status` says so, `local down` stops them all: no pid of
+    any part or of its process group is left."""
+    config = tmp_path / "local.toml"
+    ports = write_config(config)
+    up = cli("local", "up", "--detach", "--config", str(config), cwd=tmp_path)
+    assert up.returncode == 0, up.stdout + up.stderr
+    state_dir = tmp_path / ".sampleflow"
+    try:
+        processes = recorded_processes(state_dir)
+        assert set(processes) == set(PARTS)
+        # The engine's JVM is a child in the engine's group.
+        assert len(processes["engine"][1]) >= 2
+        status = cli("local", "status", "--config", str(config), cwd=tmp_path)
+        assert status.returncode == 0, status.stdout + status.stderr
+        lines = {line.split()[0]: line for line in status.stdout.splitlines()[1:6]}
+        for part in PARTS:
+            assert lines[part].endswith("healthy"), lines[part]
+            assert lines[part].split()[1] == str(processes[part][0])
+        assert f"udp {ports['relay_port']}" in lines["relay"]
+        # Real answers on the configured loopback ports.
+        url = f"http://127.0.0.1:{ports['relay_metrics_port']}/healthz"
+        with urllib.request.urlopen(url, timeout=5) as resp:
+            assert resp.status == 200
+        url = f"http://127.0.0.1:{ports['ministack_port']}/_ministack/health"
+        with urllib.request.urlopen(url, timeout=5) as resp:
+            assert json.loads(resp.read())["services"]["kinesis"] == "available"
+        # status needs no port flags: it reads the recorded settings.
+        bare = cli("local", "status", cwd=tmp_path)
+        assert bare.returncode == 0, bare.stdout + bare.stderr
+    finally:
+        down = cli("local", "down", cwd=tmp_path)
+    assert down.returncode == 0, down.stdout + down.stderr
+    assert "stopped: relay, engine, model-service, store, ministack" in down.stdout
+    every_pid = [pid for _, pids in processes.values() for pid in pids]
+    assert wait_gone(every_pid) == []
+    assert not (state_dir / "stack.json").exists()
+    after = cli("local", "status", cwd=tmp_path)
+    assert after.returncode == 1
+    assert "not running" in after.stdout
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_ctrl_c_stops_everything(tmp_path: Path) -> None:
+    """A foreground `local up` supervises until SIGINT (Ctrl-C), then stops
+    every part and exits 130, leaving no process behind."""
+    config = tmp_path / "local.toml"
+    write_config(config)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "edge_agent.cli",
+            "local",
+            "up",
+            "--config",
+            str(config),
+        ],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    seen = []
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            seen.append(line)
+            if line.startswith("supervising"):
+                break
+        else:
+            pytest.fail("local up ended before supervising:\n" + "".join(seen))
+        processes = recorded_processes(tmp_path / ".sampleflow")
+        proc.send_signal(signal.SIGINT)
+        rest, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, "".join(seen) + rest
+    assert "stopping relay" in rest
+    every_pid = [pid for _, pids in processes.values() for pid in pids]
+    assert wait_gone(every_pid) == []
+
+
+def test_port_in_use_names_port_and_setting(tmp_path: Path) -> None:
+    """A taken TCP or UDP port stops `local up` before anything starts, with
+    a message naming the port and how to change it."""
+    config = tmp_path / "local.toml"
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        write_config(config, store_port=port)
+        result = cli("local", "up", "--config", str(config), cwd=tmp_path, timeout=60)
+    assert result.returncode == 1
+    assert f"127.0.0.1:{port} (store_port) is in use" in result.stderr
+    assert "--store-port, SAMPLEFLOW_LOCAL_STORE_PORT" in result.stderr
+    assert not (tmp_path / ".sampleflow" / "stack.json").exists()
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as taken:
+        taken.bind(("127.0.0.1", 0))
+        port = taken.getsockname()[1]
+        write_config(config)
+        result = cli(
+            "local",
+            "up",
+            "--config",
+            str(config),
+            "--relay-port",
+            str(port),
+            cwd=tmp_path,
+            timeout=60,
+        )
+    assert result.returncode == 1
+    assert f"UDP 127.0.0.1:{port} (relay_port) is in use" in result.stderr
+
+
+def test_settings_precedence_and_errors(tmp_path: Path) -> None:
+    """Flags win over the environment, which wins over the file, which wins
+    over the default; errors name the key, value and source."""
+    path = tmp_path / "local.toml"
+    path.write_text('[local]\nstore_port = 30001\nrelay_port = 30002\nregion = "x"\n')
+    env = {"SAMPLEFLOW_LOCAL_RELAY_PORT": "30003"}
+    s = load_settings(path, {"region": "eu-west-1"}, env)
+    assert (s.store_port, s.relay_port, s.region) == (30001, 30003, "eu-west-1")
+    assert s.ministack_port == LocalSettings().ministack_port
+    with pytest.raises(SettingsError) as err:
+        load_settings(None, None, {"SAMPLEFLOW_LOCAL_STORE_PORT": "lots"})
+    assert str(err.value) == (
+        "store_port='lots' (from env SAMPLEFLOW_LOCAL_STORE_PORT): must be an integer"
+    )
+    with pytest.raises(SettingsError, match="is also ministack_port"):
+        load_settings(None, {"store_port": 4566}, {})
+    path.write_text("[local]\nstore_prot = 1\n")
+    with pytest.raises(SettingsError, match=r"store_prot=1.*unknown key"):
+        load_settings(path, None, {})
+    with pytest.raises(SettingsError, match=r"relay_port=0.*1 to 65535"):
+        load_settings(None, {"relay_port": 0}, {})
+
+
+def test_relay_config_is_valid_for_the_relay(tmp_path: Path) -> None:
+    """The relay.toml the stack writes passes the relay's own check-config
+    and binds the collector and metrics to loopback on the set ports."""
+    settings = LocalSettings(state_dir=tmp_path / "state", relay_port=31000)
+    stack = LocalStack(settings)
+    path = tmp_path / "relay.toml"
+    path.write_text(stack.relay_config())
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SAMPLEFLOW_")}
+    result = subprocess.run(
+        [sys.executable, "-m", "edge_agent.cli", "relay", "check-config", str(path)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert 'listen_addresses = ["127.0.0.1"]' in result.stdout
+    assert "ports = [31000]" in result.stdout
+    assert 'endpoint_url = "http://127.0.0.1:4566"' in result.stdout
