@@ -24,7 +24,6 @@ from edge_agent.logs import configure_logging
 EDGE_COMMAND_MODULES: tuple[str, ...] = (
     "edge_agent.collect.decode_command",
     "edge_agent.bench.command",
-    # after bench.command: it adds ``bench wire`` to that parser
     "edge_agent.relay.commands",
 )
 

@@ -83,3 +83,19 @@ def test_bench_decode_without_captures_is_a_clear_error(
     assert "does not exist" in capsys.readouterr().err
     assert run(["bench", "decode", "--captures", str(tmp_path)]) == 2
     assert "no .pcap or .pcapng files" in capsys.readouterr().err
+
+
+def test_bench_wire_is_part_of_the_bench_command(
+    tiny_captures: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`bench wire` comes with the bench command alone (no relay commands
+    registered): one line per capture with tshark's record count, with and
+    without the filter."""
+    for extra in ([], ["--no-filter"]):
+        argv = ["bench", "wire", "--captures", str(tiny_captures)]
+        assert run([*argv, "--speed-records", "0", *extra]) == 0
+        out = capsys.readouterr().out
+        for name in TINY.values():
+            [line] = [x for x in out.splitlines() if x.startswith(name[:42])]
+            assert int(line.split()[1]) == tshark_records(tiny_captures / name)
+        assert "as shipped vs raw export" in out

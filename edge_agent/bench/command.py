@@ -1,13 +1,30 @@
-"""``sampleflow bench``: benchmark commands (``sampleflow bench decode``)."""
+"""``sampleflow bench``: benchmark commands.
+
+* ``bench decode``: decode throughput per protocol (edge_agent.bench.decode);
+* ``bench wire``: bytes shipped per record and codec speeds on the shared
+  captures (the relay's own path, edge_agent.relay.bench).
+
+Benchmarks of other packages join through the ``sampleflow.benchmarks``
+entry-point group: each entry is a ``register(benchmarks)`` callable adding
+its subcommand to the ``bench`` subparsers, as the top-level commands do
+with ``sampleflow.commands`` (so the edge package never imports the cloud
+one; a relay-only install lists fewer benchmarks).
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
+from importlib.metadata import entry_points
 from pathlib import Path
 
 import edge_agent
-from edge_agent.bench.decode import PROTOCOLS, BenchError, print_report, run_benchmark
+from edge_agent.bench import decode as decode_bench
+from edge_agent.bench.decode import PROTOCOLS
+from edge_agent.relay import bench as wire_bench
+
+#: Entry-point group of benchmarks from other packages.
+BENCHMARK_ENTRY_POINTS = "sampleflow.benchmarks"
 
 #: The shared captures, next to the project root, in a development checkout.
 DEFAULT_CAPTURES = Path(edge_agent.__file__).resolve().parents[1].parent / (
@@ -35,11 +52,46 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Add ``bench`` and its ``decode`` subcommand."""
+Subparsers = argparse._SubParsersAction  # argparse exposes no public name
+
+
+def register(subparsers: Subparsers[argparse.ArgumentParser]) -> None:
+    """Add ``bench`` with ``decode``, ``wire`` and the plugged-in benchmarks."""
     bench = subparsers.add_parser("bench", help="run a benchmark")
     benchmarks = bench.add_subparsers(dest="benchmark", metavar="BENCHMARK")
     bench.set_defaults(func=lambda args: _help(bench))
+    _register_decode(benchmarks)
+    _register_wire(benchmarks)
+    for ep in entry_points(group=BENCHMARK_ENTRY_POINTS):
+        try:
+            plug = ep.load()
+        except ImportError as exc:
+            _register_unavailable(benchmarks, ep.name, exc)
+            continue
+        plug(benchmarks)
+
+
+def _register_unavailable(
+    benchmarks: Subparsers[argparse.ArgumentParser], name: str, error: ImportError
+) -> None:
+    """A benchmark whose package cannot load here explains why when run."""
+    if name in benchmarks.choices:
+        return
+    message = (
+        f"sampleflow bench {name}: not available in this install ({error}); "
+        "install the cloud and dev extras: pip install 'sampleflow[cloud,dev]'"
+    )
+    sub = benchmarks.add_parser(name, help="(needs the cloud extra)", add_help=False)
+    sub.add_argument("rest", nargs=argparse.REMAINDER)
+
+    def explain(_args: argparse.Namespace) -> int:
+        print(message, file=sys.stderr)
+        return 2
+
+    sub.set_defaults(func=explain)
+
+
+def _register_decode(benchmarks: Subparsers[argparse.ArgumentParser]) -> None:
     decode = benchmarks.add_parser(
         "decode",
         help="decode throughput per protocol vs the netflow package",
@@ -91,6 +143,40 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     decode.set_defaults(func=run_decode)
 
 
+def _register_wire(benchmarks: Subparsers[argparse.ArgumentParser]) -> None:
+    wire = benchmarks.add_parser(
+        "wire",
+        help="bytes shipped per flow record vs raw export and gzip'd JSON",
+        description=(
+            "Replay the shared captures through decode, aggregation and the "
+            "batch encoder; print bytes per record beside the raw export and "
+            "gzip'd JSON lines, and the aggregation and codec speeds."
+        ),
+    )
+    wire.add_argument(
+        "--captures",
+        type=Path,
+        metavar="DIR",
+        default=None,
+        help=f"folder of .pcap files (default: {DEFAULT_CAPTURES})",
+    )
+    wire.add_argument("--window-s", type=_positive_float, default=10.0, metavar="S")
+    wire.add_argument("--lateness-s", type=float, default=30.0, metavar="S")
+    wire.add_argument(
+        "--speed-records",
+        type=int,
+        default=1_000_000,
+        metavar="N",
+        help="records for the speed measurement (0: skip it)",
+    )
+    wire.add_argument(
+        "--no-filter",
+        action="store_true",
+        help="leave the filter out (as filter.enabled = false)",
+    )
+    wire.set_defaults(func=run_wire)
+
+
 def _help(parser: argparse.ArgumentParser) -> int:
     parser.print_help()
     return 2
@@ -109,7 +195,7 @@ def run_decode(args: argparse.Namespace) -> int:
             return 2
         captures = DEFAULT_CAPTURES
     try:
-        results = run_benchmark(
+        results = decode_bench.run_benchmark(
             captures,
             seconds=args.seconds,
             batch=args.batch,
@@ -117,9 +203,35 @@ def run_decode(args: argparse.Namespace) -> int:
             protocols=args.protocol or PROTOCOLS,
             compare=not args.no_compare,
         )
-    except BenchError as exc:
+    except decode_bench.BenchError as exc:
         print(f"sampleflow bench decode: error: {exc}", file=sys.stderr)
         return 2
     print(f"captures: {captures}")
-    print_report(results, sys.stdout)
+    decode_bench.print_report(results, sys.stdout)
+    return 0
+
+
+def run_wire(args: argparse.Namespace) -> int:
+    """Run ``sampleflow bench wire``; returns the exit code."""
+    captures = args.captures or DEFAULT_CAPTURES
+    if not captures.is_dir():
+        print(
+            f"sampleflow bench wire: error: no captures folder at {captures}; "
+            "pass --captures DIR",
+            file=sys.stderr,
+        )
+        return 2
+    try:
+        results, speed = wire_bench.run_benchmark(
+            captures,
+            window_ms=round(args.window_s * 1000),
+            lateness_ms=round(args.lateness_s * 1000),
+            speed_records=args.speed_records,
+            use_filter=not args.no_filter,
+        )
+    except wire_bench.BenchError as exc:
+        print(f"sampleflow bench wire: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"captures: {captures}")
+    wire_bench.print_report(results, speed, sys.stdout)
     return 0

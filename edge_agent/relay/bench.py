@@ -1,9 +1,11 @@
 """``sampleflow bench wire``: bytes shipped per flow record, and speeds.
 
 Each capture is replayed through the relay's own path: decode, aggregate
-(windows and lateness as configured, watermark = capture time), one batch
-per window and exporter (:func:`~edge_agent.wire.encode_batches`).  Three
-sizes are set against what the relay ships (data plus partition key):
+(windows and lateness as configured, watermark = capture time), filter and
+encode (:class:`~edge_agent.relay.encode.WindowEncoder` with the default
+``[filter]`` settings: the shipped model, private ranges internal; one
+batch or more per window and exporter, express rows apart).  Three sizes
+are set against what the relay ships (data plus partition key):
 
 * the raw export: the UDP payload bytes of the capture (templates and
   options included: a collector receives them all);
@@ -45,8 +47,12 @@ from edge_agent.aggregate import (
     to_aggregate_rows,
 )
 from edge_agent.collect.pcap import read_capture
+from edge_agent.filter import RelayFilter
+from edge_agent.filter.model import default_model_manifest
 from edge_agent.flows.decoder import FlowDecoder
 from edge_agent.flows.schema import FLOW_COLUMNS, FLOW_DTYPE, address_text
+from edge_agent.relay.config import FilterSettings
+from edge_agent.relay.encode import WindowEncoder
 from edge_agent.relay.partition import partition_key
 from edge_agent.wire import HeaderFields, decode_batch, encode_batches
 
@@ -101,10 +107,25 @@ def _json_lines(records: np.ndarray) -> bytes:
     return ("\n".join(lines) + "\n").encode()
 
 
+def default_filter() -> RelayFilter:
+    """A filter as ``relay run`` makes it with the default ``[filter]``."""
+    settings = FilterSettings()
+    return RelayFilter(
+        settings.networks,
+        default_model_manifest(),
+        alert_threshold=settings.threshold,
+        history_rows=settings.history_rows,
+    )
+
+
 def measure_capture(
-    path: Path, window_ms: int = 10_000, lateness_ms: int = 30_000
+    path: Path,
+    window_ms: int = 10_000,
+    lateness_ms: int = 30_000,
+    relay_filter: RelayFilter | None = None,
 ) -> CaptureResult:
-    """Replay one capture through decode, aggregate and encode; measure."""
+    """Replay one capture through decode, aggregate, filter (None: off) and
+    encode; measure."""
     datagrams, _ = read_capture(path)
     decoder = FlowDecoder()
     aggregator = Aggregator(window_ms=window_ms, lateness_ms=lateness_ms)
@@ -121,14 +142,14 @@ def measure_capture(
     records = np.concatenate(inputs) if inputs else np.zeros(0, dtype=FLOW_DTYPE)
     seq = itertools.count(1).__next__
     shipped = batches = rows = 0
+    encoder = WindowEncoder(_TENANT, _RELAY, "exporter", relay_filter)
     for window in windows:
-        fields = HeaderFields(_TENANT, _RELAY, window.start_ms, window.end_ms)
-        for exporter, mine in _by_exporter(window.records):
-            key = partition_key("exporter", _TENANT, _RELAY, exporter)
-            for batch in encode_batches(mine, fields, seq, key):
-                shipped += batch.record_bytes
-                batches += 1
-            rows += int(mine.shape[0])
+        for group in encoder.encode(window, seq):
+            if group.error is not None:
+                raise BenchError(f"{path.name}: {group.error}")
+            shipped += sum(b.record_bytes for b in group.batches)
+            batches += len(group.batches)
+            rows += group.rows
     # The JSON baseline ships what arrived per exporter every window_ms of
     # receive time, one gzip stream each.
     gzip_json = 0
@@ -222,13 +243,20 @@ def run_benchmark(
     window_ms: int = 10_000,
     lateness_ms: int = 30_000,
     speed_records: int = 1_000_000,
+    *,
+    use_filter: bool = True,
 ) -> tuple[list[CaptureResult], SpeedResult | None]:
     """Measure every ``*.pcap`` in ``captures`` (and the speeds, unless
-    ``speed_records`` is 0)."""
+    ``speed_records`` is 0), with the default filter or none."""
     paths = sorted(captures.glob("*.pcap"))
     if not paths:
         raise BenchError(f"no .pcap files in {captures}")
-    results = [measure_capture(p, window_ms, lateness_ms) for p in paths]
+    results = [
+        measure_capture(
+            p, window_ms, lateness_ms, default_filter() if use_filter else None
+        )
+        for p in paths
+    ]
     results = [r for r in results if r.records]
     if not results:
         raise BenchError(f"no flow records decoded from {captures}")

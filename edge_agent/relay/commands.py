@@ -1,4 +1,4 @@
-"""``sampleflow relay run | check-config | status`` and ``sampleflow bench wire``.
+"""``sampleflow relay run | check-config | status``.
 
 Exit codes: 0 success, 1 a runtime failure (a port or the spool in use,
 the metrics endpoint unreachable), 2 a usage or configuration error.
@@ -21,9 +21,7 @@ from typing import Any, TextIO
 import structlog
 from prometheus_client.parser import text_string_to_metric_families
 
-import edge_agent
 from edge_agent.collect.udp import CollectorError
-from edge_agent.relay.bench import BenchError, print_report, run_benchmark
 from edge_agent.relay.config import (
     ConfigError,
     Settings,
@@ -33,16 +31,11 @@ from edge_agent.relay.config import (
 from edge_agent.relay.pipeline import RelayPipeline
 from edge_agent.spool import SpoolError
 
-#: The shared captures, next to the project root, in a development checkout.
-DEFAULT_CAPTURES = Path(edge_agent.__file__).resolve().parents[1].parent / (
-    "shared/captures"
-)
-
 Subparsers = argparse._SubParsersAction  # argparse exposes no public name
 
 
 def register(subparsers: Subparsers[argparse.ArgumentParser]) -> None:
-    """Add ``relay`` with its subcommands, and ``wire`` under ``bench``."""
+    """Add ``relay`` with its subcommands."""
     relay = subparsers.add_parser("relay", help="run or inspect the edge relay")
     commands = relay.add_subparsers(dest="relay_command", metavar="COMMAND")
     relay.set_defaults(func=lambda args: _help(relay))
@@ -80,43 +73,10 @@ def register(subparsers: Subparsers[argparse.ArgumentParser]) -> None:
     status.add_argument("--timeout", type=float, default=5.0, metavar="S")
     status.set_defaults(func=relay_status)
 
-    _register_bench_wire(subparsers)
-
 
 def _help(parser: argparse.ArgumentParser) -> int:
     parser.print_help()
     return 2
-
-
-def _register_bench_wire(subparsers: Subparsers[argparse.ArgumentParser]) -> None:
-    """Add ``wire`` to the ``bench`` command (made by edge_agent.bench)."""
-    bench = subparsers.choices.get("bench")
-    if bench is None:
-        bench = subparsers.add_parser("bench", help="run a benchmark")
-        bench.add_subparsers(dest="benchmark", metavar="BENCHMARK")
-    benchmarks = next(
-        a for a in bench._actions if isinstance(a, argparse._SubParsersAction)
-    )
-    wire = benchmarks.add_parser(
-        "wire",
-        help="bytes shipped per flow record vs raw export and gzip'd JSON",
-        description=(
-            "Replay the shared captures through decode, aggregation and the "
-            "batch encoder; print bytes per record beside the raw export and "
-            "gzip'd JSON lines, and the aggregation and codec speeds."
-        ),
-    )
-    wire.add_argument("--captures", type=Path, metavar="DIR", default=None)
-    wire.add_argument("--window-s", type=float, default=10.0, metavar="S")
-    wire.add_argument("--lateness-s", type=float, default=30.0, metavar="S")
-    wire.add_argument(
-        "--speed-records",
-        type=int,
-        default=1_000_000,
-        metavar="N",
-        help="records for the speed measurement (0: skip it)",
-    )
-    wire.set_defaults(func=bench_wire)
 
 
 def _load(path: Path | None, prog: str) -> Settings | None:
@@ -314,31 +274,3 @@ def print_status(
         print("exporters (records):", file=stream)
         for labels, value in sorted(exporters, key=lambda d: -d[1])[:20]:
             line(f"  {labels['exporter']}", f"{value:.0f}")
-
-
-# -- bench wire ---------------------------------------------------------------
-
-
-def bench_wire(args: argparse.Namespace) -> int:
-    """``bench wire``: the wire-format size and speed benchmark."""
-    captures = args.captures or DEFAULT_CAPTURES
-    if not captures.is_dir():
-        print(
-            f"sampleflow bench wire: error: no captures folder at {captures}; "
-            "pass --captures DIR",
-            file=sys.stderr,
-        )
-        return 2
-    try:
-        results, speed = run_benchmark(
-            captures,
-            window_ms=round(args.window_s * 1000),
-            lateness_ms=round(args.lateness_s * 1000),
-            speed_records=args.speed_records,
-        )
-    except BenchError as exc:
-        print(f"sampleflow bench wire: error: {exc}", file=sys.stderr)
-        return 2
-    print(f"captures: {captures}")
-    print_report(results, speed, sys.stdout)
-    return 0

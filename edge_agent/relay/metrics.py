@@ -58,8 +58,6 @@ class EncodeStats:
     dropped: collections.Counter[str] = field(default_factory=collections.Counter)
     dropped_rows: collections.Counter[str] = field(default_factory=collections.Counter)
     express_rows: int = 0  # rows of flagged host windows, shipped first
-    #: windows the filter raised on (a bug), shipped unfiltered
-    filter_errors: int = 0
 
 
 def _exporter_label(key: tuple[bytes, int]) -> str:
@@ -252,8 +250,8 @@ class RelayCollector(Collector):
             ["reason"],
         )
         reasons = collections.Counter(dict(list(c.passthrough_batches.items())))
-        if p.encode_stats.filter_errors:
-            reasons["filter_error"] += p.encode_stats.filter_errors
+        if p.window_encoder.filter_errors:
+            reasons["filter_error"] += p.window_encoder.filter_errors
         for reason, count in sorted(reasons.items()):
             passthrough.add_metric([reason], count)
         yield passthrough

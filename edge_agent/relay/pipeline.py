@@ -40,28 +40,26 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import time
 from collections.abc import Callable
 from typing import Any
 
-import numpy as np
 import structlog
 from prometheus_client import CollectorRegistry
 
 from edge_agent.aggregate import AggregatedWindow, Aggregator
 from edge_agent.collect.datagram import Datagram
 from edge_agent.collect.udp import UdpCollector
-from edge_agent.filter import HOST_SCORE_DTYPE, FilterResult, RelayFilter
+from edge_agent.filter import RelayFilter
 from edge_agent.flows.decoder import FlowDecoder
 from edge_agent.relay.config import Settings
+from edge_agent.relay.encode import WindowEncoder, split_by_exporter
 from edge_agent.relay.metrics import (
     EncodeStats,
     LogSampler,
     MetricsServer,
     RelayCollector,
 )
-from edge_agent.relay.partition import partition_key
 from edge_agent.ship import KinesisShipper, make_kinesis_client
 from edge_agent.spool import (
     Spool,
@@ -70,9 +68,11 @@ from edge_agent.spool import (
     SpoolFullError,
     SpoolWriteError,
 )
-from edge_agent.wire import HeaderFields, WireFormatError, encode_batches
+from edge_agent.wire import EncodedBatch
 
 log = structlog.get_logger(__name__)
+
+__all__ = ["ENCODE_QUEUE_WINDOWS", "RelayPipeline", "split_by_exporter"]
 
 #: Closed windows waiting for the encoder.  A window is one aggregation
 #: period of every exporter, so 16 is minutes of backlog at the default
@@ -127,6 +127,12 @@ class RelayPipeline:
             )
             if f.enabled
             else None
+        )
+        self.window_encoder = WindowEncoder(
+            self.tenant_id,
+            settings.relay.relay_id,
+            settings.kinesis.partition_key,
+            self.filter,
         )
         self.encode_stats = EncodeStats()
         self.spool: Spool | None = None
@@ -340,7 +346,7 @@ class RelayPipeline:
     def encode_window(self, window: AggregatedWindow) -> None:
         """Filter one window, encode it (one batch or more per exporter) and
         spool it: the express rows first, the shipper woken for them before
-        the rest is encoded.
+        the rest is encoded (:class:`~edge_agent.relay.encode.WindowEncoder`).
 
         Failures are counted by reason in :attr:`encode_stats` and logged
         through a sampler; they never raise.
@@ -348,123 +354,59 @@ class RelayPipeline:
         assert self.spool is not None
         e = self.encode_stats
         e.windows += 1
-        rows = window.records
-        if self.filter is None:
-            self._encode_rows(window, rows, None, None)
-        else:
-            result = self._filter(rows)
-            mask = result.express_mask
-            scores = result.row_scores
-            if mask.any():
-                e.express_rows += int(mask.sum())
-                self._encode_rows(
-                    window,
-                    result.records[mask],
-                    None if scores is None else scores[mask],
-                    result.model_version,
-                )
+        express_spooled = woken = False
+        for group in self.window_encoder.encode(window, self.spool.next_seq):
+            if express_spooled and not group.express and not woken:
+                woken = True
                 if self.shipper is not None:
                     self.shipper.notify()  # thread-safe
-            rest = ~mask
-            self._encode_rows(
-                window,
-                result.records[rest],
-                None if scores is None else scores[rest],
-                result.model_version,
-            )
+            if group.error is not None:
+                self._drop("encode_error", 1, group.rows, group.error)
+                continue
+            e.rows += group.rows
+            if group.express:
+                e.express_rows += group.rows
+                express_spooled = True
+            for batch in group.batches:
+                self._spool(batch)
         log.debug(
             "window_spooled",
             start_ms=window.start_ms,
-            rows=int(rows.shape[0]),
+            rows=int(window.records.shape[0]),
             reason=window.reason.value,
         )
 
-    def _filter(self, rows: np.ndarray) -> FilterResult:
-        """The filter's result, or the rows unfiltered if the filter fails
-        (a bug: counted as ``filter_error`` and logged, never fatal)."""
-        assert self.filter is not None
-        try:
-            return self.filter.process(rows)
-        except Exception:
-            self.encode_stats.filter_errors += 1
-            suppressed = self._sampler.allow("filter_error")
-            if suppressed is not None:
-                log.exception(
-                    "filter_error", rows=int(rows.shape[0]), suppressed=suppressed
-                )
-            return FilterResult(
-                records=rows,
-                host_scores=np.zeros(0, dtype=HOST_SCORE_DTYPE),
-                model_version=None,
-                express_mask=np.zeros(rows.shape[0], dtype=bool),
-                flow_count=rows["flow_count"].astype(np.int64),
-                passthrough_reason="filter_error",
-            )
-
-    def _encode_rows(
-        self,
-        window: AggregatedWindow,
-        rows: np.ndarray,
-        scores: np.ndarray | None,
-        model_version: str | None,
-    ) -> None:
-        """Encode ``rows`` (ordered by exporter) per exporter and spool them."""
+    def _spool(self, batch: EncodedBatch) -> None:
         assert self.spool is not None
-        s = self.settings
         e = self.encode_stats
-        fields = HeaderFields(
-            self.tenant_id,
-            s.relay.relay_id,
-            window.start_ms,
-            window.end_ms,
-            model_version,
+        e.batches += 1
+        e.batch_bytes += batch.record_bytes
+        spooled = SpooledBatch(
+            str(batch.header.batch_id),
+            batch.partition_key,
+            batch.data,
+            batch.header.seq,
         )
-        for exporter, lo, hi in split_by_exporter(rows):
-            part = rows[lo:hi]
-            key = partition_key(
-                s.kinesis.partition_key, self.tenant_id, s.relay.relay_id, exporter
-            )
-            try:
-                batches = encode_batches(
-                    part,
-                    fields,
-                    self.spool.next_seq,
-                    key,
-                    scores=None if scores is None else scores[lo:hi],
-                )
-            except WireFormatError as exc:
-                self._drop("encode_error", 1, int(part.shape[0]), exc)
-                continue
-            e.rows += int(part.shape[0])
-            for batch in batches:
-                e.batches += 1
-                e.batch_bytes += batch.record_bytes
-                spooled = SpooledBatch(
-                    str(batch.header.batch_id),
-                    batch.partition_key,
-                    batch.data,
-                    batch.header.seq,
-                )
-                try:
-                    self.spool.append(spooled)
-                except SpoolFullError as exc:
-                    self._drop("spool_full", 1, batch.header.record_count, exc)
-                    continue
-                except SpoolWriteError as exc:
-                    self._drop("spool_write_error", 1, batch.header.record_count, exc)
-                    continue
-                except SpoolError as exc:  # order or duplicate: a bug here
-                    self._drop("spool_error", 1, batch.header.record_count, exc)
-                    continue
-                e.spooled += 1
-                e.spooled_rows += batch.header.record_count
-                # The crash tests read accepted batch ids from this line.
-                log.debug(
-                    "batch_spooled",
-                    batch_id=spooled.batch_id,
-                    seq=spooled.seq,
-                    rows=batch.header.record_count,
-                )
+        try:
+            self.spool.append(spooled)
+        except SpoolFullError as exc:
+            self._drop("spool_full", 1, batch.header.record_count, exc)
+            return
+        except SpoolWriteError as exc:
+            self._drop("spool_write_error", 1, batch.header.record_count, exc)
+            return
+        except SpoolError as exc:  # order or duplicate: a bug here
+            self._drop("spool_error", 1, batch.header.record_count, exc)
+            return
+        e.spooled += 1
+        e.spooled_rows += batch.header.record_count
+        # The crash tests read accepted batch ids from this line.
+        log.debug(
+            "batch_spooled",
+            batch_id=spooled.batch_id,
+            seq=spooled.seq,
+            rows=batch.header.record_count,
+        )
 
     def _drop(self, reason: str, batches: int, rows: int, exc: Exception) -> None:
         self.encode_stats.dropped[reason] += batches
@@ -501,15 +443,3 @@ async def _cancel(task: asyncio.Task[None] | None) -> None:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
-
-
-def split_by_exporter(rows: np.ndarray) -> list[tuple[bytes, int, int]]:
-    """Split AGG_DTYPE rows (ordered by exporter, as the aggregator and the
-    filter emit them) into (exporter address, lo, hi) runs, vectorised."""
-    n = int(rows.shape[0])
-    if n == 0:
-        return []
-    exporters = np.ascontiguousarray(rows["exporter"]).view(np.uint8).reshape(n, 16)
-    change = np.flatnonzero(np.any(exporters[1:] != exporters[:-1], axis=1)) + 1
-    bounds = [0, *change.tolist(), n]
-    return [(bytes(exporters[lo]), lo, hi) for lo, hi in itertools.pairwise(bounds)]
