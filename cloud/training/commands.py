@@ -42,7 +42,7 @@ def models_subparsers(
 
 
 def register(subparsers: argparse._SubParsersAction[Any]) -> None:
-    """Add ``models train`` and ``models evaluate``."""
+    """Add ``models train``, ``models evaluate`` and ``models transfer``."""
     actions = models_subparsers(subparsers)
     train = actions.add_parser(
         "train",
@@ -77,20 +77,84 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
 
     evaluate = actions.add_parser(
         "evaluate",
-        help="score a shipped model on CTU-13 replayed at any sampling rate",
-        description="Runs the model's .tflite through LiteRT on the test "
-        "period (slices 20-25) of CTU-13 sampled at --rate with fresh seeds "
-        "and prints the metrics as JSON.  Needs no TensorFlow.",
+        help="score models on CTU-13 or CIC-IDS2017 replayed at sampling rates",
+        description="Runs each model's .tflite through LiteRT on CTU-13 "
+        "(the test period, slices 20-25, or --period all) or, for a model "
+        "transferred with 'models transfer', on CIC-IDS2017, sampled at each "
+        "--rates with fresh thinning seeds, and prints per-run metrics with "
+        "their mean and spread as JSON (or --markdown tables).  Needs no "
+        "TensorFlow.  See docs/evaluation.md.",
     )
-    evaluate.add_argument("manifest", type=Path, help="<name>.manifest.json")
+    evaluate.add_argument(
+        "manifest", type=Path, nargs="+", help="<name>.manifest.json ..."
+    )
     evaluate.add_argument("--rate", type=int, default=None, help="default: trained")
+    evaluate.add_argument(
+        "--rates",
+        type=_rate_list,
+        default=None,
+        help="comma list of 1-in-N rates, e.g. 1,100,1000 (overrides --rate)",
+    )
     evaluate.add_argument("--seed", type=int, default=1000, help="default 1000")
     evaluate.add_argument("--seeds", type=int, default=4, help="default 4")
-    evaluate.add_argument("--data", type=Path, default=None, help="CTU-13 folder")
+    evaluate.add_argument(
+        "--period",
+        choices=("test", "all"),
+        default="test",
+        help="CTU-13 period: test (slices 20-25, default) or all (the whole "
+        "capture; normal windows in-sample)",
+    )
+    evaluate.add_argument(
+        "--dataset",
+        choices=("ctu13", "cicids2017"),
+        default=None,
+        help="default: the model manifest's network (ctu13 unless transferred)",
+    )
+    evaluate.add_argument("--data", type=Path, default=None, help="dataset folder")
     evaluate.add_argument(
         "--json", type=Path, default=None, help="also write the metrics to this file"
     )
+    evaluate.add_argument(
+        "--markdown",
+        action="store_true",
+        help="print summary tables (mean ± std over runs) instead of JSON",
+    )
     evaluate.set_defaults(func=run_evaluate)
+
+    transfer = actions.add_parser(
+        "transfer",
+        help="refit a model's per-network part on CIC-IDS2017",
+        description="Refits the scaler, auto-encoder and loss statistics of "
+        "BASE on the benign windows of CIC-IDS2017 sampled at --rate, keeps "
+        "BASE's detector and thresholds, and writes <kind>-cicids2017-r<N>-"
+        "w<W>.{tflite,weights.npz,manifest.json} into --out.  Needs "
+        "TensorFlow; evaluate the result with 'models evaluate'.",
+    )
+    transfer.add_argument("base", type=Path, help="base <name>.manifest.json")
+    transfer.add_argument("--rate", type=int, default=100, help="default 100")
+    transfer.add_argument("--seed", type=int, default=6, help="default 6")
+    transfer.add_argument("--seeds", type=int, default=4, help="default 4")
+    transfer.add_argument("--epochs", type=int, default=60, help="default 60")
+    transfer.add_argument(
+        "--out",
+        type=Path,
+        default=Path("build/transfer"),
+        help="default build/transfer",
+    )
+    transfer.add_argument("--data", type=Path, default=None, help="CIC-IDS2017 folder")
+    transfer.set_defaults(func=run_transfer)
+
+
+def _rate_list(text: str) -> list[int]:
+    try:
+        rates = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(
+            f"rates must be comma-separated integers, got {text!r}"
+        ) from exc
+    if not rates or min(rates) < 1:
+        raise argparse.ArgumentTypeError(f"rates must be >= 1, got {text!r}")
+    return rates
 
 
 def run_train(args: argparse.Namespace) -> int:
@@ -132,18 +196,49 @@ def run_train(args: argparse.Namespace) -> int:
 
 def run_evaluate(args: argparse.Namespace) -> int:
     """``models evaluate``: see the parser description."""
-    from cloud.training.evaluate import evaluate_manifest  # noqa: PLC0415
+    from cloud.training.evaluate import evaluate_models  # noqa: PLC0415
+    from cloud.training.report import markdown_tables  # noqa: PLC0415
     from cloud.training.train import json_safe  # noqa: PLC0415
 
-    result = evaluate_manifest(
+    rates: list[int | None] = list(args.rates) if args.rates else [args.rate]
+    results = evaluate_models(
         args.manifest,
+        rates,
+        seed=args.seed,
+        n_seeds=args.seeds,
+        period=args.period,
+        dataset=args.dataset,
+        dataset_dir=args.data,
+    )
+    payload: Any = results[0] if len(results) == 1 else results
+    text = json.dumps(json_safe(payload), indent=2, allow_nan=False)
+    if args.json is not None:
+        args.json.write_text(text + "\n")
+    print(markdown_tables(results) if args.markdown else text)
+    return 0
+
+
+def run_transfer(args: argparse.Namespace) -> int:
+    """``models transfer``: see the parser description."""
+    from cloud.training.autoencoder import (  # noqa: PLC0415 - needs TF
+        TensorFlowMissingError,
+    )
+    from cloud.training.transfer import TransferConfig  # noqa: PLC0415
+    from cloud.training.transfer import run_transfer as transfer  # noqa: PLC0415
+
+    cfg = TransferConfig(
+        base_manifest=args.base,
         rate=args.rate,
         seed=args.seed,
         n_seeds=args.seeds,
+        epochs=args.epochs,
+        out_dir=args.out,
         dataset_dir=args.data,
     )
-    text = json.dumps(json_safe(result), indent=2, allow_nan=False)
-    if args.json is not None:
-        args.json.write_text(text + "\n")
-    print(text)
+    try:
+        path = transfer(cfg)
+    except TensorFlowMissingError as exc:
+        print(f"error: {exc}")
+        return 1
+    print(path)
     return 0

@@ -308,11 +308,87 @@ def train_layout(
     }
 
     name = cfg.name(layout.kind)
-    out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    tflite_path = out / f"{name}.tflite"
+    manifest_path = export_model(
+        Path(cfg.out_dir),
+        name,
+        kind=layout.kind,
+        version=cfg.version,
+        weights=weights,
+        body={
+            "feature_spec_version": FEATURE_SPEC_VERSION,
+            "features": list(layout.features),
+            "window_s": cfg.window_s,
+            "scaler": scaler.to_dict(),
+            "loss_normaliser": normaliser.to_dict(),
+            "detector": detector.to_dict(),
+            "thresholds": {
+                "alert": th.alert,
+                "clear": th.clear,
+                "budget": th.budget,
+                "hysteresis": {"k": th.k, "n": th.n},
+            },
+            "training": {
+                "dataset": "CTU-13 scenario 6 (capture20110816, botnet Menti), "
+                "Stratosphere Lab / CTU Prague; see data/NOTICE",
+                "internal_networks": list(ctu13.INTERNAL_NETWORKS),
+                "infected_host": ctu13.INFECTED_HOST,
+                "periods": {
+                    "train": f"slices 0-{VALIDATION_SLICE - 1}, infected host left out",
+                    "validation": f"slices {VALIDATION_SLICE}-{TEST_SLICE - 1}: loss "
+                    "statistics, detector, thresholds",
+                    "test": f"slices {TEST_SLICE}-25: metrics only",
+                },
+                "sampling_rate": cfg.rate,
+                "thinning_seeds": cfg.seeds(),
+                "active_timeout_s": cfg.active_timeout_s,
+                "direction_split": "Argus bidirectional flows split into src->dst "
+                "(SrcBytes) and reverse (TotBytes-SrcBytes) records",
+                "seed": cfg.seed,
+                "epochs": cfg.epochs,
+                "batch_size": cfg.batch_size,
+                "rows": {
+                    PERIOD_NAMES[TRAIN]: int(train_normal.sum()),
+                    PERIOD_NAMES[VALIDATION]: len(val.label),
+                    PERIOD_NAMES[TEST]: len(test.label),
+                },
+                "command": (
+                    f"sampleflow models train --rate {cfg.rate} --window {cfg.window_s}"
+                    f" --seed {cfg.seed} --seeds {cfg.n_seeds} --epochs {cfg.epochs}"
+                ),
+            },
+            "metrics": metrics,
+        },
+    )
+    log.info(
+        "model_trained",
+        name=name,
+        pr_auc=round(metrics["test"]["pr_auc"], 4),
+        roc_auc=round(metrics["test"]["roc_auc"], 4),
+        seconds=round(time.monotonic() - t0, 1),
+    )
+    return manifest_path
+
+
+def export_model(
+    out_dir: Path,
+    name: str,
+    *,
+    kind: str,
+    version: str,
+    weights: Sequence[np.ndarray],
+    body: dict[str, Any],
+) -> Path:
+    """Write ``<name>.tflite``, ``.weights.npz`` and ``.manifest.json``.
+
+    The manifest starts with the format, names, checksums and architecture
+    derived from ``weights``; ``body`` (features, scaler, statistics,
+    detector, thresholds, training, metrics) follows in its own order.
+    Returns the manifest path.  Needs TensorFlow (the ``.tflite`` export).
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tflite_path = out_dir / f"{name}.tflite"
     tflite_path.write_bytes(export_tflite(weights))
-    npz_path = out / f"{name}.weights.npz"
+    npz_path = out_dir / f"{name}.weights.npz"
     with npz_path.open("wb") as fh:
         arrays: dict[str, Any] = {
             f"{'W' if i % 2 == 0 else 'b'}{i // 2}": w for i, w in enumerate(weights)
@@ -322,8 +398,8 @@ def train_layout(
     manifest: dict[str, Any] = {
         "format": MANIFEST_FORMAT,
         "name": name,
-        "kind": layout.kind,
-        "version": cfg.version,
+        "kind": kind,
+        "version": version,
         "model_file": tflite_path.name,
         "sha256": _sha256(tflite_path),
         "bytes": tflite_path.stat().st_size,
@@ -336,59 +412,11 @@ def train_layout(
             "dtype": "float32",
             "input_shape": [None, sizes[0]],
         },
-        "feature_spec_version": FEATURE_SPEC_VERSION,
-        "features": list(layout.features),
-        "window_s": cfg.window_s,
-        "scaler": scaler.to_dict(),
-        "loss_normaliser": normaliser.to_dict(),
-        "detector": detector.to_dict(),
-        "thresholds": {
-            "alert": th.alert,
-            "clear": th.clear,
-            "budget": th.budget,
-            "hysteresis": {"k": th.k, "n": th.n},
-        },
-        "training": {
-            "dataset": "CTU-13 scenario 6 (capture20110816, botnet Menti), "
-            "Stratosphere Lab / CTU Prague; see data/NOTICE",
-            "internal_networks": list(ctu13.INTERNAL_NETWORKS),
-            "infected_host": ctu13.INFECTED_HOST,
-            "periods": {
-                "train": f"slices 0-{VALIDATION_SLICE - 1}, infected host left out",
-                "validation": f"slices {VALIDATION_SLICE}-{TEST_SLICE - 1}: loss "
-                "statistics, detector, thresholds",
-                "test": f"slices {TEST_SLICE}-25: metrics only",
-            },
-            "sampling_rate": cfg.rate,
-            "thinning_seeds": cfg.seeds(),
-            "active_timeout_s": cfg.active_timeout_s,
-            "direction_split": "Argus bidirectional flows split into src->dst "
-            "(SrcBytes) and reverse (TotBytes-SrcBytes) records",
-            "seed": cfg.seed,
-            "epochs": cfg.epochs,
-            "batch_size": cfg.batch_size,
-            "rows": {
-                PERIOD_NAMES[TRAIN]: int(train_normal.sum()),
-                PERIOD_NAMES[VALIDATION]: len(val.label),
-                PERIOD_NAMES[TEST]: len(test.label),
-            },
-            "command": (
-                f"sampleflow models train --rate {cfg.rate} --window {cfg.window_s}"
-                f" --seed {cfg.seed} --seeds {cfg.n_seeds} --epochs {cfg.epochs}"
-            ),
-        },
-        "metrics": metrics,
+        **body,
     }
-    manifest_path = out / f"{name}.manifest.json"
+    manifest_path = out_dir / f"{name}.manifest.json"
     manifest_path.write_text(
         json.dumps(json_safe(manifest), indent=2, allow_nan=False) + "\n"
-    )
-    log.info(
-        "model_trained",
-        name=name,
-        pr_auc=round(metrics["test"]["pr_auc"], 4),
-        roc_auc=round(metrics["test"]["roc_auc"], 4),
-        seconds=round(time.monotonic() - t0, 1),
     )
     return manifest_path
 
