@@ -580,9 +580,15 @@ def _run(
     sent = replay.stats.records
     waits = {"relay": False, "engine": False}
     engine_estimate = None
+    dead: list[str] = []
     while time.monotonic() < deadline and not stop.is_set():
         pump()
         progress.show(line())
+        alive = {r.name for r in stack.running_parts()}
+        dead = [name for name in ("relay", "engine") if name not in alive]
+        if dead:
+            # Nothing more will come: report what arrived.
+            break
         if not waits["relay"] and ctu.flows >= sent:
             waits["relay"] = True
         if waits["relay"]:
@@ -600,6 +606,12 @@ def _run(
     if stop.is_set():
         print("interrupted")
         return None
+    for name in dead:
+        print(
+            f"sampleflow demo: the {name} exited during the demo; see "
+            f"{stack.logs_dir / (name + '.log')}",
+            file=sys.stderr,
+        )
     t_drained = time.monotonic()
     scorer.finish()
     end_metrics = _safe_metrics(s.relay_metrics_url)
@@ -750,7 +762,8 @@ def _report(
             cat(ctu.rates) if ctu.rates else np.zeros(0),
         )
         estimate["note"] = (
-            "the engine had not counted every flow within --drain-timeout"
+            "the engine did not count every flow (it stopped, or "
+            "--drain-timeout passed): see the engine's log"
         )
     truth = {"packets": piece.truth_packets, "bytes": piece.truth_bytes}
     for what in ("packets", "bytes"):

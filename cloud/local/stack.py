@@ -9,6 +9,9 @@
 ``store``
     the MongoDB-compatible store, SecantusDB (``python -m secantus``), the
     stand-in for Amazon DocumentDB.  Its data folder is kept across runs.
+``model-service``
+    the model service (``sampleflow model-service run``) with the shipped
+    models.
 ``engine``
     the Spark engine (``python -m cloud.engine run``), reading the stream
     and writing window estimates.  Its checkpoint is reset at each ``up``
@@ -18,24 +21,26 @@
     generated ``relay.toml``: UDP collector on ``relay_port``, batches to
     the stream, metrics on ``relay_metrics_port``.
 
-and then creates what they need on MiniStack: the stream (one shard, so a
-relay's batches stay in order), the model bucket, the relay's IoT thing in
-a thing group named after the tenant.  (DynamoDB tables and the model
-service belong to the store and model-service packages; the stack starts
-them once those exist.)
+and creates what they need: on MiniStack the stream (one shard, so a
+relay's batches stay in order), the model bucket, the DynamoDB
+tenant-state table and the relay's IoT thing in a thing group named after
+the tenant; in the store its indexes.  A part whose package is not
+installed is skipped (and shown so by ``status``), except MiniStack, the
+engine and the relay, without which nothing flows.
 
 Every part runs in its own session and process group with its output in
 ``<state_dir>/logs/<part>.log``; pids, process start times and ports are
 kept in ``<state_dir>/stack.json`` so that ``down`` and ``status`` work
 from another process.  A part counts as started once its health check
 passes (MiniStack's ``/_ministack/health`` lists the services, the store
-answers ``ping``, the engine has logged ``engine_start``, the relay's
-``/healthz`` answers 200) within ``start_timeout_s``; otherwise ``up``
-stops what it started and raises :class:`StackError` naming the part and
-its log.  Stopping goes in reverse order (the relay first, so it drains to
-a live stream): SIGTERM to the part's main process, after
-``stop_timeout_s`` SIGTERM then SIGKILL to its whole process group, and a
-check that no process of the group is left.  A pid from ``stack.json`` is
+answers ``ping``, the model service's ``/readyz`` answers 200, the engine
+has logged ``engine_start``, the relay's ``/healthz`` answers 200)
+within ``start_timeout_s``; otherwise ``up`` stops what it started and
+raises :class:`StackError` naming the part and its log.  Stopping goes
+in reverse order (the relay first, so it drains to a live stream):
+SIGTERM to the part's main process, after ``stop_timeout_s`` SIGTERM then
+SIGKILL to its whole process group, and a check that no process of the
+group is left.  A pid from ``stack.json`` is
 only signalled while its start time still matches (pids get reused).
 
 Linux only: process identity and group membership are read from /proc.
@@ -644,6 +649,8 @@ class LocalStack:
             return f"no answer from {url} ({_short(exc)})"
 
     def _engine_health(self) -> str | None:
+        # Known shortcoming: the engine serves no health endpoint, so its
+        # log is read for the event it logs once its query runs.
         path = self.logs_dir / "engine.log"
         try:
             with path.open("rb") as handle:
