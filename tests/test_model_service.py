@@ -419,10 +419,11 @@ def test_bench_command_reports_both_modes(capsys: pytest.CaptureFixture[str]) ->
     in-process and prints a line for each with rows counted."""
     import argparse  # noqa: PLC0415
 
-    from cloud.model_service.commands import register  # noqa: PLC0415
+    from cloud.model_service.commands import register_bench  # noqa: PLC0415
 
     parser = argparse.ArgumentParser(prog="sampleflow")
-    register(parser.add_subparsers(dest="command"))
+    bench = parser.add_subparsers(dest="command").add_parser("bench")
+    register_bench(bench.add_subparsers(dest="benchmark"))
     args = parser.parse_args(
         ["bench", "model-service", "--seconds", "0.3", "--batch", "200"]
     )

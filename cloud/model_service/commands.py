@@ -1,6 +1,7 @@
 """``sampleflow model-service run | openapi`` and ``sampleflow bench model-service``.
 
-Registered through the ``sampleflow.commands`` entry-point group.  FastAPI
+Registered through the ``sampleflow.commands`` entry-point group, and the
+benchmark through ``sampleflow.benchmarks``.  FastAPI
 and uvicorn (cloud extra) are imported when a command runs, not when the
 parser is built.
 """
@@ -27,7 +28,7 @@ Subparsers = argparse._SubParsersAction  # argparse exposes no public name
 
 
 def register(subparsers: Subparsers[argparse.ArgumentParser]) -> None:
-    """Add ``model-service`` (``run``, ``openapi``) and ``bench model-service``."""
+    """Add ``model-service`` (``run``, ``openapi``)."""
     service = subparsers.add_parser(
         "model-service", help="the cloud model service (HTTP scoring)"
     )
@@ -57,8 +58,6 @@ def register(subparsers: Subparsers[argparse.ArgumentParser]) -> None:
     )
     openapi.add_argument("--out", type=Path, metavar="FILE", help="write here")
     openapi.set_defaults(func=write_openapi)
-
-    _register_bench(subparsers)
 
 
 def _add_source_arguments(parser: argparse.ArgumentParser) -> None:
@@ -169,15 +168,9 @@ def write_openapi(args: argparse.Namespace) -> int:
     return 0
 
 
-def _register_bench(subparsers: Subparsers[argparse.ArgumentParser]) -> None:
-    """Add ``model-service`` to the ``bench`` command (made by edge_agent.bench)."""
-    bench = subparsers.choices.get("bench")
-    if bench is None:
-        bench = subparsers.add_parser("bench", help="run a benchmark")
-        bench.add_subparsers(dest="benchmark", metavar="BENCHMARK")
-    benchmarks = next(
-        a for a in bench._actions if isinstance(a, argparse._SubParsersAction)
-    )
+def register_bench(benchmarks: Subparsers[argparse.ArgumentParser]) -> None:
+    """Add ``model-service`` to the ``bench`` subcommands (the
+    ``sampleflow.benchmarks`` entry point)."""
     parser = benchmarks.add_parser(
         "model-service",
         help="rows/s scored through HTTP and in-process",
