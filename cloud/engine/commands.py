@@ -2,18 +2,36 @@
 
 Registered through the ``sampleflow.commands`` entry point group, so a
 relay-only install (no pyspark) simply lacks it; pyspark is imported when
-the command runs, not when the parser is built.
+the command runs, not when the parser is built.  Also adds ``sampleflow
+bench engine`` (:mod:`cloud.engine.bench`).
+
+The defaults of the output flags are the local stack's (cloud/local):
+model service on 127.0.0.1:8480, store on 127.0.0.1:27017, DynamoDB and
+CloudWatch behind ``--endpoint-url``; each takes ``none`` to turn it off.
 """
 
 from __future__ import annotations
 
 import argparse
 import signal
+import sys
 import threading
+from pathlib import Path
 from types import FrameType
 from typing import Any
 
 import structlog
+
+from cloud.engine.defaults import (
+    DEFAULT_TENANT_NETWORKS,
+    DETECTION_MODES,
+    LOCAL_MODEL_SERVICE_URL,
+    LOCAL_MONGO_URI,
+    PRIVATE_NETWORKS,
+    ConfigError,
+    tenant_networks,
+)
+from edge_agent.logs import FORMAT_ENV, FORMATS, LEVEL_ENV, LEVELS, configure_logging
 
 log = structlog.get_logger(__name__)
 
@@ -99,8 +117,122 @@ def register(subparsers: Any) -> None:
         action="store_true",
         help="process what the stream holds now, then exit",
     )
+    _add_analysis_arguments(run)
+    _add_output_arguments(run)
+    run.add_argument(
+        "--log-level",
+        choices=LEVELS,
+        help=f"log level (default ${LEVEL_ENV} or info)",
+    )
+    run.add_argument(
+        "--log-format",
+        choices=FORMATS,
+        help=f"log format (default ${FORMAT_ENV} or console)",
+    )
     run.set_defaults(func=run_command)
+    _register_bench(subparsers)
     engine.set_defaults(func=lambda args: _help(engine))
+
+
+def _add_analysis_arguments(run: argparse.ArgumentParser) -> None:
+    run.add_argument(
+        "--feature-window",
+        type=int,
+        default=300,
+        help="host feature window, s; match the model's (default 300)",
+    )
+    run.add_argument(
+        "--feature-slide",
+        type=int,
+        default=60,
+        help="host feature window slide, s (default 60)",
+    )
+    run.add_argument(
+        "--internal-networks",
+        default=",".join(PRIVATE_NETWORKS),
+        metavar="CIDR[,CIDR...]",
+        help="internal networks of every tenant without its own "
+        f"(default {','.join(PRIVATE_NETWORKS)})",
+    )
+    run.add_argument(
+        "--tenant-networks",
+        action="append",
+        default=[],
+        metavar="TENANT=CIDR[,CIDR...]",
+        help="a tenant's own internal networks (repeatable; default "
+        + "; ".join(f"{t}={','.join(c)}" for t, c in DEFAULT_TENANT_NETWORKS)
+        + ")",
+    )
+    run.add_argument(
+        "--top-talkers",
+        type=int,
+        default=10,
+        help="talkers kept per final estimate (default 10)",
+    )
+
+
+def _add_output_arguments(run: argparse.ArgumentParser) -> None:
+    off = " ('none': off)"
+    run.add_argument(
+        "--model-service-url",
+        default=LOCAL_MODEL_SERVICE_URL,
+        help=f"model service base URL (default {LOCAL_MODEL_SERVICE_URL})" + off,
+    )
+    run.add_argument(
+        "--mongo-uri",
+        default=LOCAL_MONGO_URI,
+        help="MongoDB/DocumentDB URI for detections and estimates "
+        f"(default {LOCAL_MONGO_URI})" + off,
+    )
+    run.add_argument(
+        "--mongo-database",
+        default="sampleflow",
+        help="database of the detections and network_estimates collections",
+    )
+    run.add_argument(
+        "--state-table",
+        default="sampleflow-tenant-state",
+        help="DynamoDB table of per-tenant state (default sampleflow-tenant-state)"
+        + off,
+    )
+    run.add_argument(
+        "--metrics-namespace",
+        default="Sampleflow/Engine",
+        help="CloudWatch namespace of the engine's metrics (default "
+        "Sampleflow/Engine)" + off,
+    )
+    run.add_argument(
+        "--aws-endpoint-url",
+        help="DynamoDB and CloudWatch endpoint (default: --endpoint-url)",
+    )
+    run.add_argument(
+        "--detections",
+        choices=DETECTION_MODES,
+        default="alerts",
+        help="store alerting windows only, or every scored window",
+    )
+    run.add_argument(
+        "--score-retry",
+        type=float,
+        default=10.0,
+        help="seconds to wait after the model service or store failed (default 10)",
+    )
+
+
+def _off(value: str | None) -> str | None:
+    return None if value is None or value.lower() in {"", "none", "off"} else value
+
+
+def _networks(args: argparse.Namespace) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    pairs = dict(DEFAULT_TENANT_NETWORKS)
+    for item in args.tenant_networks:
+        tenant, sep, cidrs = item.partition("=")
+        if not sep or not tenant:
+            raise ConfigError(
+                f"--tenant-networks wants TENANT=CIDR[,CIDR...], got {item!r}"
+            )
+        pairs[tenant] = tuple(c.strip() for c in cidrs.split(",") if c.strip())
+    return tenant_networks(pairs)
 
 
 def _help(parser: argparse.ArgumentParser) -> int:
@@ -113,9 +245,15 @@ def run_command(args: argparse.Namespace) -> int:
     ``--available-now``, until the stream is read; returns the exit code."""
     # Imported here: pyspark is in the cloud extra, and every `sampleflow`
     # command loads this module to build its parser.
-    from cloud.engine.config import ConfigError, EngineConfig  # noqa: PLC0415
+    from cloud.engine.config import EngineConfig  # noqa: PLC0415
     from cloud.engine.job import start_engine  # noqa: PLC0415
+    from cloud.engine.spark import build_spark_session  # noqa: PLC0415
 
+    try:
+        configure_logging(args.log_level, args.log_format)
+    except ValueError as exc:
+        print(f"sampleflow engine: {exc}", file=sys.stderr)
+        return 2
     try:
         config = EngineConfig(
             stream_name=args.stream,
@@ -134,11 +272,31 @@ def run_command(args: argparse.Namespace) -> int:
             estimates_path=args.estimates_out,
             master=None if args.master == "submit" else args.master,
             shuffle_partitions=args.shuffle_partitions,
+            feature_window_s=args.feature_window,
+            feature_slide_s=args.feature_slide,
+            internal_networks=tuple(
+                c.strip() for c in args.internal_networks.split(",") if c.strip()
+            ),
+            tenant_networks=_networks(args),
+            top_talkers=args.top_talkers,
+            model_service_url=_off(args.model_service_url),
+            mongo_uri=_off(args.mongo_uri),
+            mongo_database=args.mongo_database,
+            state_table=_off(args.state_table),
+            metrics_namespace=_off(args.metrics_namespace),
+            aws_endpoint_url=args.aws_endpoint_url,
+            detections=args.detections,
+            score_retry_s=args.score_retry,
         )
     except ConfigError as exc:
         log.error("engine_config_invalid", error=str(exc))
         return 2
-    engine = start_engine(config, available_now=args.available_now)
+    spark = build_spark_session(
+        master=config.master, shuffle_partitions=config.shuffle_partitions
+    )
+    # Spark's own INFO lines would drown the engine's one line per batch.
+    spark.sparkContext.setLogLevel("WARN")
+    engine = start_engine(config, spark=spark, available_now=args.available_now)
     stop = threading.Event()
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
@@ -167,4 +325,53 @@ def run_command(args: argparse.Namespace) -> int:
         batches_accepted=c.batches_accepted,
         invalid=sum(c.invalid.values()),
     )
+    return 0
+
+
+def _register_bench(subparsers: Any) -> None:
+    """Add ``engine`` to the ``bench`` command (made by edge_agent.bench)."""
+    bench = subparsers.choices.get("bench")
+    if bench is None:
+        bench = subparsers.add_parser("bench", help="run a benchmark")
+        bench.add_subparsers(dest="benchmark", metavar="BENCHMARK")
+    benchmarks = next(
+        a for a in bench._actions if isinstance(a, argparse._SubParsersAction)
+    )
+    parser = benchmarks.add_parser(
+        "engine",
+        help="flow rows/s through the engine, micro-batch overhead, latency",
+        description=(
+            "Measure the engine on CTU-13 flows thinned 1:100: rows/s of the "
+            "driver's per-micro-batch work (decode, features, estimates) "
+            "in-process, with the model service in-process and over HTTP; "
+            "then the Spark engine on a local Kinesis (MiniStack): rows/s, "
+            "micro-batch overhead, and latency from put to detection in "
+            "the store with a 2 s trigger.  See docs/engine.md."
+        ),
+    )
+    parser.add_argument("--rows", type=int, default=200_000, help="flow rows")
+    parser.add_argument(
+        "--latency-batches",
+        type=int,
+        default=20,
+        help="puts timed from Kinesis to the detection store (default 20)",
+    )
+    parser.add_argument(
+        "--skip-spark", action="store_true", help="only the in-process parts"
+    )
+    parser.add_argument("--workdir", type=Path, help="scratch folder (default tmp)")
+    parser.set_defaults(func=bench_engine)
+
+
+def bench_engine(args: argparse.Namespace) -> int:
+    """Run the benchmark (see :mod:`cloud.engine.bench`)."""
+    from cloud.engine.bench import print_report, run_benchmark  # noqa: PLC0415
+
+    report = run_benchmark(
+        rows=args.rows,
+        latency_batches=args.latency_batches,
+        spark=not args.skip_spark,
+        workdir=args.workdir,
+    )
+    print_report(report)
     return 0

@@ -2,14 +2,28 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 
+from cloud.engine.defaults import (
+    DEFAULT_TENANT_NETWORKS,
+    DETECTION_MODES,
+    PRIVATE_NETWORKS,
+    ConfigError,
+    tenant_networks,
+)
 from cloud.engine.kinesis.source import STARTING_POSITIONS
+from edge_agent.features import InternalNetworks
 
-
-class ConfigError(ValueError):
-    """A setting is missing or out of range; the message names it."""
+__all__ = [
+    "DEFAULT_TENANT_NETWORKS",
+    "DETECTION_MODES",
+    "PRIVATE_NETWORKS",
+    "ConfigError",
+    "EngineConfig",
+    "tenant_networks",
+]
 
 
 @dataclass(frozen=True)
@@ -22,6 +36,18 @@ class EngineConfig:
     ``lateness_s`` past the window's end.  ``state_path`` (the driver-local
     SQLite file of :mod:`cloud.engine.store`) defaults to a file in the
     checkpoint folder, which then must be a local path.
+
+    Host windows (``feature_window_s`` long every ``feature_slide_s``, by
+    flow ``time_start``; match the model's ``window_s``) are computed for
+    the hosts of each tenant's internal networks (``tenant_networks``,
+    else ``internal_networks``) and scored through ``model_service_url``;
+    without it no features are computed.  ``mongo_uri`` (detections and
+    estimates), ``state_table`` (DynamoDB tenant state) and
+    ``metrics_namespace`` (CloudWatch) are off when None; DynamoDB and
+    CloudWatch use ``aws_endpoint_url``, else ``endpoint_url``.
+    ``detections``: ``alerts`` stores alerting windows, ``all`` every
+    scored window.  ``score_retry_s``: wait after the model service or
+    the detection store failed before trying again.
     """
 
     stream_name: str
@@ -42,6 +68,25 @@ class EngineConfig:
     master: str | None = "local[*]"
     shuffle_partitions: int = 4
     query_name: str = "sampleflow-engine"
+    feature_window_s: int = 300
+    feature_slide_s: int = 60
+    internal_networks: tuple[str, ...] = PRIVATE_NETWORKS
+    tenant_networks: tuple[tuple[str, tuple[str, ...]], ...] = DEFAULT_TENANT_NETWORKS
+    model_service_url: str | None = None
+    mongo_uri: str | None = None
+    mongo_database: str = "sampleflow"
+    state_table: str | None = None
+    metrics_namespace: str | None = None
+    aws_endpoint_url: str | None = None
+    top_talkers: int = 10
+    detections: str = "alerts"
+    score_retry_s: float = 10.0
+
+    def networks_for(self, tenant_id: str) -> InternalNetworks:
+        """The tenant's internal networks, parsed (cached)."""
+        return _parse_networks(
+            dict(self.tenant_networks).get(tenant_id, self.internal_networks)
+        )
 
     def __post_init__(self) -> None:
         if not self.stream_name:
@@ -58,12 +103,40 @@ class EngineConfig:
             "max_bytes_per_batch",
             "window_s",
             "slide_s",
+            "feature_window_s",
+            "feature_slide_s",
+            "top_talkers",
         ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.slide_s > self.window_s:
             raise ConfigError(
                 f"slide_s ({self.slide_s}) must not exceed window_s ({self.window_s})"
+            )
+        if self.feature_slide_s > self.feature_window_s:
+            raise ConfigError(
+                f"feature_slide_s ({self.feature_slide_s}) must not exceed "
+                f"feature_window_s ({self.feature_window_s})"
+            )
+        for tenant, cidrs in (("*", self.internal_networks), *self.tenant_networks):
+            try:
+                _parse_networks(tuple(cidrs))
+            except ValueError as exc:
+                raise ConfigError(
+                    f"internal networks of tenant {tenant!r}: {exc}"
+                ) from None
+        if self.detections not in DETECTION_MODES:
+            raise ConfigError(
+                f"detections must be one of {DETECTION_MODES}, got {self.detections!r}"
+            )
+        if self.score_retry_s < 0:
+            raise ConfigError(f"score_retry_s must be >= 0, got {self.score_retry_s}")
+        if self.model_service_url is not None and not self.model_service_url.startswith(
+            ("http://", "https://")
+        ):
+            raise ConfigError(
+                "model_service_url must start with http:// or https://, got "
+                f"{self.model_service_url!r}"
             )
         if self.trigger_interval_s <= 0:
             raise ConfigError(
@@ -99,3 +172,8 @@ class EngineConfig:
         if self.region:
             options["region"] = self.region
         return options
+
+
+@functools.lru_cache(maxsize=256)
+def _parse_networks(cidrs: tuple[str, ...]) -> InternalNetworks:
+    return InternalNetworks.parse(cidrs)

@@ -1,4 +1,5 @@
-"""The engine's streaming query: Kinesis → decode → dedup → estimates.
+"""The engine's streaming query: Kinesis → decode → dedup → estimates,
+host windows → scores → detections.
 
 One query reads the stream (:mod:`cloud.engine.kinesis`) and hands every
 micro-batch to :class:`MicroBatchProcessor` (``foreachBatch``), which:
@@ -16,41 +17,63 @@ micro-batch to :class:`MicroBatchProcessor` (``foreachBatch``), which:
 4. adds up the window sums of the accepted records per tenant and window,
    stores them keyed by micro-batch, closes windows behind the tenant's
    watermark, and writes the updated estimates to the sink;
-5. hands the accepted records' flow rows to the flow consumers, if any
-   (the seam for scoring and detections).
+5. keeps the accepted flows per tenant in buckets on the driver
+   (:mod:`cloud.engine.analysis`): network statistics (flow starts,
+   distinct hosts and ports, top talkers) and per-host feature rows of
+   every feature window behind the watermark, stored pending;
+6. scores pending host windows through the model service and upserts
+   detections (:mod:`cloud.engine.scoring`); an outage leaves them
+   pending for a later micro-batch;
+7. writes per-tenant state to DynamoDB (:mod:`cloud.engine.tenants`);
+8. hands the accepted records' flow rows to the flow consumers, if any.
+
+Each micro-batch's report goes to the publisher (log line, CloudWatch).
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
+import botocore.exceptions
+import numpy as np
 import structlog
 from pyspark import StorageLevel
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql.streaming import StreamingQuery
 
+from cloud.engine.analysis import AnalysisReport, FlowAnalysis
 from cloud.engine.config import EngineConfig
 from cloud.engine.estimates import STAT_FIELDS, z_for
 from cloud.engine.kinesis import SOURCE_NAME
 from cloud.engine.metrics import (
     EngineCounters,
+    FanoutPublisher,
     LagListener,
     LogPublisher,
     MetricsPublisher,
 )
-from cloud.engine.sinks import EstimateSink, JsonLinesSink, MemorySink, estimate_windows
+from cloud.engine.scoring import HostWindowScorer
+from cloud.engine.sinks import (
+    DeferringSink,
+    EstimateSink,
+    FanoutSink,
+    JsonLinesSink,
+    MemorySink,
+    estimate_windows,
+)
 from cloud.engine.spark import build_spark_session
 from cloud.engine.store import (
     BatchClaim,
-    EngineStore,
     InvalidRecord,
     SqliteStore,
     WindowPartial,
 )
+from cloud.engine.tenants import TenantBatch, TenantStateWriter
 from cloud.engine.transform import (
     FLOW_SCHEMA,
     KIND_BATCH,
@@ -59,7 +82,17 @@ from cloud.engine.transform import (
     SUMMARY_SCHEMA,
     flows_partition,
     summarize_partition,
+    unpack_payload,
 )
+from cloud.scoring_client import ScoringClient, ScoringClientConfig
+from cloud.store.detections import (
+    DetectionStore,
+    StoreUnavailableError,
+    StoreWriteError,
+    open_client,
+)
+from cloud.store.metrics import CloudWatchPublisher
+from cloud.store.state import StateStoreError, TenantStateStore
 
 log = structlog.get_logger(__name__)
 
@@ -81,8 +114,23 @@ class BatchReport:
     windows_updated: int = 0
     windows_closed: int = 0
     late_partials: int = 0
+    late_network_rows: int = 0
+    late_feature_rows: int = 0
+    feature_windows_closed: int = 0
+    host_windows: int = 0  # host rows of the feature windows closed now
+    scored: int = 0
+    detections: int = 0
+    detections_new: int = 0
+    scoring_rejected: int = 0
+    scoring_unavailable: int = 0  # 1 when the service or store was down
+    unscored: int = 0  # host windows still pending after this micro-batch
+    estimates_deferred: int = 0
+    state_trouble: int = 0  # tenant state updates refused or failed
     decode_ms: float = 0.0  # the Spark job: read, decode, window sums
-    store_ms: float = 0.0  # dedup, partials, watermarks, sink (driver)
+    store_ms: float = 0.0  # dedup, partials, buckets, watermarks, sink
+    features_ms: float = 0.0  # closing feature windows
+    scoring_ms: float = 0.0  # model service and detection store
+    state_ms: float = 0.0  # DynamoDB
     consumers_ms: float = 0.0
     total_ms: float = 0.0
 
@@ -91,28 +139,43 @@ class MicroBatchProcessor:
     """The ``foreachBatch`` function; see the module docstring.
 
     Spark calls it on the driver, one micro-batch at a time, with the
-    micro-batch id that a replay after a restart repeats.
+    micro-batch id that a replay after a restart repeats.  ``scorer``
+    (None: no model service) scores closed host windows; ``tenant_state``
+    (None: off) writes per-tenant state.
     """
 
     def __init__(
         self,
         config: EngineConfig,
-        store: EngineStore,
+        store: SqliteStore,
         sink: EstimateSink,
         publisher: MetricsPublisher,
         flow_consumers: Sequence[FlowConsumer] = (),
+        *,
+        scorer: HostWindowScorer | None = None,
+        tenant_state: TenantStateWriter | None = None,
     ) -> None:
         self.config = config
         self.store = store
         self.sink = sink
         self.publisher = publisher
         self.flow_consumers = tuple(flow_consumers)
+        self.scorer = scorer
+        self.tenant_state = tenant_state
+        self.analysis = FlowAnalysis(config, store, features=scorer is not None)
         self.counters = EngineCounters()
         self.reports: list[BatchReport] = []
         self._z = z_for(config.confidence)
+        #: Set while no micro-batch is being processed.
+        self.idle = threading.Event()
+        self.idle.set()
 
     def __call__(self, df: DataFrame, micro_batch: int) -> None:
-        self.process(df, micro_batch)
+        self.idle.clear()
+        try:
+            self.process(df, micro_batch)
+        finally:
+            self.idle.set()
 
     def accepted_flows(
         self, df: DataFrame, accepted: frozenset[tuple[str, str]]
@@ -124,6 +187,7 @@ class MicroBatchProcessor:
     def process(self, df: DataFrame, micro_batch: int) -> BatchReport:
         """Process one micro-batch; returns (and keeps) its report."""
         started = time.perf_counter()
+        wall_start = time.time()
         report = BatchReport(micro_batch)
         if self.flow_consumers:
             # Read the source once for the summary and the flows.
@@ -153,6 +217,9 @@ class MicroBatchProcessor:
             report.batches_accepted = len(accepted)
             report.duplicates_across = len(claims) - len(accepted)
             report.flows = sum(record_counts[key] for key in accepted)
+            flows, tenants = self._accepted_payloads(rows, accepted)
+            analysis = AnalysisReport()
+            self.analysis.add(micro_batch, flows, analysis)
             partials = self._partials(rows, accepted)
             refused = self.store.add_partials(micro_batch, partials)
             report.late_partials = len(refused)
@@ -168,16 +235,45 @@ class MicroBatchProcessor:
             touched = {
                 (p.tenant_id, p.window_start_ms) for p in partials
             } - refused_keys
-            totals = self.store.window_totals(touched | set(closed))
-            self.sink.write(estimate_windows(totals, self.config.confidence, self._z))
+            keys = touched | set(closed)
+            totals = self.store.window_totals(keys)
+            finals = self.analysis.network_finals(closed)
+            estimates = estimate_windows(
+                totals,
+                self.config.confidence,
+                self._z,
+                flow_starts=self.analysis.flow_starts(keys),
+                network=finals,
+            )
+            self.sink.write(estimates)
+            self.analysis.drop_network_buckets(latest)
             report.windows_updated = len(touched)
             report.windows_closed = len(closed)
             report.store_ms = (time.perf_counter() - t_store) * 1000
+            t_features = time.perf_counter()
+            self.analysis.close_feature_windows(micro_batch, latest, analysis)
+            report.features_ms = (time.perf_counter() - t_features) * 1000
+            for name in (
+                "late_network_rows",
+                "late_feature_rows",
+                "feature_windows_closed",
+                "host_windows",
+            ):
+                setattr(report, name, getattr(analysis, name))
+            versions = self._score(report)
+            if self.tenant_state is not None:
+                t_state = time.perf_counter()
+                report.state_trouble = self.tenant_state.write(
+                    micro_batch, wall_start, tenants, versions
+                )
+                report.state_ms = (time.perf_counter() - t_state) * 1000
+            deferred = getattr(self.sink, "deferred", 0)
+            report.estimates_deferred = int(deferred)
             if self.flow_consumers and accepted:
                 t_flows = time.perf_counter()
-                flows = self.accepted_flows(df, accepted)
+                flow_df = self.accepted_flows(df, accepted)
                 for consume in self.flow_consumers:
-                    consume(flows, micro_batch)
+                    consume(flow_df, micro_batch)
                 report.consumers_ms = (time.perf_counter() - t_flows) * 1000
         finally:
             if self.flow_consumers:
@@ -185,6 +281,37 @@ class MicroBatchProcessor:
         report.total_ms = (time.perf_counter() - started) * 1000
         self._count(report, invalid)
         return report
+
+    def _score(self, report: BatchReport) -> dict[str, str]:
+        """Score pending host windows; the model version per tenant."""
+        if self.scorer is None:
+            return {}
+        t_score = time.perf_counter()
+        done = self.scorer.score_pending()
+        report.scored = done.scored
+        report.detections = done.detections
+        report.detections_new = done.detections_new
+        report.scoring_rejected = done.rejected
+        report.scoring_unavailable = int(done.unavailable or done.skipped)
+        report.unscored = done.pending_left
+        report.scoring_ms = (time.perf_counter() - t_score) * 1000
+        return done.model_versions
+
+    def _accepted_payloads(
+        self, rows: list[Any], accepted: frozenset[tuple[str, str]]
+    ) -> tuple[dict[str, np.ndarray], dict[str, TenantBatch]]:
+        """The accepted records' flows per tenant, and tenant figures."""
+        parts: dict[str, list[np.ndarray]] = {}
+        tenants: dict[str, TenantBatch] = {}
+        for r in rows:
+            if r.kind != KIND_BATCH or (r.shard_id, r.sequence_number) not in accepted:
+                continue
+            flows = unpack_payload(r.payload or b"")
+            t = tenants.setdefault(r.tenant_id, TenantBatch())
+            t.add_relay(r.relay_id, int(r.created_ms or 0))
+            t.add_rows(r.relay_id, flows)
+            parts.setdefault(r.tenant_id, []).append(flows)
+        return {k: np.concatenate(v) for k, v in parts.items()}, tenants
 
     def _first_claims(
         self, rows: list[Any], report: BatchReport
@@ -278,13 +405,129 @@ class Engine:
     store: SqliteStore
     listener: LagListener
     spark: SparkSession
+    closers: list[Callable[[], None]] = field(default_factory=list)
 
-    def close(self) -> None:
-        """Stop the query if it runs, detach the listener, close the store."""
+    def close(self, drain_timeout_s: float = 120.0) -> None:
+        """Stop the query if it runs (after the micro-batch in flight, if
+        any, within ``drain_timeout_s``), detach the listener, close the
+        stores.  A micro-batch cut short is replayed at the next start."""
         if self.query.isActive:
+            # Stopping interrupts Spark's thread, not this process's
+            # foreachBatch call: let it finish rather than race a restart.
+            self.processor.idle.wait(drain_timeout_s)
             self.query.stop()
+            self.processor.idle.wait(drain_timeout_s)
         self.spark.streams.removeListener(self.listener)
+        for close in self.closers:
+            close()
         self.store.close()
+
+
+@dataclass
+class Outputs:
+    """Where a started engine writes (built by :func:`build_outputs`)."""
+
+    sink: EstimateSink
+    publisher: MetricsPublisher
+    scorer: HostWindowScorer | None
+    tenant_state: TenantStateWriter | None
+    closers: list[Callable[[], None]]
+
+
+def _aws_client(config: EngineConfig, service: str) -> Any:
+    import boto3  # noqa: PLC0415 - only with DynamoDB or CloudWatch on
+    import botocore.config  # noqa: PLC0415
+
+    return boto3.session.Session(region_name=config.region).client(
+        service,
+        endpoint_url=config.aws_endpoint_url or config.endpoint_url,
+        config=botocore.config.Config(
+            retries={"mode": "standard", "max_attempts": 3},
+            connect_timeout=2,
+            read_timeout=10,
+        ),
+    )
+
+
+def build_outputs(
+    config: EngineConfig,
+    store: SqliteStore,
+    sink: EstimateSink | None = None,
+    publisher: MetricsPublisher | None = None,
+) -> Outputs:
+    """The sink, publisher, scorer and tenant state the settings ask for.
+
+    An explicit ``sink`` or ``publisher`` replaces the configured ones.
+    Nothing here connects yet except DynamoDB's ``create_table`` (a
+    failure is logged; the engine goes on and retries every update).
+    """
+    closers: list[Callable[[], None]] = []
+    detection_store: DetectionStore | None = None
+    if config.mongo_uri:
+        mongo = open_client(config.mongo_uri)
+        closers.append(mongo.close)
+        detection_store = DetectionStore(mongo, database=config.mongo_database)
+    if sink is None:
+        sinks: list[EstimateSink] = []
+        if config.estimates_path:
+            sinks.append(JsonLinesSink(config.estimates_path))
+        if detection_store is not None:
+            sinks.append(
+                DeferringSink(detection_store, (StoreUnavailableError, StoreWriteError))
+            )
+        sink = (
+            MemorySink()
+            if not sinks
+            else sinks[0]
+            if len(sinks) == 1
+            else FanoutSink(sinks)
+        )
+    if publisher is None:
+        publishers: list[MetricsPublisher] = [LogPublisher()]
+        if config.metrics_namespace:
+            publishers.append(
+                CloudWatchPublisher(
+                    _aws_client(config, "cloudwatch"),
+                    engine=config.stream_name,
+                    query=config.query_name,
+                    namespace=config.metrics_namespace,
+                )
+            )
+        publisher = (
+            publishers[0] if len(publishers) == 1 else FanoutPublisher(publishers)
+        )
+    scorer = None
+    if config.model_service_url:
+        client = ScoringClient(
+            ScoringClientConfig(
+                url=config.model_service_url,
+                # A micro-batch must not wait long for a service that is
+                # down: one retry, then the windows wait for the next one.
+                retries=1,
+                backoff_factor_s=0.2,
+                connect_timeout_s=1.0,
+                losses="all" if config.detections == "all" else "alerts",
+            )
+        )
+        closers.append(client.close)
+        scorer = HostWindowScorer(
+            store,
+            client,
+            detection_store,
+            only_alerts=config.detections == "alerts",
+            retry_after_s=config.score_retry_s,
+        )
+    tenant_state = None
+    if config.state_table:
+        state = TenantStateStore(_aws_client(config, "dynamodb"), config.state_table)
+        try:
+            state.create_table(timeout_s=30.0)
+        except (StateStoreError, botocore.exceptions.BotoCoreError) as exc:
+            log.warning(
+                "tenant_state_unavailable", table=config.state_table, error=str(exc)
+            )
+        tenant_state = TenantStateWriter(state, config.trigger_interval_s)
+    return Outputs(sink, publisher, scorer, tenant_state, closers)
 
 
 def start_engine(
@@ -303,16 +546,18 @@ def start_engine(
             master=config.master, shuffle_partitions=config.shuffle_partitions
         )
     store = SqliteStore(config.resolved_state_path)
-    if sink is None:
-        sink = (
-            JsonLinesSink(config.estimates_path)
-            if config.estimates_path
-            else MemorySink()
-        )
-    publisher = publisher or LogPublisher()
-    processor = MicroBatchProcessor(config, store, sink, publisher, flow_consumers)
+    out = build_outputs(config, store, sink, publisher)
+    processor = MicroBatchProcessor(
+        config,
+        store,
+        out.sink,
+        out.publisher,
+        flow_consumers,
+        scorer=out.scorer,
+        tenant_state=out.tenant_state,
+    )
     pruned = store.prune(int((time.time() - config.dedup_horizon_s) * 1000))
-    listener = LagListener(publisher, config.query_name)
+    listener = LagListener(out.publisher, config.query_name)
     spark.streams.addListener(listener)
     reader = spark.readStream.format(SOURCE_NAME)
     for key, value in config.source_options().items():
@@ -335,5 +580,9 @@ def start_engine(
         state=str(config.resolved_state_path),
         ledger_pruned=pruned,
         available_now=available_now,
+        scoring=config.model_service_url,
+        detections=bool(config.mongo_uri),
+        tenant_state=config.state_table,
+        metrics_namespace=config.metrics_namespace,
     )
-    return Engine(query, processor, store, listener, spark)
+    return Engine(query, processor, store, listener, spark, out.closers)

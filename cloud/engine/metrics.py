@@ -64,6 +64,21 @@ class LogPublisher:
         emit("engine_lag", max_millis_behind_latest=worst, shards=len(self.last_lag))
 
 
+class FanoutPublisher:
+    """Hands every figure to each of ``publishers`` (log line, CloudWatch)."""
+
+    def __init__(self, publishers: list[MetricsPublisher]) -> None:
+        self.publishers = list(publishers)
+
+    def publish_batch(self, micro_batch: int, values: Mapping[str, Any]) -> None:
+        for p in self.publishers:
+            p.publish_batch(micro_batch, values)
+
+    def publish_lag(self, millis_behind_latest: Mapping[str, int]) -> None:
+        for p in self.publishers:
+            p.publish_lag(millis_behind_latest)
+
+
 class LagListener(StreamingQueryListener):
     """Forwards the source's MillisBehindLatest from progress events."""
 

@@ -7,16 +7,21 @@ once more, ``final``, when the window closes; sinks upsert by
 
 from __future__ import annotations
 
+import dataclasses
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
+import structlog
 
 from cloud.engine.estimates import byte_interval, packet_interval
+from cloud.engine.network import NetworkStats
 from cloud.engine.store import WindowTotals
+
+log = structlog.get_logger(__name__)
 
 
 @dataclass(frozen=True)
@@ -26,6 +31,11 @@ class WindowEstimate:
     ``*_low``/``*_high`` bound the confidence interval at ``confidence``;
     ``sampled_*`` are the counters as exported; ``unknown_rate_*`` are rows
     whose sampling rate is unknown, left out of the estimate.
+    ``flow_starts`` (estimated TCP connection attempts), and on final
+    estimates ``distinct_hosts``/``distinct_ports`` (Chao1) with their
+    observed counts and ``top_talkers`` (``[{host, bytes}]``, scaled bytes
+    sent, largest first) are defined in :mod:`cloud.engine.network`;
+    they are None on estimates that are not final.
     """
 
     tenant_id: str
@@ -46,12 +56,27 @@ class WindowEstimate:
     unknown_rate_rows: int
     unknown_rate_packets: float
     unknown_rate_bytes: float
+    flow_starts: float = 0.0
+    distinct_hosts: float | None = None
+    distinct_hosts_observed: int | None = None
+    distinct_ports: float | None = None
+    distinct_ports_observed: int | None = None
+    top_talkers: list[dict[str, Any]] | None = None
 
 
 def estimate_windows(
-    totals: Sequence[WindowTotals], confidence: float, z: float
+    totals: Sequence[WindowTotals],
+    confidence: float,
+    z: float,
+    flow_starts: Mapping[tuple[str, int], float] | None = None,
+    network: Mapping[tuple[str, int], NetworkStats] | None = None,
 ) -> list[WindowEstimate]:
-    """Turn summed statistics into estimates (vectorised over windows)."""
+    """Turn summed statistics into estimates (vectorised over windows).
+
+    ``flow_starts`` and ``network`` (final windows) are keyed by
+    (tenant, window start)."""
+    flow_starts = flow_starts or {}
+    network = network or {}
     if not totals:
         return []
     stats = {
@@ -79,9 +104,15 @@ def estimate_windows(
             unknown_rate_rows=int(t.stats["unknown_rate_rows"]),
             unknown_rate_packets=t.stats["unknown_rate_packets"],
             unknown_rate_bytes=t.stats["unknown_rate_bytes"],
+            flow_starts=flow_starts.get((t.tenant_id, t.window_start_ms), 0.0),
+            **_network_fields(network.get((t.tenant_id, t.window_start_ms))),
         )
         for i, t in enumerate(totals)
     ]
+
+
+def _network_fields(stats: NetworkStats | None) -> dict[str, Any]:
+    return {} if stats is None else dataclasses.asdict(stats)
 
 
 class EstimateSink(Protocol):
@@ -117,3 +148,67 @@ class JsonLinesSink:
         with self.path.open("a", encoding="utf-8") as out:
             for e in estimates:
                 out.write(json.dumps(asdict(e), separators=(",", ":")) + "\n")
+
+
+class FanoutSink:
+    """Writes every estimate to each of ``sinks`` in order."""
+
+    def __init__(self, sinks: Sequence[EstimateSink]) -> None:
+        self.sinks = tuple(sinks)
+
+    def write(self, estimates: Sequence[WindowEstimate]) -> None:
+        for sink in self.sinks:
+            sink.write(estimates)
+
+
+class DeferringSink:
+    """Keeps estimates a sink could not take and offers them again.
+
+    ``sink`` raises one of ``retryable`` when its store is down (for the
+    detection store: ``StoreUnavailableError``, ``StoreWriteError``); the
+    estimates are then kept, the latest per (tenant, window start), at
+    most ``max_pending`` of them (beyond, the oldest windows are dropped
+    and counted), and written before the next ones.  The engine goes on
+    either way.  Known shortcoming: what is kept is in memory, so a
+    restart during an outage loses the non-final estimates (final ones
+    too, if the window closed during the outage).
+    """
+
+    def __init__(
+        self,
+        sink: EstimateSink,
+        retryable: tuple[type[Exception], ...],
+        max_pending: int = 100_000,
+    ) -> None:
+        self.sink = sink
+        self.retryable = retryable
+        self.max_pending = max_pending
+        self.pending: dict[tuple[str, int], WindowEstimate] = {}
+        self.deferred = 0
+        self.dropped = 0
+        self.failures = 0
+
+    def write(self, estimates: Sequence[WindowEstimate]) -> None:
+        for e in estimates:
+            self.pending.pop((e.tenant_id, e.window_start_ms), None)
+            self.pending[(e.tenant_id, e.window_start_ms)] = e
+        if not self.pending:
+            return
+        batch = list(self.pending.values())
+        try:
+            self.sink.write(batch)
+        except self.retryable as exc:
+            self.failures += 1
+            self.deferred = len(batch)
+            while len(self.pending) > self.max_pending:
+                self.pending.pop(next(iter(self.pending)))
+                self.dropped += 1
+            log.warning(
+                "estimates_deferred",
+                pending=len(self.pending),
+                dropped=self.dropped,
+                error=str(exc),
+            )
+            return
+        self.pending.clear()
+        self.deferred = 0

@@ -14,6 +14,16 @@ changes nothing.
   ``lateness`` behind the latest flow time seen for the tenant; partials
   for a closed window from a later micro-batch are refused (counted late).
 * Invalid records: shard, sequence number and error, per micro-batch.
+* Buckets: per (kind, tenant, bucket start, micro-batch) an opaque blob
+  and a number: the compacted flows of a feature bucket
+  (:mod:`cloud.engine.hostwindows`) or the address, port and talker
+  tables of a network bucket (:mod:`cloud.engine.network`).  Windows are
+  unions of buckets; a bucket is dropped once every window holding it
+  is closed.
+* Feature windows closed (with the micro-batch that closed them) and the
+  host windows they produced, pending until scored: closing a window and
+  storing its host rows is one transaction, so a crash cannot lose them
+  and a replay cannot make them twice.
 
 :class:`SqliteStore` keeps this in one SQLite file on the driver: right for
 local mode and tests; a cluster driver that can move to another host needs
@@ -30,6 +40,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
+
+import numpy as np
 
 from cloud.engine.estimates import STAT_FIELDS
 
@@ -68,6 +80,33 @@ class WindowTotals:
     flows: int
     stats: dict[str, float]
     closed: bool
+
+
+@dataclass(frozen=True)
+class Bucket:
+    """One micro-batch's blob for a (kind, tenant, bucket start)."""
+
+    tenant_id: str
+    bucket_start_ms: int
+    rows: int
+    value: float
+    data: bytes
+
+
+@dataclass(frozen=True)
+class HostWindowRow:
+    """A host window's raw features (float64 in FEATURE_NAMES order)."""
+
+    tenant_id: str
+    host: bytes  # 16 bytes, IPv4-mapped for IPv4
+    window_start_ms: int
+    window_end_ms: int
+    features: np.ndarray
+
+
+#: Host window states in ``host_windows``.
+HOST_PENDING = 0
+HOST_REJECTED = 2
 
 
 @dataclass(frozen=True)
@@ -140,6 +179,36 @@ CREATE TABLE IF NOT EXISTS closed_windows (
     window_start_ms INTEGER NOT NULL,
     PRIMARY KEY (tenant_id, window_start_ms)
 );
+CREATE TABLE IF NOT EXISTS buckets (
+    kind TEXT NOT NULL,
+    tenant_id TEXT NOT NULL,
+    bucket_start_ms INTEGER NOT NULL,
+    micro_batch INTEGER NOT NULL,
+    rows INTEGER NOT NULL,
+    value REAL NOT NULL,
+    data BLOB NOT NULL,
+    PRIMARY KEY (kind, tenant_id, bucket_start_ms, micro_batch)
+);
+CREATE TABLE IF NOT EXISTS feature_windows (
+    tenant_id TEXT NOT NULL,
+    window_start_ms INTEGER NOT NULL,
+    micro_batch INTEGER NOT NULL,
+    hosts INTEGER NOT NULL,
+    PRIMARY KEY (tenant_id, window_start_ms)
+);
+CREATE TABLE IF NOT EXISTS host_windows (
+    tenant_id TEXT NOT NULL,
+    window_start_ms INTEGER NOT NULL,
+    host BLOB NOT NULL,
+    window_end_ms INTEGER NOT NULL,
+    micro_batch INTEGER NOT NULL,
+    features BLOB NOT NULL,
+    status INTEGER NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    rule TEXT,
+    PRIMARY KEY (tenant_id, window_start_ms, host)
+);
+CREATE INDEX IF NOT EXISTS host_windows_status ON host_windows (status);
 CREATE TABLE IF NOT EXISTS invalid_records (
     micro_batch INTEGER NOT NULL,
     shard_id TEXT NOT NULL,
@@ -318,6 +387,183 @@ class SqliteStore:
         ).fetchall()
         out = [InvalidRecord(*row) for row in rows]
         return sorted(out, key=lambda r: (r.shard_id, int(r.sequence_number)))
+
+    def watermark(self, tenant_id: str) -> int | None:
+        """The tenant's watermark (ms), or None before its first flows."""
+        row = self._db.execute(
+            "SELECT watermark_ms FROM watermarks WHERE tenant_id = ?", (tenant_id,)
+        ).fetchone()
+        return None if row is None else int(row[0])
+
+    def put_buckets(
+        self, kind: str, micro_batch: int, buckets: Sequence[Bucket]
+    ) -> None:
+        """Store this micro-batch's buckets (a replay rewrites the same)."""
+        with self._db:
+            self._db.execute("BEGIN")
+            self._db.executemany(
+                "INSERT OR REPLACE INTO buckets VALUES (?, ?, ?, ?, ?, ?, ?)",
+                [
+                    (
+                        kind,
+                        b.tenant_id,
+                        b.bucket_start_ms,
+                        micro_batch,
+                        b.rows,
+                        float(b.value),
+                        b.data,
+                    )
+                    for b in buckets
+                ],
+            )
+
+    def bucket_data(
+        self, kind: str, tenant_id: str, start_ms: int, end_ms: int
+    ) -> list[bytes]:
+        """Blobs of the tenant's buckets starting in ``[start_ms, end_ms)``."""
+        rows = self._db.execute(
+            "SELECT data FROM buckets WHERE kind = ? AND tenant_id = ? AND "
+            "bucket_start_ms >= ? AND bucket_start_ms < ? "
+            "ORDER BY bucket_start_ms, micro_batch",
+            (kind, tenant_id, start_ms, end_ms),
+        ).fetchall()
+        return [bytes(r[0]) for r in rows]
+
+    def bucket_values(
+        self, kind: str, keys: Iterable[tuple[str, int]], length_ms: int
+    ) -> dict[tuple[str, int], float]:
+        """Sum of the bucket values of each (tenant, window start) window
+        ``length_ms`` long."""
+        out: dict[tuple[str, int], float] = {}
+        for tenant, start in set(keys):
+            (total,) = self._db.execute(
+                "SELECT COALESCE(SUM(value), 0) FROM buckets WHERE kind = ? AND "
+                "tenant_id = ? AND bucket_start_ms >= ? AND bucket_start_ms < ?",
+                (kind, tenant, start, start + length_ms),
+            ).fetchone()
+            out[(tenant, start)] = float(total)
+        return out
+
+    def bucket_starts(self, kind: str, tenant_id: str) -> list[int]:
+        """Distinct bucket starts the tenant has of ``kind``, ascending."""
+        rows = self._db.execute(
+            "SELECT DISTINCT bucket_start_ms FROM buckets WHERE kind = ? AND "
+            "tenant_id = ? ORDER BY bucket_start_ms",
+            (kind, tenant_id),
+        ).fetchall()
+        return [int(r[0]) for r in rows]
+
+    def drop_buckets(self, kind: str, tenant_id: str, before_ms: int) -> int:
+        """Forget the tenant's buckets starting before ``before_ms``."""
+        with self._db:
+            cursor = self._db.execute(
+                "DELETE FROM buckets WHERE kind = ? AND tenant_id = ? AND "
+                "bucket_start_ms < ?",
+                (kind, tenant_id, before_ms),
+            )
+        return int(cursor.rowcount)
+
+    def closed_feature_windows(self, tenant_id: str) -> set[int]:
+        """Starts of the tenant's feature windows already closed (kept
+        until :meth:`forget_feature_windows`)."""
+        rows = self._db.execute(
+            "SELECT window_start_ms FROM feature_windows WHERE tenant_id = ?",
+            (tenant_id,),
+        ).fetchall()
+        return {int(r[0]) for r in rows}
+
+    def close_feature_windows(
+        self,
+        micro_batch: int,
+        tenant_id: str,
+        window_starts: Sequence[int],
+        rows: Sequence[HostWindowRow],
+    ) -> int:
+        """Mark windows closed and store their host rows pending, in one
+        transaction; returns the host rows stored."""
+        hosts: dict[int, int] = dict.fromkeys(window_starts, 0)
+        for r in rows:
+            hosts[r.window_start_ms] = hosts.get(r.window_start_ms, 0) + 1
+        with self._db:
+            self._db.execute("BEGIN")
+            self._db.executemany(
+                "INSERT OR IGNORE INTO feature_windows VALUES (?, ?, ?, ?)",
+                [(tenant_id, s, micro_batch, n) for s, n in hosts.items()],
+            )
+            cursor = self._db.executemany(
+                "INSERT OR IGNORE INTO host_windows (tenant_id, window_start_ms, "
+                "host, window_end_ms, micro_batch, features, status) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                [
+                    (
+                        r.tenant_id,
+                        r.window_start_ms,
+                        r.host,
+                        r.window_end_ms,
+                        micro_batch,
+                        np.ascontiguousarray(r.features, dtype="<f8").tobytes(),
+                        HOST_PENDING,
+                    )
+                    for r in rows
+                ],
+            )
+        return int(cursor.rowcount)
+
+    def forget_feature_windows(self, tenant_id: str, before_ms: int) -> None:
+        """Forget closed feature windows starting before ``before_ms``."""
+        with self._db:
+            self._db.execute(
+                "DELETE FROM feature_windows WHERE tenant_id = ? AND "
+                "window_start_ms < ?",
+                (tenant_id, before_ms),
+            )
+
+    def pending_host_windows(self, limit: int) -> list[HostWindowRow]:
+        """Up to ``limit`` host windows not scored yet, oldest first."""
+        rows = self._db.execute(
+            "SELECT tenant_id, host, window_start_ms, window_end_ms, features "
+            "FROM host_windows WHERE status = ? "
+            "ORDER BY window_start_ms, tenant_id, host LIMIT ?",
+            (HOST_PENDING, limit),
+        ).fetchall()
+        return [
+            HostWindowRow(
+                tenant_id=t,
+                host=bytes(h),
+                window_start_ms=int(s),
+                window_end_ms=int(e),
+                features=np.frombuffer(f, dtype="<f8"),
+            )
+            for t, h, s, e, f in rows
+        ]
+
+    def finish_host_windows(
+        self, rows: Sequence[HostWindowRow], rule: str | None = None
+    ) -> None:
+        """Scored rows (``rule`` None) are forgotten; rejected ones are
+        kept with the rule the model service named and never retried."""
+        keys = [(r.tenant_id, r.window_start_ms, r.host) for r in rows]
+        with self._db:
+            self._db.execute("BEGIN")
+            if rule is None:
+                self._db.executemany(
+                    "DELETE FROM host_windows WHERE tenant_id = ? AND "
+                    "window_start_ms = ? AND host = ?",
+                    keys,
+                )
+            else:
+                self._db.executemany(
+                    "UPDATE host_windows SET status = ?, rule = ? WHERE "
+                    "tenant_id = ? AND window_start_ms = ? AND host = ?",
+                    [(HOST_REJECTED, rule, *k) for k in keys],
+                )
+
+    def count_host_windows(self, status: int = HOST_PENDING) -> int:
+        """How many host windows are in ``status``."""
+        (n,) = self._db.execute(
+            "SELECT COUNT(*) FROM host_windows WHERE status = ?", (status,)
+        ).fetchone()
+        return int(n)
 
     def prune(self, older_than_ms: int) -> int:
         """Forget ledger entries first seen before ``older_than_ms``."""

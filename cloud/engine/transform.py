@@ -7,7 +7,9 @@ One Kinesis record is one relay batch (:mod:`edge_agent.wire`).  Two
 kinds (column ``kind``):
 
 * :data:`KIND_BATCH` -- one per valid record: its header, for duplicate
-  detection (a relay delivers a batch at least once);
+  detection (a relay delivers a batch at least once), and its flows as
+  one :data:`PAYLOAD_DTYPE` blob (``payload``) for the driver's per-host
+  features and network statistics;
 * :data:`KIND_WINDOW` -- per valid record and event-time window its flows
   fall in: the summed estimator statistics of
   :func:`cloud.engine.estimates.row_statistics` (the driver adds up those
@@ -98,6 +100,8 @@ SUMMARY_SCHEMA = StructType(
         StructField("window_end_ms", LongType(), True),
         StructField("record_count", LongType(), True),
         StructField("skipped_columns", IntegerType(), True),
+        StructField("created_ms", LongType(), True),
+        StructField("payload", BinaryType(), True),
         # invalid rows
         StructField("error_kind", StringType(), True),
         StructField("error", StringType(), True),
@@ -121,6 +125,39 @@ FLOW_SCHEMA = StructType(
     ]
 )
 """What :func:`flows_partition` yields: flows with their batch's header."""
+
+#: The flow columns the driver needs (features, network statistics, tenant
+#: state), packed: 93 bytes a row.  Units as in FLOW_DTYPE.
+PAYLOAD_DTYPE = np.dtype(
+    [
+        ("time_start", "<i8"),  # ms since the epoch, UTC
+        ("time_end", "<i8"),
+        ("exporter", "V16"),  # IPv4-mapped for IPv4
+        ("src_addr", "V16"),
+        ("dst_addr", "V16"),
+        ("sampling_rate", "<u4"),  # 1-in-N; 0 = unknown
+        ("flow_count", "<u4"),
+        ("bytes", "<u8"),  # sampled, as exported
+        ("packets", "<u8"),
+        ("dst_port", "<u2"),
+        ("tcp_flags", "<u2"),
+        ("protocol", "u1"),
+    ]
+)
+
+
+def payload_of(batch: DecodedBatch) -> bytes:
+    """The batch's flows as :data:`PAYLOAD_DTYPE` bytes."""
+    out = np.empty(batch.header.record_count, dtype=PAYLOAD_DTYPE)
+    for name in PAYLOAD_DTYPE.names or ():
+        out[name] = batch.columns[name]
+    return out.tobytes()
+
+
+def unpack_payload(data: bytes) -> np.ndarray:
+    """Inverse of :func:`payload_of` (a read-only view of ``data``)."""
+    return np.frombuffer(data, dtype=PAYLOAD_DTYPE)
+
 
 _SUMMARY_ARROW = to_arrow_schema(SUMMARY_SCHEMA, timezone="UTC")
 _FLOW_ARROW = to_arrow_schema(FLOW_SCHEMA, timezone="UTC")
@@ -184,6 +221,7 @@ def _decode(shard: str, seq: str, data: bytes) -> tuple[dict[str, Any], Any]:
         "window_end_ms": h.window_end_ms,
         "record_count": h.record_count,
         "skipped_columns": len(batch.skipped_columns),
+        "created_ms": h.created_ms,
     }, batch
 
 
@@ -223,6 +261,8 @@ def summarize_records(
         strict=True,
     ):
         meta, batch = _decode(shard, seq, data)
+        if batch is not None:
+            meta = {**meta, "payload": payload_of(batch)}
         out.append(meta)
         if batch is not None and batch.header.record_count:
             out.extend(_window_rows(meta, batch, size_ms, slide_ms))

@@ -1,0 +1,139 @@
+"""Whole-network statistics beyond packet and byte totals, per tenant window.
+
+For every estimate window (the engine's ``window_s``/``slide_s``, rows put
+in windows by ``time_end`` like the packet and byte estimates):
+
+* ``flow_starts``: TCP records with SYN and without ACK, each counting its
+  ``flow_count`` times the 1-in-N rate: the estimated connection attempts.
+  Rows of unknown rate (0) are left out, as they are of the totals.
+  The SYN-without-ACK bias of docs/models.md applies: established flows
+  whose later packets were sampled into the same record do not count.
+* ``distinct_hosts``: distinct addresses (source or destination), and
+  ``distinct_ports``: distinct TCP/UDP destination ports, each with the
+  Chao1 correction for values no sampled record showed
+  (:func:`edge_agent.features.estimators.chao1`: ``S_obs + f1²/(2 f2)``,
+  with f1, f2 the values seen in exactly one and two sampled records).
+* ``top_talkers``: the ``k`` source addresses with the most scaled bytes
+  sent (bytes × rate), largest first.
+
+State is kept per *bucket* (``gcd(window, slide)`` long, so a window is a
+union of buckets) and micro-batch: :func:`bucket_tables` reduces one
+micro-batch's rows to small tables (one entry per distinct address, port
+and talker), :func:`merge_tables` adds the buckets of one window up when
+it closes.  Distinct counts and talkers are therefore given on final
+estimates only; ``flow_starts`` is additive and given on every update.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+import numpy as np
+
+from edge_agent.features import spec
+from edge_agent.features.estimators import chao1
+from edge_agent.flows.schema import address_text
+
+#: The ``kind`` of network buckets in the engine store.
+KIND = "network"
+
+
+@dataclass(frozen=True)
+class NetworkStats:
+    """The closing statistics of one tenant window (see the module doc)."""
+
+    distinct_hosts: float
+    distinct_hosts_observed: int
+    distinct_ports: float
+    distinct_ports_observed: int
+    top_talkers: list[dict[str, Any]]
+
+
+def bucket_size_ms(window_s: int, slide_s: int) -> int:
+    """Bucket length: the largest span that tiles every window, ms."""
+    return math.gcd(window_s, slide_s) * 1000
+
+
+def flow_starts(records: np.ndarray) -> np.ndarray:
+    """Per row: estimated TCP connection attempts (SYN without ACK) the
+    row stands for, ``flow_count × rate``; 0 for unknown rates."""
+    flags = records["tcp_flags"].astype(np.int64)
+    syn = (
+        (records["protocol"] == spec.PROTO_TCP)
+        & ((flags & spec.TCP_SYN) != 0)
+        & ((flags & spec.TCP_ACK) == 0)
+    )
+    rate = records["sampling_rate"].astype(np.float64)
+    return syn * records["flow_count"].astype(np.float64) * rate
+
+
+def _sum_by_key(keys: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Distinct ``keys`` (any fixed-width dtype) and their summed weights."""
+    if keys.size == 0:
+        return keys[:0], weights[:0]
+    order = np.argsort(keys, kind="stable")
+    ks = keys[order]
+    change = np.ones(ks.size, dtype=bool)
+    change[1:] = ks[1:] != ks[:-1]
+    starts = np.flatnonzero(change)
+    return ks[starts], np.add.reduceat(weights[order], starts)
+
+
+def bucket_tables(records: np.ndarray) -> tuple[float, bytes]:
+    """One bucket's rows (``PAYLOAD_DTYPE``) → (flow starts, table blob)."""
+    known = records["sampling_rate"] > 0
+    count = records["flow_count"].astype(np.int64)
+    addrs, addr_n = _sum_by_key(
+        np.concatenate([records["src_addr"], records["dst_addr"]]),
+        np.concatenate([count, count]),
+    )
+    proto = records["protocol"]
+    ported = (proto == spec.PROTO_TCP) | (proto == spec.PROTO_UDP)
+    ports, port_n = _sum_by_key(records["dst_port"][ported], count[ported])
+    scaled = records["bytes"].astype(np.float64) * records["sampling_rate"]
+    talkers, talker_b = _sum_by_key(records["src_addr"][known], scaled[known])
+    blob = msgpack.packb(
+        {
+            "a": addrs.tobytes(),
+            "an": addr_n.astype("<i8").tobytes(),
+            "p": ports.astype("<u2").tobytes(),
+            "pn": port_n.astype("<i8").tobytes(),
+            "t": talkers.tobytes(),
+            "tb": talker_b.astype("<f8").tobytes(),
+        }
+    )
+    return float(flow_starts(records).sum()), blob
+
+
+def merge_tables(blobs: list[bytes], top_k: int) -> NetworkStats:
+    """Add up the bucket tables of one window and close its statistics."""
+    parts = [msgpack.unpackb(b) for b in blobs]
+
+    def column(key: str, dtype: str) -> np.ndarray:
+        arrays = [np.frombuffer(p[key], dtype=dtype) for p in parts]
+        return np.concatenate(arrays) if arrays else np.zeros(0, dtype=dtype)
+
+    addrs, addr_n = _sum_by_key(column("a", "V16"), column("an", "<i8"))
+    ports, port_n = _sum_by_key(column("p", "<u2"), column("pn", "<i8"))
+    talkers, talker_b = _sum_by_key(column("t", "V16"), column("tb", "<f8"))
+    one = np.zeros(1, dtype=np.int64)
+    hosts = (
+        chao1(np.zeros(addrs.size, dtype=np.int64), addr_n, 1) if addrs.size else one
+    )
+    port_est = (
+        chao1(np.zeros(ports.size, dtype=np.int64), port_n, 1) if ports.size else one
+    )
+    top = np.argsort(-talker_b, kind="stable")[:top_k]
+    return NetworkStats(
+        distinct_hosts=float(hosts[0]),
+        distinct_hosts_observed=int(addrs.size),
+        distinct_ports=float(port_est[0]),
+        distinct_ports_observed=int(ports.size),
+        top_talkers=[
+            {"host": address_text(bytes(talkers[i])), "bytes": float(talker_b[i])}
+            for i in top.tolist()
+        ],
+    )

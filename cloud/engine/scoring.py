@@ -1,0 +1,211 @@
+"""Scoring pending host windows through the model service; detections out.
+
+Closed feature windows leave their host rows *pending* in the engine store
+(:meth:`cloud.engine.store.SqliteStore.close_feature_windows`).  After each
+micro-batch :class:`HostWindowScorer` sends the pending rows, per tenant
+and oldest first, to the model service (:class:`cloud.scoring_client.
+ScoringClient`: chunked HTTP, retries), turns alerting rows into
+detections (:func:`cloud.store.detections.detections_from_scores`) and
+upserts them; only then are the rows forgotten.
+
+* Service down (:class:`~cloud.scoring_client.ServiceUnavailableError`) or
+  detection store down: the rows stay pending, the engine goes on, and
+  scoring is tried again after ``retry_after_s`` at the next micro-batch
+  (a micro-batch runs only when records arrive).  Pending rows survive a
+  restart: they are in the store.
+* Rows refused (:class:`~cloud.scoring_client.ScoringRejectedError`, a
+  4xx such as an unknown tenant): kept as rejected with the rule, counted,
+  never retried: the same rows would be refused again.
+
+Detections are keyed (tenant, host, window, model version), so writing one
+again after a crash between the upsert and forgetting the rows changes
+nothing.  Known shortcoming: no alert hysteresis across windows (docs/
+models.md, 2 of 3 windows); every window scoring at or above the alert
+threshold is a detection.
+"""
+
+from __future__ import annotations
+
+import collections
+import datetime as dt
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import structlog
+
+from cloud.engine.store import HostWindowRow, SqliteStore
+from cloud.scoring_client import (
+    ScoringClient,
+    ScoringRejectedError,
+    ServiceUnavailableError,
+)
+from cloud.store.detections import (
+    DetectionStore,
+    StoreUnavailableError,
+    StoreWriteError,
+    detections_from_scores,
+    host_texts,
+)
+from edge_agent.features import FEATURE_NAMES
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass
+class ScoringRound:
+    """What one call of :meth:`HostWindowScorer.score_pending` did."""
+
+    scored: int = 0
+    detections: int = 0
+    detections_new: int = 0
+    rejected: int = 0
+    unavailable: bool = False
+    skipped: bool = False  # waiting out retry_after_s after a failure
+    pending_left: int = 0
+    model_versions: dict[str, str] = field(default_factory=dict)  # per tenant
+
+
+@dataclass
+class ScorerCounters:
+    """Running totals since start."""
+
+    scored: int = 0
+    detections: int = 0
+    rejected: collections.Counter[str] = field(default_factory=collections.Counter)
+    service_unavailable: int = 0
+    store_unavailable: int = 0
+
+
+class HostWindowScorer:
+    """Scores pending host windows (see the module doc).
+
+    ``detections`` None keeps detections out of any store (they are still
+    counted); ``only_alerts`` False stores every scored window, alerting or
+    not.  ``clock`` (monotonic seconds) is for tests.
+    """
+
+    def __init__(
+        self,
+        store: SqliteStore,
+        client: ScoringClient,
+        detections: DetectionStore | None,
+        *,
+        only_alerts: bool = True,
+        retry_after_s: float = 10.0,
+        max_rows: int = 100_000,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.store = store
+        self.client = client
+        self.detections = detections
+        self.only_alerts = only_alerts
+        self.retry_after_s = retry_after_s
+        self.max_rows = max_rows
+        self.clock = clock
+        self.counters = ScorerCounters()
+        self._retry_at = 0.0
+        self._indexes_ready = False
+
+    def score_pending(self) -> ScoringRound:
+        """Score what is pending (up to ``max_rows``); never raises for an
+        outage of the service or the store."""
+        report = ScoringRound()
+        if self.clock() < self._retry_at:
+            report.skipped = True
+            report.pending_left = self.store.count_host_windows()
+            return report
+        rows = self.store.pending_host_windows(self.max_rows)
+        by_tenant: dict[str, list[HostWindowRow]] = collections.defaultdict(list)
+        for r in rows:
+            by_tenant[r.tenant_id].append(r)
+        for tenant, group in sorted(by_tenant.items()):
+            if not self._score_tenant(tenant, group, report):
+                self._retry_at = self.clock() + self.retry_after_s
+                break
+        report.pending_left = self.store.count_host_windows()
+        return report
+
+    def _score_tenant(
+        self, tenant: str, rows: list[HostWindowRow], report: ScoringRound
+    ) -> bool:
+        """Score one tenant's rows; False when the service or store is down."""
+        x = np.stack([r.features for r in rows])
+        hosts = host_texts(np.frombuffer(b"".join(r.host for r in rows), dtype="V16"))
+        starts = np.array([r.window_start_ms for r in rows], dtype=np.int64)
+        ends = np.array([r.window_end_ms for r in rows], dtype=np.int64)
+        try:
+            result = self.client.score(tenant, x, hosts=hosts, window_starts_ms=starts)
+        except ServiceUnavailableError as exc:
+            self.counters.service_unavailable += 1
+            report.unavailable = True
+            log.warning(
+                "scoring_deferred",
+                tenant=tenant,
+                rows=len(rows),
+                status=exc.status,
+                error=str(exc),
+                retry_after_s=self.retry_after_s,
+            )
+            return False
+        except ScoringRejectedError as exc:
+            self.counters.rejected[exc.rule] += len(rows)
+            report.rejected += len(rows)
+            log.warning(
+                "scoring_rejected", tenant=tenant, rows=len(rows), rule=exc.rule
+            )
+            self.store.finish_host_windows(rows, rule=exc.rule)
+            return True
+        found = detections_from_scores(
+            tenant_id=tenant,
+            hosts=hosts,
+            window_start_ms=starts,
+            window_end_ms=ends,
+            feature_names=FEATURE_NAMES,
+            feature_values=x,
+            scores=result.scores,
+            threat_classes=result.classes,
+            alerts=result.alert,
+            loss_names=result.loss_names,
+            losses=np.nan_to_num(result.losses, nan=-np.inf),
+            model_versions=result.model_versions,
+            detected_at=dt.datetime.now(dt.UTC),
+            only_alerts=self.only_alerts,
+        )
+        if self.detections is not None and found:
+            try:
+                self._ensure_indexes()
+                counts = self.detections.upsert_detections(found)
+            except (StoreUnavailableError, StoreWriteError) as exc:
+                self.counters.store_unavailable += 1
+                report.unavailable = True
+                log.warning(
+                    "detections_deferred", tenant=tenant, rows=len(rows), error=str(exc)
+                )
+                return False
+            report.detections_new += counts.upserted
+        self.store.finish_host_windows(rows)
+        report.scored += len(rows)
+        report.detections += len(found)
+        report.model_versions[tenant] = result.model_versions[-1]
+        self.counters.scored += len(rows)
+        self.counters.detections += len(found)
+        return True
+
+    def _ensure_indexes(self) -> None:
+        if not self._indexes_ready and self.detections is not None:
+            self.detections.ensure_indexes()
+            self._indexes_ready = True
+
+    def figures(self) -> dict[str, Any]:
+        """Counters for the engine's report."""
+        c = self.counters
+        return {
+            "scored": c.scored,
+            "detections": c.detections,
+            "rejected": sum(c.rejected.values()),
+            "service_unavailable": c.service_unavailable,
+            "store_unavailable": c.store_unavailable,
+        }

@@ -1,0 +1,221 @@
+"""The engine's driver-side analysis: network statistics, feature buckets,
+window closing, scoring outcomes, tenant figures and settings.
+
+No Spark here.  Expected values are worked out by hand in each test, or
+(for compaction) taken from the shared feature library on the rows as
+they were before compaction.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cloud.engine import hostwindows, network
+from cloud.engine.config import ConfigError, EngineConfig, tenant_networks
+from cloud.engine.sinks import DeferringSink, MemorySink, WindowEstimate
+from cloud.engine.store import HostWindowRow, SqliteStore
+from cloud.engine.tenants import TenantBatch
+from cloud.engine.transform import PAYLOAD_DTYPE
+from cloud.store.detections import StoreUnavailableError
+from edge_agent.features import host_window_features
+from edge_agent.flows.schema import address_bytes
+
+
+def _addr(text: str) -> np.void:
+    return np.frombuffer(address_bytes(text), dtype="V16")[0]
+
+
+def _rows(spec: list[tuple[str, str, int, int, int, int, int, int]]) -> np.ndarray:
+    """(src, dst, dst_port, protocol, flags, bytes, packets, rate) rows."""
+    out = np.zeros(len(spec), dtype=PAYLOAD_DTYPE)
+    for i, (src, dst, port, proto, flags, octets, pkts, rate) in enumerate(spec):
+        out[i]["src_addr"] = _addr(src)
+        out[i]["dst_addr"] = _addr(dst)
+        out[i]["dst_port"] = port
+        out[i]["protocol"] = proto
+        out[i]["tcp_flags"] = flags
+        out[i]["bytes"] = octets
+        out[i]["packets"] = pkts
+        out[i]["sampling_rate"] = rate
+        out[i]["flow_count"] = 1
+        out[i]["time_start"] = 1_000 * i
+        out[i]["time_end"] = 1_000 * i + 500
+    return out
+
+
+SYN, ACK, RST = 0x02, 0x10, 0x04
+ROWS = _rows(
+    [
+        ("10.0.0.1", "8.8.8.8", 53, 17, 0, 100, 1, 100),
+        ("10.0.0.1", "1.1.1.1", 443, 6, SYN, 60, 1, 100),
+        ("10.0.0.1", "1.1.1.1", 443, 6, SYN | ACK, 1500, 2, 100),
+        ("10.0.0.2", "1.1.1.1", 25, 6, SYN, 60, 1, 100),
+        ("10.0.0.2", "9.9.9.9", 25, 6, SYN, 60, 1, 0),  # unknown rate
+        ("10.0.0.3", "8.8.8.8", 0, 1, 0, 84, 1, 100),  # ICMP: no port
+    ]
+)
+
+
+def test_network_bucket_statistics_by_hand() -> None:
+    """Flow starts are SYN-without-ACK TCP rows × rate (unknown rate left
+    out); hosts and ports get Chao1 over sampled records; talkers rank
+    sources by scaled bytes."""
+    starts, blob = network.bucket_tables(ROWS)
+    assert starts == 2 * 100.0  # rows 1 and 3; row 4 has rate 0
+    stats = network.merge_tables([blob], top_k=2)
+    # Addresses (src or dst) and how many records show each:
+    # 10.0.0.1: 3, 8.8.8.8: 2, 1.1.1.1: 3, 10.0.0.2: 2, 9.9.9.9: 1,
+    # 10.0.0.3: 1 -> S_obs 6, f1 2, f2 2 -> 6 + 4/4 = 7.
+    assert stats.distinct_hosts_observed == 6
+    assert stats.distinct_hosts == pytest.approx(7.0)
+    # TCP/UDP destination ports: 53: 1, 443: 2, 25: 2 -> 3 + 1/4.
+    assert stats.distinct_ports_observed == 3
+    assert stats.distinct_ports == pytest.approx(3.25)
+    # Sent bytes × 100: 10.0.0.1 (100+60+1500), 10.0.0.3 84, 10.0.0.2 60.
+    assert stats.top_talkers == [
+        {"host": "10.0.0.1", "bytes": 166_000.0},
+        {"host": "10.0.0.3", "bytes": 8_400.0},
+    ]
+
+
+def test_network_tables_add_up_across_buckets() -> None:
+    """Merging two buckets' tables equals the tables of all their rows,
+    and Chao1 with f2 = 0 uses S_obs + f1(f1-1)/2."""
+    _, one = network.bucket_tables(ROWS[:3])
+    _, two = network.bucket_tables(ROWS[3:])
+    _, whole = network.bucket_tables(ROWS)
+    assert network.merge_tables([one, two], 5) == network.merge_tables([whole], 5)
+    _, single = network.bucket_tables(ROWS[:1])  # 10.0.0.1 and 8.8.8.8 once
+    stats = network.merge_tables([single], 5)
+    assert stats.distinct_hosts == 2 + 2 * 1 / 2
+    assert stats.distinct_ports == 1.0  # f1 = 1: 1 + 0
+    assert network.merge_tables([], 5).distinct_hosts_observed == 0
+
+
+def test_compaction_keeps_every_feature() -> None:
+    """Rows equal on what features read merge (sums exact) and the
+    feature library computes the same rows from either form."""
+    rows = np.concatenate([ROWS, ROWS[1:3], ROWS[1:2]])
+    rows["bytes"][-1] = 2**40  # exact uint64 sums
+    compacted = hostwindows.compact(rows)
+    assert len(compacted) == len(ROWS)
+    assert int(compacted["bytes"].sum()) == int(rows["bytes"].sum())
+    assert int(compacted["flow_count"].sum()) == len(rows)
+    nets = ["10.0.0.0/8"]
+    before = {n: rows[n] for n in PAYLOAD_DTYPE.names or ()}
+    before["time_start"] = np.zeros(len(rows), dtype=np.int64)
+    want = host_window_features(before, nets, 300)
+    got = hostwindows.window_features("t", 600_000, 300, compacted, nets)
+    assert [r.host for r in got] == [bytes(h) for h in want.host]
+    np.testing.assert_allclose(np.stack([r.features for r in got]), want.values)
+    assert {(r.window_start_ms, r.window_end_ms) for r in got} == {(600_000, 900_000)}
+
+
+def test_windows_to_close_by_hand() -> None:
+    """300 s windows every 60 s: a bucket at 600 s is in the windows
+    starting 360..600 s; with the watermark at 900 s those ending by then
+    close, except those already closed."""
+    starts = hostwindows.windows_to_close(
+        [600_000], {480_000}, 900_000, 300_000, 60_000
+    )
+    assert starts == [360_000, 420_000, 540_000, 600_000]
+    assert hostwindows.windows_to_close([600_000], set(), 899_999, 300_000, 60_000) == [
+        360_000,
+        420_000,
+        480_000,
+        540_000,
+    ]
+
+
+def test_closing_a_window_and_its_rows_is_one_idempotent_step(tmp_path: Path) -> None:
+    """Host rows are stored pending with their window; closing the same
+    window again (a replay) stores nothing twice; scored rows are
+    forgotten, rejected ones kept aside."""
+    store = SqliteStore(tmp_path / "s.sqlite")
+    row = HostWindowRow("t", bytes(16), 0, 300_000, np.arange(15.0))
+    other = HostWindowRow("t", b"\x01" * 16, 0, 300_000, np.ones(15))
+    assert store.close_feature_windows(3, "t", [0], [row, other]) == 2
+    assert store.close_feature_windows(3, "t", [0], [row, other]) == 0
+    assert store.closed_feature_windows("t") == {0}
+    pending = store.pending_host_windows(10)
+    assert len(pending) == 2
+    np.testing.assert_array_equal(pending[0].features, np.arange(15.0))
+    store.finish_host_windows(pending[:1])
+    store.finish_host_windows(pending[1:], rule="unknown_tenant")
+    assert store.count_host_windows() == 0
+    assert store.count_host_windows(2) == 1
+    store.close()
+
+
+def _estimate(start: int) -> WindowEstimate:
+    return WindowEstimate(
+        "t", start, start + 60_000, False, 0.95, *([1.0] * 8), 1, 1, 0, 0.0, 0.0
+    )
+
+
+class _DownStore:
+    def __init__(self) -> None:
+        self.down = True
+        self.inner = MemorySink()
+
+    def write(self, estimates: list[WindowEstimate]) -> None:
+        if self.down:
+            raise StoreUnavailableError("down")
+        self.inner.write(estimates)
+
+
+def test_estimates_wait_for_the_store_and_keep_the_latest() -> None:
+    """While the store is down estimates are kept (latest per window) and
+    written with the next ones once it is back."""
+    store = _DownStore()
+    sink = DeferringSink(store, (StoreUnavailableError,))
+    sink.write([_estimate(0), _estimate(60_000)])
+    sink.write([_estimate(0)])
+    assert sink.failures == 2 and len(sink.pending) == 2
+    store.down = False
+    sink.write([_estimate(120_000)])
+    assert set(store.inner.latest) == {("t", 0), ("t", 60_000), ("t", 120_000)}
+    assert sink.pending == {}
+
+
+def test_tenant_figures_by_hand() -> None:
+    """Effective rate is scaled over sampled packets for known rates;
+    exporters keep their latest flow end; relays their latest batch."""
+    t = TenantBatch()
+    rows = ROWS.copy()
+    rows["exporter"][:3] = _addr("192.0.2.1")
+    rows["exporter"][3:] = _addr("192.0.2.2")
+    rows["sampling_rate"][0] = 10
+    t.add_rows("r1", rows)
+    t.add_relay("r1", 5)
+    t.add_relay("r1", 3)
+    # packets of known rate: 1@10, 1@100, 2@100, 1@100, 1@100 -> 510 / 6
+    assert t.effective_sampling_rate == pytest.approx(510 / 6)
+    assert t.flows == 6
+    assert t.relays_seen_ms == {"r1": 5}
+    assert t.exporters_seen_ms == {
+        ("192.0.2.1", "r1"): 2_500,
+        ("192.0.2.2", "r1"): 5_500,
+    }
+
+
+def test_per_tenant_networks_and_bad_settings(tmp_path: Path) -> None:
+    """A tenant's own networks replace the default; the demo tenant has
+    147.32.0.0/16; bad CIDRs and modes are refused by name."""
+    config = EngineConfig(
+        "s", str(tmp_path), tenant_networks=tenant_networks({"acme": ["10.1.0.0/16"]})
+    )
+    assert config.networks_for("acme").cidrs == ("10.1.0.0/16",)
+    assert "192.168.0.0/16" in config.networks_for("other").cidrs
+    assert (
+        "147.32.0.0/16" in EngineConfig("s", str(tmp_path)).networks_for("local").cidrs
+    )
+    with pytest.raises(ConfigError, match="acme"):
+        EngineConfig("s", str(tmp_path), tenant_networks=(("acme", ("10.1.0.1/16",)),))
+    with pytest.raises(ConfigError, match="detections"):
+        EngineConfig("s", str(tmp_path), detections="some")
+    with pytest.raises(ConfigError, match="feature_slide_s"):
+        EngineConfig("s", str(tmp_path), feature_window_s=60, feature_slide_s=120)
