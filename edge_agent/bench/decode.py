@@ -5,17 +5,27 @@ export protocol (NetFlow v5, NetFlow v9, IPFIX with fixed-length templates
 only, sFlow v5).  For each protocol both decoders get the same datagrams
 in capture order (templates first, as captured), replicated until a round
 holds at least ``min_round_records`` records, and rounds are repeated for
-``seconds``, alternating rounds of the two decoders.  The rate reported
-is the median over rounds, from ``time.perf_counter``, on one core (this
-process is single-threaded); the rate per second of process CPU time is
-printed beside it, since on a busy machine wall time includes waiting.
+``seconds``, alternating rounds of the two decoders.
+
+Each replica of a capture continues its export streams: the header
+sequence numbers are moved on by what one pass of the capture advances
+them, so the decoder sees a live exporter (with the capture's own gaps and
+reordering), not the same datagrams over and over, which its sequence
+tracking would count as late duplicates.  The renumbered datagrams are
+made before a round starts, outside the timing, and both decoders get the
+same bytes.
+
+The rates reported are medians over rounds, one from ``time.perf_counter``
+and one per second of process CPU time (this process is single-threaded).
+On a busy machine wall time includes waiting for a core, so the targets
+are judged on CPU time, and so is the ratio.
 
 For sFlow the rate counts samples, flow and counter samples alike: both
 are decoded, and a capture of counter samples alone yields no record.
 
-The ratio is ours over theirs in datagrams per second on identical input,
-so it compares speed even where the two decoders disagree about how many
-records a datagram holds (options records, sets they cannot decode).
+The ratio is ours over theirs in datagrams per CPU second on identical
+input, so it compares speed even where the two decoders disagree about how
+many records a datagram holds (options records, sets they cannot decode).
 
 The ``netflow`` package keys templates by template id only, so it gets
 one template cache per capture (as if each capture came from its own
@@ -147,6 +157,145 @@ def load_inputs(captures_dir: Path) -> dict[str, list[Stream]]:
     return inputs
 
 
+_U32 = struct.Struct(">I")
+_MASK = 0xFFFFFFFF
+
+#: (tracker: "flows" or "sflow", stream key as that tracker keys it)
+_StreamKey = tuple[str, tuple[bytes, int, int, int]]
+
+
+def locate_sequence(datagram: Datagram) -> tuple[int, _StreamKey, int] | None:
+    """Where a datagram's header sequence number is, and the stream it counts.
+
+    Returns (byte offset, stream key, sequence number), or None for a
+    datagram without one (NetFlow v1, anything too short).  The key is
+    the decoder's own: (exporter, port, version, domain) for NetFlow and
+    IPFIX, (exporter + agent, port, 20, sub-agent) for sFlow.
+    """
+    payload = datagram.payload
+    size = len(payload)
+    protocol = classify(payload)
+    exporter, port = datagram.exporter, datagram.exporter_port
+    if protocol == "netflow_v5" and size >= 24:
+        domain = struct.unpack_from(">H", payload, 20)[0]
+        return (
+            16,
+            ("flows", (exporter, port, 5, domain)),
+            _U32.unpack_from(payload, 16)[0],
+        )
+    if protocol == "netflow_v9" and size >= 20:
+        domain = _U32.unpack_from(payload, 16)[0]
+        return (
+            12,
+            ("flows", (exporter, port, 9, domain)),
+            _U32.unpack_from(payload, 12)[0],
+        )
+    if protocol == "ipfix" and size >= 16:
+        domain = _U32.unpack_from(payload, 12)[0]
+        return (
+            8,
+            ("flows", (exporter, port, 10, domain)),
+            _U32.unpack_from(payload, 8)[0],
+        )
+    if protocol == "sflow" and size >= 8:
+        address_type = _U32.unpack_from(payload, 4)[0]
+        agent_length = {0: 0, 1: 4, 2: 16}.get(address_type)
+        if agent_length is None or size < 20 + agent_length:
+            return None
+        agent = payload[8 : 8 + agent_length]
+        if agent_length == 4:
+            agent = b"\x00" * 10 + b"\xff\xff" + agent
+        elif agent_length == 0:
+            agent = bytes(16)
+        sub_agent, seq = struct.unpack_from(">II", payload, 8 + agent_length)
+        key = (exporter + agent, port, 20, sub_agent)
+        return 12 + agent_length, ("sflow", key), seq
+    return None
+
+
+class Replicas:
+    """Replicas of some streams that continue their exporters' sequences.
+
+    Replica 0 is the capture as it is; replica ``i`` moves every header
+    sequence number of a stream on by ``i`` times what one pass of the
+    capture advances it (the decoder's expected next number after a pass,
+    minus the first number seen), so consecutive replicas look like one
+    exporter that kept sending.  Streams the decoder cannot follow (no
+    expected number after a pass) keep their numbers.
+    """
+
+    def __init__(self, streams: Sequence[Stream]) -> None:
+        self.streams = list(streams)
+        #: per stream, per datagram: (sequence offset, first seq, span) or None
+        self.plans: list[list[tuple[int, int, int] | None]] = []
+        for stream in self.streams:
+            decoder = FlowDecoder(DecoderConfig())
+            located = [locate_sequence(d) for d in stream.datagrams]
+            decoder.decode_many(stream.datagrams)
+            trackers = {
+                "flows": decoder.sequences.streams,
+                "sflow": decoder.sflow.sequences.streams,
+            }
+            spans: dict[_StreamKey, int] = {}
+            firsts: dict[_StreamKey, int] = {}
+            for item in located:
+                if item is not None:
+                    firsts.setdefault(item[1], item[2])
+            for key, first in firsts.items():
+                state = trackers[key[0]].get(key[1])
+                if state is not None and state.expected is not None:
+                    spans[key] = (state.expected - first) & _MASK
+            self.plans.append(
+                [
+                    (item[0], item[2], spans[item[1]])
+                    if item is not None and spans.get(item[1])
+                    else None
+                    for item in located
+                ]
+            )
+
+    def replica(self, index: int) -> list[Stream]:
+        """Replica ``index`` of every stream (0: the datagrams as captured)."""
+        if index == 0:
+            return self.streams
+        out = []
+        for stream, plan in zip(self.streams, self.plans, strict=True):
+            datagrams = []
+            for datagram, where in zip(stream.datagrams, plan, strict=True):
+                if where is None:
+                    datagrams.append(datagram)
+                    continue
+                offset, seq, span = where
+                payload = datagram.payload
+                number = _U32.pack((seq + index * span) & _MASK)
+                datagrams.append(
+                    datagram._replace(
+                        payload=payload[:offset] + number + payload[offset + 4 :]
+                    )
+                )
+            out.append(Stream(stream.capture, datagrams))
+        return out
+
+    def rounds(self, factor: int) -> Callable[[], list[Stream]]:
+        """A function returning the next round: ``factor`` replicas per stream,
+        in stream order, each round carrying on from the one before."""
+        served = 0
+
+        def next_round() -> list[Stream]:
+            nonlocal served
+            parts = [self.replica(served + 1 + i) for i in range(factor)]
+            served += factor
+            return [
+                Stream(
+                    stream.capture,
+                    [d for part in parts for d in part[n].datagrams],
+                )
+                for n, stream in enumerate(self.streams)
+            ]
+
+        return next_round
+
+
 @dataclass
 class Measurement:
     """One decoder's throughput on one protocol's inputs."""
@@ -161,6 +310,10 @@ class Measurement:
     errors_per_round: int = 0
     #: sFlow counter samples decoded per round (0 for other protocols)
     counter_samples_per_round: int = 0
+    #: fewest process CPU seconds a round took
+    best_cpu_seconds_per_round: float = 0.0
+    #: sequence gaps our decoder counted per round (the captures' own)
+    sequence_gaps_per_round: int = 0
 
     @property
     def records_per_second(self) -> float:
@@ -183,8 +336,18 @@ class Measurement:
         return samples / max(self.cpu_seconds_per_round, 1e-9)
 
     @property
+    def best_samples_per_cpu_second(self) -> float:
+        """Samples per CPU second of the fastest round."""
+        samples = self.records_per_round + self.counter_samples_per_round
+        return samples / max(self.best_cpu_seconds_per_round, 1e-9)
+
+    @property
     def datagrams_per_second(self) -> float:
         return self.datagrams_per_round / self.seconds_per_round
+
+    @property
+    def datagrams_per_cpu_second(self) -> float:
+        return self.datagrams_per_round / max(self.cpu_seconds_per_round, 1e-9)
 
     @property
     def cpu_share(self) -> float:
@@ -194,17 +357,24 @@ class Measurement:
 
 @dataclass
 class _Runner:
-    """A prepared decoder: ``run`` decodes one round, returns (records, errors)."""
+    """A prepared decoder: ``run`` decodes one round, returns (records, errors).
+
+    ``prepare`` makes the next round's datagrams; it runs before the clock
+    starts.
+    """
 
     run: Callable[[], tuple[int, int]]
+    prepare: Callable[[], None]
     datagrams_per_round: int
     counter_samples: Callable[[], int] = lambda: 0
+    sequence_gaps: Callable[[], int] = lambda: 0
     wall: list[float] = field(default_factory=list)
     cpu: list[float] = field(default_factory=list)
     records: int = 0
     errors: int = 0
 
     def round(self) -> None:
+        self.prepare()
         wall_start, cpu_start = time.perf_counter(), time.process_time()
         self.records, self.errors = self.run()
         self.cpu.append(time.process_time() - cpu_start)
@@ -219,6 +389,8 @@ class _Runner:
             cpu_seconds_per_round=statistics.median(self.cpu),
             errors_per_round=self.errors,
             counter_samples_per_round=self.counter_samples(),
+            best_cpu_seconds_per_round=min(self.cpu),
+            sequence_gaps_per_round=self.sequence_gaps(),
         )
 
 
@@ -226,50 +398,59 @@ def _alternate(runners: Sequence[_Runner], seconds: float, min_rounds: int = 3) 
     """Run rounds of each runner in turn for ``seconds`` per runner.
 
     Alternating rounds lets a busy machine slow both decoders alike, so the
-    ratio stays meaningful even when the absolute rates do not.
+    ratio stays meaningful even when the absolute rates do not.  Only the
+    rounds count towards ``seconds``, not the making of their datagrams.
     """
-    deadline = time.perf_counter() + seconds * len(runners)
-    while time.perf_counter() < deadline or any(
+    spent = 0.0
+    while spent < seconds * len(runners) or any(
         len(r.wall) < min_rounds for r in runners
     ):
         for runner in runners:
             runner.round()
+            spent += runner.wall[-1]
 
 
-def _replicate(streams: Sequence[Stream], factor: int) -> list[Stream]:
-    return [Stream(s.capture, s.datagrams * factor) for s in streams]
-
-
-def prepare_ours(streams: Sequence[Stream], batch: int, factor: int) -> _Runner:
-    """FlowDecoder.decode_many over ``streams`` replicated ``factor`` times."""
+def prepare_ours(
+    streams: Sequence[Stream], batch: int, factor: int, replicas: Replicas | None = None
+) -> _Runner:
+    """FlowDecoder.decode_many over ``factor`` replicas of ``streams`` a round."""
+    replicas = replicas or Replicas(streams)
     decoder = FlowDecoder(DecoderConfig())
     # Warm up: learn templates and options (sampling) before timing.
-    for stream in streams:
+    for stream in replicas.replica(0):
         decoder.decode_many(stream.datagrams)
-    rounds = _replicate(streams, factor)
-    chunks = [
-        s.datagrams[i : i + batch]
-        for s in rounds
-        for i in range(0, len(s.datagrams), batch)
-    ]
+    next_round = replicas.rounds(factor)
+    chunks: list[list[Datagram]] = []
+
+    def prepare() -> None:
+        nonlocal chunks
+        chunks = [
+            s.datagrams[i : i + batch]
+            for s in next_round()
+            for i in range(0, len(s.datagrams), batch)
+        ]
+
     decode_many = decoder.decode_many
-    counter_samples = 0
+    counter_samples = sequence_gaps = 0
 
     def run_round() -> tuple[int, int]:
-        nonlocal counter_samples
+        nonlocal counter_samples, sequence_gaps
         before = decoder.stats.totals()
         records = 0
         for chunk in chunks:
             records += len(decode_many(chunk))
         after = decoder.stats.totals()
         counter_samples = after.counter_samples - before.counter_samples
+        sequence_gaps = after.sequence_gaps - before.sequence_gaps
         errors = sum(after.errors.values()) - sum(before.errors.values())
         return records, errors
 
     return _Runner(
         run_round,
-        sum(len(s.datagrams) for s in rounds),
+        prepare,
+        factor * sum(len(s.datagrams) for s in streams),
         counter_samples=lambda: counter_samples,
+        sequence_gaps=lambda: sequence_gaps,
     )
 
 
@@ -278,7 +459,9 @@ def netflow_available() -> bool:
     return importlib.util.find_spec("netflow") is not None
 
 
-def prepare_netflow_package(streams: Sequence[Stream], factor: int) -> _Runner:
+def prepare_netflow_package(
+    streams: Sequence[Stream], factor: int, replicas: Replicas | None = None
+) -> _Runner:
     """``netflow.parse_packet`` over the same datagrams.
 
     Each capture gets its own warm template cache.  A datagram the package
@@ -287,16 +470,21 @@ def prepare_netflow_package(streams: Sequence[Stream], factor: int) -> _Runner:
     # Imported here: the package is a dev extra, absent from relay installs.
     netflow = importlib.import_module("netflow")
     parse_packet: Callable[[bytes, dict[str, Any]], Any] = netflow.parse_packet
+    replicas = replicas or Replicas(streams)
     caches: dict[str, dict[str, Any]] = {}
-    for stream in streams:
+    for stream in replicas.replica(0):
         templates = caches.setdefault(stream.capture, {"netflow": {}, "ipfix": {}})
         for datagram in stream.datagrams:
             with contextlib.suppress(Exception):
                 parse_packet(datagram.payload, templates)
-    rounds = [
-        (caches[s.capture], [d.payload for d in s.datagrams])
-        for s in _replicate(streams, factor)
-    ]
+    next_round = replicas.rounds(factor)
+    rounds: list[tuple[dict[str, Any], list[bytes]]] = []
+
+    def prepare() -> None:
+        nonlocal rounds
+        rounds = [
+            (caches[s.capture], [d.payload for d in s.datagrams]) for s in next_round()
+        ]
 
     def run_round() -> tuple[int, int]:
         records = errors = 0
@@ -308,7 +496,7 @@ def prepare_netflow_package(streams: Sequence[Stream], factor: int) -> _Runner:
                     errors += 1
         return records, errors
 
-    return _Runner(run_round, sum(len(p) for _, p in rounds))
+    return _Runner(run_round, prepare, factor * sum(len(s.datagrams) for s in streams))
 
 
 @dataclass
@@ -325,9 +513,10 @@ class ProtocolResult:
 
     @property
     def ratio(self) -> float | None:
+        """Ours over theirs in datagrams per CPU second (median rounds)."""
         if self.ours is None or self.theirs is None:
             return None
-        return self.ours.datagrams_per_second / self.theirs.datagrams_per_second
+        return self.ours.datagrams_per_cpu_second / self.theirs.datagrams_per_cpu_second
 
 
 def run_benchmark(
@@ -354,18 +543,19 @@ def run_benchmark(
         probe = FlowDecoder(DecoderConfig())
         per_pass = sum(len(probe.decode_many(s.datagrams)) for s in streams)
         factor = max(1, -(-min_round_records // max(per_pass, 1)))
-        runners = [prepare_ours(streams, batch, factor)]
+        replicas = Replicas(streams)
+        runners = [prepare_ours(streams, batch, factor, replicas)]
         if protocol == "sflow":
             result.theirs_note = "n/a (no sFlow decoder)"
         elif not have_netflow:
             result.theirs_note = "n/a (netflow package not installed)"
         else:
-            runners.append(prepare_netflow_package(streams, factor))
+            runners.append(prepare_netflow_package(streams, factor, replicas))
         _alternate(runners, seconds)
         result.ours = runners[0].measurement()
         if len(runners) > 1:
             result.theirs = runners[1].measurement()
-        rate = result.ours.samples_per_second
+        rate = result.ours.samples_per_cpu_second
         result.checks["rate"] = rate >= TARGET_RATES[protocol]
         ratio = result.ratio
         if ratio is not None:
@@ -385,7 +575,7 @@ def print_report(results: Sequence[ProtocolResult], stream: TextIO) -> None:
     """Print the results table and the pass/fail lines."""
     header = (
         f"{'protocol':<21} {'captures':>8} {'dgrams/rnd':>10} {'rec/rnd':>8} "
-        f"{'ours rec/s':>10} {'rec/cpu-s':>10} {'netflow rec/s':>13} "
+        f"{'ours rec/s':>10} {'rec/cpu-s':>10} {'netflow rec/cpu-s':>17} "
         f"{'ratio':>7} {'cpu':>5}"
     )
     print(header, file=stream)
@@ -394,23 +584,24 @@ def print_report(results: Sequence[ProtocolResult], stream: TextIO) -> None:
         if r.ours is None:
             print(f"{LABELS[r.protocol]:<21} {'no input':>8}", file=stream)
             continue
-        theirs = _rate(r.theirs.records_per_second) if r.theirs else "n/a"
+        theirs = _rate(r.theirs.records_per_cpu_second) if r.theirs else "n/a"
         ratio = f"{r.ratio:.1f}x" if r.ratio is not None else "n/a"
         print(
             f"{LABELS[r.protocol]:<21} {len(r.captures):>8} "
             f"{r.ours.datagrams_per_round:>10} {r.ours.records_per_round:>8} "
             f"{_rate(r.ours.records_per_second):>10} "
-            f"{_rate(r.ours.records_per_cpu_second):>10} {theirs:>13} {ratio:>7} "
+            f"{_rate(r.ours.records_per_cpu_second):>10} {theirs:>17} {ratio:>7} "
             f"{r.ours.cpu_share:>5.2f}",
             file=stream,
         )
     print(file=stream)
     print(
         "rates: records (sFlow: flow samples) per second on one core, median "
-        "round (perf_counter); rec/cpu-s: the same per second of process CPU "
-        "time; ratio: datagrams/s ours over the netflow package on the same "
-        "datagrams, rounds alternating; cpu: process CPU / wall time (under 1 "
-        "means a busy machine: the wall-clock rates are then too low)",
+        "round; ours rec/s: wall clock (perf_counter); rec/cpu-s: per second "
+        "of process CPU time; ratio: datagrams per CPU second, ours over the "
+        "netflow package on the same datagrams, rounds alternating; cpu: "
+        "process CPU / wall time (under 1 means a busy machine: the wall-clock "
+        "rate is then too low).  Targets are judged per CPU second.",
         file=stream,
     )
     for r in results:
@@ -426,10 +617,16 @@ def print_report(results: Sequence[ProtocolResult], stream: TextIO) -> None:
             notes.append(
                 f"{r.ours.counter_samples_per_round} counter samples per round "
                 f"besides {r.ours.records_per_round} flow samples: "
-                f"{_rate(r.ours.samples_per_second)} samples/s in all"
+                f"{_rate(r.ours.samples_per_cpu_second)} samples per CPU "
+                "second in all"
             )
         if r.ours is not None and r.ours.errors_per_round:
             notes.append(f"our decode errors per round: {r.ours.errors_per_round}")
+        if r.ours is not None and r.ours.sequence_gaps_per_round:
+            notes.append(
+                f"sequence gaps per round: {r.ours.sequence_gaps_per_round} "
+                "(the captures' own)"
+            )
         if notes:
             print(f"  {LABELS[r.protocol]}: " + "; ".join(notes), file=stream)
     print(file=stream)
@@ -438,12 +635,14 @@ def print_report(results: Sequence[ProtocolResult], stream: TextIO) -> None:
             print(f"SKIP {LABELS[r.protocol]}: no input", file=stream)
             continue
         target = TARGET_RATES[r.protocol]
-        unit = "samples/s" if r.protocol == "sflow" else "rec/s"
+        unit = "samples" if r.protocol == "sflow" else "rec"
         verdict = "PASS" if r.checks["rate"] else "FAIL"
         print(
-            f"{verdict} {LABELS[r.protocol]}: {_rate(r.ours.samples_per_second)} "
-            f"{unit} (target >= {_rate(target)}; "
-            f"{_rate(r.ours.samples_per_cpu_second)} per CPU second)",
+            f"{verdict} {LABELS[r.protocol]}: "
+            f"{_rate(r.ours.samples_per_cpu_second)} {unit} per CPU second "
+            f"(target >= {_rate(target)}; best round "
+            f"{_rate(r.ours.best_samples_per_cpu_second)}, wall clock "
+            f"{_rate(r.ours.samples_per_second)}/s)",
             file=stream,
         )
         if "ratio" in r.checks:
