@@ -169,6 +169,7 @@ class MicroBatchProcessor:
         #: Set while no micro-batch is being processed.
         self.idle = threading.Event()
         self.idle.set()
+        self._invalid: list[InvalidRecord] = []
 
     def __call__(self, df: DataFrame, micro_batch: int) -> None:
         self.idle.clear()
@@ -187,8 +188,6 @@ class MicroBatchProcessor:
     def process(self, df: DataFrame, micro_batch: int) -> BatchReport:
         """Process one micro-batch; returns (and keeps) its report."""
         started = time.perf_counter()
-        wall_start = time.time()
-        report = BatchReport(micro_batch)
         if self.flow_consumers:
             # Read the source once for the summary and the flows.
             df = df.persist(StorageLevel.MEMORY_AND_DISK)
@@ -199,76 +198,9 @@ class MicroBatchProcessor:
                 slide_ms=self.config.slide_s * 1000,
             )
             rows = df.mapInArrow(summarize, SUMMARY_SCHEMA).collect()
-            report.decode_ms = (time.perf_counter() - started) * 1000
-            t_store = time.perf_counter()
-            invalid = [
-                InvalidRecord(r.shard_id, r.sequence_number, r.error_kind, r.error)
-                for r in rows
-                if r.kind == KIND_INVALID
-            ]
-            report.records = len(invalid) + sum(1 for r in rows if r.kind == KIND_BATCH)
-            claims, record_counts = self._first_claims(rows, report)
-            if invalid:
-                self.store.set_aside(micro_batch, invalid)
-            owned = self.store.claim_batches(micro_batch, claims) if claims else set()
-            accepted = frozenset(
-                (c.shard_id, c.sequence_number) for c in claims if c.batch_id in owned
-            )
-            report.batches_accepted = len(accepted)
-            report.duplicates_across = len(claims) - len(accepted)
-            report.flows = sum(record_counts[key] for key in accepted)
-            flows, tenants = self._accepted_payloads(rows, accepted)
-            analysis = AnalysisReport()
-            self.analysis.add(micro_batch, flows, analysis)
-            partials = self._partials(rows, accepted)
-            refused = self.store.add_partials(micro_batch, partials)
-            report.late_partials = len(refused)
-            latest: dict[str, int] = {}
-            for p in partials:
-                latest[p.tenant_id] = max(
-                    latest.get(p.tenant_id, p.max_time_ms), p.max_time_ms
-                )
-            closed = self.store.advance_watermarks(
-                self.config.lateness_s * 1000, latest
-            )
-            refused_keys = {(p.tenant_id, p.window_start_ms) for p in refused}
-            touched = {
-                (p.tenant_id, p.window_start_ms) for p in partials
-            } - refused_keys
-            keys = touched | set(closed)
-            totals = self.store.window_totals(keys)
-            finals = self.analysis.network_finals(closed)
-            estimates = estimate_windows(
-                totals,
-                self.config.confidence,
-                self._z,
-                flow_starts=self.analysis.flow_starts(keys),
-                network=finals,
-            )
-            self.sink.write(estimates)
-            self.analysis.drop_network_buckets(latest)
-            report.windows_updated = len(touched)
-            report.windows_closed = len(closed)
-            report.store_ms = (time.perf_counter() - t_store) * 1000
-            t_features = time.perf_counter()
-            self.analysis.close_feature_windows(micro_batch, latest, analysis)
-            report.features_ms = (time.perf_counter() - t_features) * 1000
-            for name in (
-                "late_network_rows",
-                "late_feature_rows",
-                "feature_windows_closed",
-                "host_windows",
-            ):
-                setattr(report, name, getattr(analysis, name))
-            versions = self._score(report)
-            if self.tenant_state is not None:
-                t_state = time.perf_counter()
-                report.state_trouble = self.tenant_state.write(
-                    micro_batch, wall_start, tenants, versions
-                )
-                report.state_ms = (time.perf_counter() - t_state) * 1000
-            deferred = getattr(self.sink, "deferred", 0)
-            report.estimates_deferred = int(deferred)
+            decode_ms = (time.perf_counter() - started) * 1000
+            report, accepted = self._process_rows(rows, micro_batch)
+            report.decode_ms = decode_ms
             if self.flow_consumers and accepted:
                 t_flows = time.perf_counter()
                 flow_df = self.accepted_flows(df, accepted)
@@ -278,9 +210,92 @@ class MicroBatchProcessor:
         finally:
             if self.flow_consumers:
                 df.unpersist()
+        return self._finish(report, started)
+
+    def process_rows(self, rows: Sequence[Any], micro_batch: int) -> BatchReport:
+        """The driver's part of a micro-batch, on the collected summary rows
+        (:data:`SUMMARY_SCHEMA`); what :meth:`process` does after its Spark
+        job.  For benchmarks and tools that decode without Spark."""
+        started = time.perf_counter()
+        report, _ = self._process_rows(rows, micro_batch)
+        return self._finish(report, started)
+
+    def _finish(self, report: BatchReport, started: float) -> BatchReport:
         report.total_ms = (time.perf_counter() - started) * 1000
-        self._count(report, invalid)
+        self._count(report)
         return report
+
+    def _process_rows(
+        self, rows: Sequence[Any], micro_batch: int
+    ) -> tuple[BatchReport, frozenset[tuple[str, str]]]:
+        wall_start = time.time()
+        report = BatchReport(micro_batch)
+        t_store = time.perf_counter()
+        invalid = [
+            InvalidRecord(r.shard_id, r.sequence_number, r.error_kind, r.error)
+            for r in rows
+            if r.kind == KIND_INVALID
+        ]
+        report.records = len(invalid) + sum(1 for r in rows if r.kind == KIND_BATCH)
+        self._invalid = invalid
+        claims, record_counts = self._first_claims(rows, report)
+        if invalid:
+            self.store.set_aside(micro_batch, invalid)
+        owned = self.store.claim_batches(micro_batch, claims) if claims else set()
+        accepted = frozenset(
+            (c.shard_id, c.sequence_number) for c in claims if c.batch_id in owned
+        )
+        report.batches_accepted = len(accepted)
+        report.duplicates_across = len(claims) - len(accepted)
+        report.flows = sum(record_counts[key] for key in accepted)
+        flows, tenants = self._accepted_payloads(rows, accepted)
+        analysis = AnalysisReport()
+        self.analysis.add(micro_batch, flows, analysis)
+        partials = self._partials(rows, accepted)
+        refused = self.store.add_partials(micro_batch, partials)
+        report.late_partials = len(refused)
+        latest: dict[str, int] = {}
+        for p in partials:
+            latest[p.tenant_id] = max(
+                latest.get(p.tenant_id, p.max_time_ms), p.max_time_ms
+            )
+        closed = self.store.advance_watermarks(self.config.lateness_s * 1000, latest)
+        refused_keys = {(p.tenant_id, p.window_start_ms) for p in refused}
+        touched = {(p.tenant_id, p.window_start_ms) for p in partials} - refused_keys
+        keys = touched | set(closed)
+        totals = self.store.window_totals(keys)
+        finals = self.analysis.network_finals(closed)
+        estimates = estimate_windows(
+            totals,
+            self.config.confidence,
+            self._z,
+            flow_starts=self.analysis.flow_starts(keys),
+            network=finals,
+        )
+        self.sink.write(estimates)
+        self.analysis.drop_network_buckets(latest)
+        report.windows_updated = len(touched)
+        report.windows_closed = len(closed)
+        report.store_ms = (time.perf_counter() - t_store) * 1000
+        t_features = time.perf_counter()
+        self.analysis.close_feature_windows(micro_batch, latest, analysis)
+        report.features_ms = (time.perf_counter() - t_features) * 1000
+        for name in (
+            "late_network_rows",
+            "late_feature_rows",
+            "feature_windows_closed",
+            "host_windows",
+        ):
+            setattr(report, name, getattr(analysis, name))
+        versions = self._score(report)
+        if self.tenant_state is not None:
+            t_state = time.perf_counter()
+            report.state_trouble = self.tenant_state.write(
+                micro_batch, wall_start, tenants, versions
+            )
+            report.state_ms = (time.perf_counter() - t_state) * 1000
+        report.estimates_deferred = int(getattr(self.sink, "deferred", 0))
+        return report, accepted
 
     def _score(self, report: BatchReport) -> dict[str, str]:
         """Score pending host windows; the model version per tenant."""
@@ -298,7 +313,7 @@ class MicroBatchProcessor:
         return done.model_versions
 
     def _accepted_payloads(
-        self, rows: list[Any], accepted: frozenset[tuple[str, str]]
+        self, rows: Sequence[Any], accepted: frozenset[tuple[str, str]]
     ) -> tuple[dict[str, np.ndarray], dict[str, TenantBatch]]:
         """The accepted records' flows per tenant, and tenant figures."""
         parts: dict[str, list[np.ndarray]] = {}
@@ -314,7 +329,7 @@ class MicroBatchProcessor:
         return {k: np.concatenate(v) for k, v in parts.items()}, tenants
 
     def _first_claims(
-        self, rows: list[Any], report: BatchReport
+        self, rows: Sequence[Any], report: BatchReport
     ) -> tuple[list[BatchClaim], dict[tuple[str, str], int]]:
         """One claim per relay batch id: the lowest (shard, sequence) record;
         and the flow count of every valid record."""
@@ -341,7 +356,7 @@ class MicroBatchProcessor:
         return list(claims.values()), counts
 
     def _partials(
-        self, rows: list[Any], accepted: frozenset[tuple[str, str]]
+        self, rows: Sequence[Any], accepted: frozenset[tuple[str, str]]
     ) -> list[WindowPartial]:
         """Sum the window rows of the accepted records per (tenant, window)."""
         sums: dict[tuple[str, int], dict[str, float]] = {}
@@ -368,7 +383,8 @@ class MicroBatchProcessor:
             for (tenant, start), acc in sorted(sums.items())
         ]
 
-    def _count(self, report: BatchReport, invalid: list[InvalidRecord]) -> None:
+    def _count(self, report: BatchReport) -> None:
+        invalid, self._invalid = self._invalid, []
         c = self.counters
         c.micro_batches += 1
         c.records += report.records

@@ -29,16 +29,16 @@ from __future__ import annotations
 import collections
 import datetime as dt
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import structlog
 
 from cloud.engine.store import HostWindowRow, SqliteStore
 from cloud.scoring_client import (
-    ScoringClient,
+    ScoreResult,
     ScoringRejectedError,
     ServiceUnavailableError,
 )
@@ -52,6 +52,18 @@ from cloud.store.detections import (
 from edge_agent.features import FEATURE_NAMES
 
 log = structlog.get_logger(__name__)
+
+
+class RowScorer(Protocol):
+    """What the scorer needs: :class:`cloud.scoring_client.ScoringClient`."""
+
+    def score(
+        self,
+        tenant: str,
+        rows: np.ndarray,
+        hosts: Sequence[str] | None = None,
+        window_starts_ms: np.ndarray | None = None,
+    ) -> ScoreResult: ...
 
 
 @dataclass
@@ -90,7 +102,7 @@ class HostWindowScorer:
     def __init__(
         self,
         store: SqliteStore,
-        client: ScoringClient,
+        client: RowScorer,
         detections: DetectionStore | None,
         *,
         only_alerts: bool = True,
