@@ -434,9 +434,8 @@ class ClassWindows:
     seed: int
     first_attack_ms: int  # first flow of the class in the file (unsampled)
     last_attack_ms: int  # last flow end of the class (unsampled)
-    #: start of the flow by which 5% of the class's flows had started
-    #: (:func:`cloud.training.metrics.onset_ms`): robust to a few stray
-    #: early flows (the Portscan file has 12 in the hour before its scan).
+    #: the attack's onset (:func:`cloud.training.metrics.onset_ms`): its
+    #: first flow followed within 5 min by >= 1% of its flows.
     onset_ms: int
 
 

@@ -342,8 +342,8 @@ def evaluate_cicids(
 
     Normal windows count only in test hours; every positive window counts
     (none was used to fit anything).  Detection is timed from the class's
-    first flow in the file and from its onset (the flow by which 5% of the
-    class's flows had started, :func:`cloud.training.metrics.onset_ms`).
+    first flow in the file and from its onset (its first flow followed
+    within 5 minutes by >= 1% of its flows, :func:`cloud.training.metrics.onset_ms`).
     Per-day rates are left out: the benign flows
     are a 1-in-316 random sample of five days, so a day here holds a
     fraction of a real day's host windows.
