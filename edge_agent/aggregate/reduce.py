@@ -62,9 +62,26 @@ def group_by_words(words: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def _group(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Return (ordered, starts): the rows with equal keys made adjacent, and
-    the index in ``ordered`` where each key's group starts."""
-    order, starts = group_by_words(_key_words(rows))
-    return take_rows(rows, order), starts
+    the index in ``ordered`` where each key's group starts.
+
+    As :func:`group_by_words`, but the sorted key words are read through a
+    view of the sorted rows rather than copied: a reduction's peak memory
+    is what bounds the aggregator's.
+    """
+    words = _key_words(rows)
+    h = _hash_words(words)
+    order = np.argsort(h, kind="stable")
+    ordered = take_rows(rows, order)
+    sorted_words = _key_words(ordered)
+    key_change = np.any(sorted_words[1:] != sorted_words[:-1], axis=1)
+    sorted_h = h[order]
+    if np.any(key_change & (sorted_h[1:] == sorted_h[:-1])):
+        order = np.lexsort(words.T[::-1])
+        ordered = take_rows(rows, order)
+        sorted_words = _key_words(ordered)
+        key_change = np.any(sorted_words[1:] != sorted_words[:-1], axis=1)
+    starts = np.concatenate(([0], np.flatnonzero(key_change) + 1))
+    return ordered, starts
 
 
 def order_by_addresses(rows: np.ndarray) -> np.ndarray:

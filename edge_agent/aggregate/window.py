@@ -26,8 +26,11 @@ at most ``lateness_ms / window_ms + 2`` windows are open at a time.
 Memory bound
 ------------
 ``max_keys`` bounds the distinct keys held over all open windows.  Input
-rows are buffered and reduced in bulk once more than ``2 * max_keys`` rows
-are held; if the reduced windows still hold more than ``max_keys`` keys,
+rows are buffered per window and reduced in bulk once they outnumber the
+window's reduced rows and :data:`COMPACT_ROWS` (so each row is reduced a
+few times at most, and a window of few keys never holds many rows), and
+in every window once more than ``2 * max_keys`` rows are held; if the
+reduced windows still hold more than ``max_keys`` keys,
 the oldest windows are flushed early (``early_flushes``) until they hold
 at most ``max_keys``.  So the aggregator holds at most ``2 * max_keys``
 rows (120 bytes each) plus the chunk being added.  An early-flushed window
@@ -50,6 +53,11 @@ from edge_agent.aggregate.schema import (
     to_aggregate_rows,
 )
 from edge_agent.flows.schema import Field
+
+#: Rows buffered in a window before it is reduced, at least (see the module
+#: doc).  A reduction needs about 300 bytes a row while it runs, and runs in
+#: the relay's event loop: 32k rows keep it near 10 MB and a few ms.
+COMPACT_ROWS = 32_768
 
 
 class FlushReason(enum.Enum):
@@ -222,6 +230,8 @@ class Aggregator:
             window = self._open[w] = _OpenWindow(reduced=empty_rows(0), pending=[])
         window.pending.append(rows)
         window.pending_rows += int(rows.shape[0])
+        if window.pending_rows > max(int(window.reduced.shape[0]), COMPACT_ROWS):
+            window.compact()
 
     def _enforce_bound(self) -> list[AggregatedWindow]:
         if self.held_rows <= 2 * self.max_keys:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import logging
 import signal
 import sys
@@ -154,6 +155,11 @@ async def _run(settings: Settings) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await pipeline.start()
+    # Everything allocated so far (modules, boto3's service models: a few
+    # hundred thousand objects) lives as long as the process: keep it out
+    # of the cyclic collector, whose full passes over it stall the event
+    # loop for tens of ms, long enough for the socket buffer to overflow.
+    gc.freeze()
     try:
         await stop.wait()
     finally:

@@ -265,6 +265,11 @@ class RelayCollector(Collector):
 
     def _encoder(self, p: RelayPipeline) -> Iterator[Metric]:
         e = p.encode_stats
+        windows = _counter(
+            "windows_encoded_total", "Windows filtered, encoded and spooled."
+        )
+        windows.add_metric([], e.windows)
+        yield windows
         batches = _counter("batches_encoded_total", "Batches encoded.")
         batches.add_metric([], e.batches)
         octets = _counter(
