@@ -1,10 +1,11 @@
 """Benchmarks on the cloud side, plugged into ``sampleflow bench``.
 
 Registered through the ``sampleflow.benchmarks`` entry-point group (see
-edge_agent.bench.command): ``bench relay`` (:mod:`cloud.bench.relay`).
-They live here rather than in the edge package because they drive the
-local stack's servers (cloud.local), which the edge package must not
-import.
+edge_agent.bench.command): ``bench relay`` (:mod:`cloud.bench.relay`) and
+``bench wire-ctu13`` (:mod:`cloud.bench.wire_ctu13`).  They live here
+rather than in the edge package because they use the local stack's
+servers and IPFIX exporter and the CTU-13 loader (cloud.local,
+cloud.training), which the edge package must not import.
 """
 
 from __future__ import annotations
@@ -164,3 +165,105 @@ def _client(endpoint: str) -> object:
         aws_secret_access_key=os.environ.get("AWS_SECRET_ACCESS_KEY", "local"),
         region_name="us-east-1",
     ).client("kinesis", endpoint_url=endpoint)
+
+
+def _slices(text: str) -> list[int]:
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a list of slices: {text!r}") from None
+    bad = [v for v in values if not 0 <= v <= 25]
+    if not values or bad:
+        raise argparse.ArgumentTypeError(
+            f"slices are 0 to 25 (comma-separated), got {text!r}"
+        )
+    return values
+
+
+def register_wire_ctu13(benchmarks: Subparsers[argparse.ArgumentParser]) -> None:
+    """Add ``bench wire-ctu13``."""
+    p = benchmarks.add_parser(
+        "wire-ctu13",
+        help="bytes shipped per record on CTU-13 replayed as sampled IPFIX",
+        description=(
+            "Replay CTU-13 scenario 6 sampled 1:N as IPFIX (the demo's "
+            "exporter), run the datagrams through the relay's decode, "
+            "aggregation, filter and encoder, and print bytes shipped per "
+            "record beside the IPFIX export and gzip'd JSON lines."
+        ),
+    )
+    p.add_argument("--rate", type=int, default=100, metavar="N", help="1-in-N")
+    p.add_argument("--seed", type=int, default=6, metavar="S")
+    p.add_argument(
+        "--slices",
+        type=_slices,
+        default=None,
+        metavar="LIST",
+        help="slices 0-25, comma-separated (default: all, 2 h 9 min)",
+    )
+    p.add_argument(
+        "--window-s",
+        type=_positive_float,
+        action="append",
+        metavar="S",
+        help="aggregation window, repeatable for a sweep (default 10, the relay's)",
+    )
+    p.add_argument("--lateness-s", type=float, default=30.0, metavar="S")
+    p.add_argument("--no-filter", action="store_true", help="as filter.enabled=false")
+    p.add_argument("--json", type=Path, metavar="FILE", help="write the figures")
+    p.set_defaults(func=run_wire_ctu13)
+
+
+def run_wire_ctu13(args: argparse.Namespace) -> int:
+    """Run ``sampleflow bench wire-ctu13``; returns the exit code."""
+    from cloud.bench.wire_ctu13 import (  # noqa: PLC0415 - heavy imports
+        ctu13_datagrams,
+        print_wire_report,
+    )
+    from cloud.training.ctu13 import DatasetNotFoundError  # noqa: PLC0415
+    from edge_agent.relay.bench import (  # noqa: PLC0415
+        default_filter,
+        measure_datagrams,
+    )
+
+    try:
+        replay = ctu13_datagrams(args.rate, args.seed, args.slices)
+    except DatasetNotFoundError as exc:
+        print(f"sampleflow bench wire-ctu13: error: {exc}", file=sys.stderr)
+        return 2
+    from cloud.training import ctu13  # noqa: PLC0415
+
+    results = []
+    for window_s in args.window_s or [10.0]:
+        relay_filter = (
+            None if args.no_filter else default_filter(ctu13.INTERNAL_NETWORKS)
+        )
+        results.append(
+            measure_datagrams(
+                f"{window_s:g} s windows",
+                replay.datagrams,
+                round(window_s * 1000),
+                round(args.lateness_s * 1000),
+                relay_filter,
+            )
+        )
+    print(
+        f"CTU-13 scenario 6 at 1:{args.rate} (seed {args.seed}), "
+        f"{replay.records:,} sampled records exported as "
+        f"{len(replay.datagrams):,} IPFIX datagrams"
+        + ("" if not args.no_filter else "; filter off")
+    )
+    print_wire_report(results, sys.stdout)
+    if args.json:
+        args.json.write_text(
+            json.dumps(
+                {
+                    "records": replay.records,
+                    "exported": replay.exported,
+                    "datagrams": len(replay.datagrams),
+                    "results": [r.__dict__ for r in results],
+                },
+                indent=2,
+            )
+        )
+    return 0
