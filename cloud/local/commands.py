@@ -8,6 +8,7 @@ is taken, 2 a usage or settings error, 130 stopped by Ctrl-C.
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import threading
@@ -107,10 +108,10 @@ def settings_from_args(args: argparse.Namespace) -> LocalSettings:
 
 def _settings(args: argparse.Namespace, prog: str) -> LocalSettings | None:
     # The command's own output is its report; library events below warning
-    # (data loaded, tables created) would only clutter it.
-    from edge_agent.relay.commands import configure_logging  # noqa: PLC0415
+    # (data loaded, tables created) would only clutter it, unless asked for.
+    from edge_agent.logs import LEVEL_ENV, configure_logging  # noqa: PLC0415
 
-    configure_logging("warning", "console")
+    configure_logging(os.environ.get(LEVEL_ENV) or "warning")
     try:
         return settings_from_args(args)
     except SettingsError as exc:

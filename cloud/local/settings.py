@@ -13,6 +13,7 @@ Everything listens on 127.0.0.1 only; that is not a setting.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 import re
 import tomllib
@@ -72,6 +73,12 @@ class LocalSettings:
     engine_trigger_s: float = 1.0
     #: Spark master of the engine (local[N]: N worker threads)
     engine_master: str = "local[2]"
+    #: the tenant's internal networks (comma-separated CIDRs): the hosts
+    #: the engine scores.  The private ranges plus CTU's 147.32.0.0/16,
+    #: the network the demo replays.
+    internal_networks: str = (
+        "10.0.0.0/8,172.16.0.0/12,192.168.0.0/16,fc00::/7,147.32.0.0/16"
+    )
     #: relay aggregation window and lateness, seconds.  Short, because the
     #: demo replays faster than real time: a 10 s window at a 60x replay
     #: would merge ten minutes of capture into one row's time range.
@@ -123,10 +130,26 @@ class LocalSettings:
             raise SettingsError(
                 "relay_lateness_s", self.relay_lateness_s, "must be >= 0"
             )
+        for cidr in self.networks:
+            try:
+                ipaddress.ip_network(cidr)
+            except ValueError:
+                raise SettingsError(
+                    "internal_networks", cidr, "must be CIDRs, comma-separated"
+                ) from None
+        if not self.networks:
+            raise SettingsError(
+                "internal_networks", self.internal_networks, "list one CIDR or more"
+            )
         if not re.match(r"^local\[(\d+|\*)\]$", self.engine_master):
             raise SettingsError(
                 "engine_master", self.engine_master, "must be local[N] or local[*]"
             )
+
+    @property
+    def networks(self) -> tuple[str, ...]:
+        """``internal_networks`` as a tuple of CIDRs."""
+        return tuple(c.strip() for c in self.internal_networks.split(",") if c.strip())
 
     @property
     def ministack_url(self) -> str:

@@ -48,6 +48,7 @@ Linux only: process identity and group membership are read from /proc.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import dataclasses
 import errno
@@ -314,6 +315,7 @@ class LocalStack:
                     s.engine_master,
                     "--shuffle-partitions",
                     "2",
+                    *self._engine_output_flags(),
                 ],
                 {"AWS_DEFAULT_REGION": s.region},
                 self.engine_dir,
@@ -344,6 +346,32 @@ class LocalStack:
             ),
         ]
         return parts
+
+    def _engine_output_flags(self) -> list[str]:
+        """The engine's flags for the stack's other parts, those of them its
+        command line has (older engines wrote estimates to a file only)."""
+        s = self.settings
+        known = engine_options()
+        store_ok = _has_module("secantus") and _has_module("pymongo")
+        service_ok = _has_module("cloud.model_service") and _has_module("fastapi")
+        wanted = [
+            ("--model-service-url", s.model_service_url if service_ok else "none"),
+            ("--mongo-uri", s.store_uri if store_ok else "none"),
+            ("--aws-endpoint-url", s.ministack_url),
+            ("--tenant-networks", f"{s.tenant_id}={','.join(s.networks)}"),
+        ]
+        out: list[str] = []
+        for flag, value in wanted:
+            if flag in known:
+                out += [flag, value]
+        return out
+
+    @property
+    def engine_scores(self) -> bool:
+        """Whether the engine scores host windows itself (through the
+        model service) and writes detections to the store."""
+        known = engine_options()
+        return "--model-service-url" in known and "--mongo-uri" in known
 
     def available_parts(self) -> list[Part]:
         """The parts this install can run."""
@@ -815,6 +843,25 @@ class LocalStack:
                         Path(entry.log),
                     )
         return True
+
+
+# -- the engine's command line -------------------------------------------------
+
+
+def engine_options() -> frozenset[str]:
+    """The option strings of ``sampleflow engine run`` in this install."""
+    try:
+        from cloud.engine.commands import register  # noqa: PLC0415
+    except ImportError:
+        return frozenset()
+    parser = argparse.ArgumentParser(add_help=False)
+    commands = parser.add_subparsers()
+    register(commands)
+    engine = commands.choices["engine"]
+    run = next(
+        a for a in engine._actions if isinstance(a, argparse._SubParsersAction)
+    ).choices["run"]
+    return frozenset(opt for action in run._actions for opt in action.option_strings)
 
 
 # -- ports --------------------------------------------------------------------
