@@ -394,7 +394,9 @@ def test_models_evaluate_cli_on_cicids(cic_dir: Path) -> None:
     with redirect_stdout(out):
         assert args.func(args) == 0
     lines = out.getvalue().splitlines()
-    rows = [ln for ln in lines if ln.startswith("| ") and not ln.startswith("| class")]
+    header = next(ln for ln in lines if ln.startswith("| class"))
+    rows = [ln for ln in lines if ln.startswith("| ") and ln != header]
+    assert all(r.count(" | ") == header.count(" | ") for r in rows)
     assert [r.split(" | ")[0][2:] for r in rows] == [
         "Botnet",
         "DDoS",

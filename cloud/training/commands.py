@@ -126,8 +126,9 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
         help="refit a model's per-network part on CIC-IDS2017",
         description="Refits the scaler, auto-encoder and loss statistics of "
         "BASE on the benign windows of CIC-IDS2017 sampled at --rate, keeps "
-        "BASE's detector and thresholds, and writes <kind>-cicids2017-r<N>-"
-        "w<W>.{tflite,weights.npz,manifest.json} into --out.  Needs "
+        "BASE's detector and (unless --recalibrate) thresholds, and writes "
+        "<kind>-cicids2017-r<N>-w<W>.{tflite,weights.npz,manifest.json} into "
+        "--out.  Needs "
         "TensorFlow; evaluate the result with 'models evaluate'.",
     )
     transfer.add_argument("base", type=Path, help="base <name>.manifest.json")
@@ -142,6 +143,12 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
         help="default build/transfer",
     )
     transfer.add_argument("--data", type=Path, default=None, help="CIC-IDS2017 folder")
+    transfer.add_argument(
+        "--recalibrate",
+        action="store_true",
+        help="also set the alert/clear thresholds from CIC validation windows "
+        "at BASE's alert budget (name suffix -cal)",
+    )
     transfer.set_defaults(func=run_transfer)
 
 
@@ -234,6 +241,7 @@ def run_transfer(args: argparse.Namespace) -> int:
         epochs=args.epochs,
         out_dir=args.out,
         dataset_dir=args.data,
+        recalibrate=args.recalibrate,
     )
     try:
         path = transfer(cfg)

@@ -147,7 +147,9 @@ def cicids_table(result: Mapping[str, Any]) -> str:
             "recall (k-of-n)",
             "false alerts / 1000 normal",
             "TTD from first attack flow, min",
-            "TTD (k-of-n)",
+            "TTD from onset, min",
+            "TTD from onset (k-of-n)",
+            "attack hosts flagged / attack hosts",
         ],
         rows,
     )

@@ -4,10 +4,14 @@ What is per network and refit here, on that network's own normal windows:
 the robust feature scaler and the auto-encoder (train hours), and the loss
 statistics that turn reconstruction losses into normalised losses
 (validation hours).  What is global and copied unchanged from the base
-model: the detector (logistic weights over normalised losses) and its
-alert and clear thresholds, which were set on normalised scores and so
-should carry over if the normalisation does its job; the evaluation
-(:func:`cloud.training.evaluate.evaluate_cicids`) checks whether it does.
+model: the detector (logistic weights over normalised losses) and, by
+default, its alert and clear thresholds, which were set on normalised
+scores and so should carry over if the normalisation does its job; the
+evaluation (:func:`cloud.training.evaluate.evaluate_cicids`) checks whether
+it does.  With ``recalibrate`` the thresholds are set again from the
+network's own validation windows at the base model's alert budget (the
+99.9th percentile of a few hundred windows is close to their maximum, so
+this is a noisy estimate on a sample this small).
 
 :func:`run_transfer` does this for CIC-IDS2017 (``sampleflow models
 transfer``) and writes a model in the shipped format (``.tflite``,
@@ -30,10 +34,15 @@ import structlog
 
 from cloud.training import cicids
 from cloud.training.autoencoder import forward, train_autoencoder
+from cloud.training.detector import thresholds_from_budget
 from cloud.training.thinning import cut_active_timeout, thin
 from cloud.training.train import export_model
 from edge_agent.features import FEATURE_SPEC_VERSION, FeatureScaler, HostWindows
-from edge_agent.features.scoring import LossNormaliser, reconstruction_losses
+from edge_agent.features.scoring import (
+    GlobalDetector,
+    LossNormaliser,
+    reconstruction_losses,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -53,6 +62,7 @@ class TransferConfig:
     out_dir: Path = Path("build/transfer")
     dataset_dir: Path | None = None
     version: str = "1.0.0"
+    recalibrate: bool = False
 
     def seeds(self) -> list[int]:
         """Thinning seeds (one at 1:1, where every seed gives the same)."""
@@ -111,8 +121,18 @@ def run_transfer(cfg: TransferConfig) -> Path:
     x_val = scaler.transform(val)
     losses_val = reconstruction_losses(x_val, forward(weights, x_val))
     normaliser = LossNormaliser.fit(losses_val, features)
+    thresholds = dict(base["thresholds"])
+    if cfg.recalibrate:
+        detector = GlobalDetector.from_dict(base["detector"])
+        val_scores = detector.score(normaliser.transform(losses_val))
+        hyst = base["thresholds"]["hysteresis"]
+        th = thresholds_from_budget(
+            val_scores, float(base["thresholds"]["budget"]), k=hyst["k"], n=hyst["n"]
+        )
+        thresholds.update(alert=th.alert, clear=th.clear)
     kind = str(base["kind"])
-    name = f"{kind}-{NETWORK}-r{cfg.rate}-w{window_s}"
+    suffix = "-cal" if cfg.recalibrate else ""
+    name = f"{kind}-{NETWORK}-r{cfg.rate}-w{window_s}{suffix}"
     training: dict[str, Any] = {
         "network": NETWORK,
         "dataset": "CIC-IDS2017, DistriNet 'improved' labels, random per-class "
@@ -120,11 +140,13 @@ def run_transfer(cfg: TransferConfig) -> Path:
         "see ../shared/datasets/README.md",
         "internal_networks": list(cicids.INTERNAL_NETWORKS),
         "base_model": f"{base['name']}:{base['version']}:{base['sha256'][:12]}",
-        "refit": ["scaler", "autoencoder", "loss_normaliser"],
-        "copied_from_base": ["detector", "thresholds"],
+        "refit": ["scaler", "autoencoder", "loss_normaliser"]
+        + (["thresholds"] if cfg.recalibrate else []),
+        "copied_from_base": ["detector"] + ([] if cfg.recalibrate else ["thresholds"]),
         "periods": {
             "train": "benign windows of train hours (scaler, auto-encoder)",
-            "validation": "benign windows of validation hours (loss statistics)",
+            "validation": "benign windows of validation hours (loss statistics"
+            + (", thresholds)" if cfg.recalibrate else ")"),
             "test": "benign windows of test hours and every attack window: "
             "metrics only (sampleflow models evaluate)",
             "split": "by UTC hour, Fibonacci hash, 60/20/20 "
@@ -142,6 +164,7 @@ def run_transfer(cfg: TransferConfig) -> Path:
         "command": (
             f"sampleflow models transfer {cfg.base_manifest} --rate {cfg.rate}"
             f" --seed {cfg.seed} --seeds {cfg.n_seeds} --epochs {cfg.epochs}"
+            + (" --recalibrate" if cfg.recalibrate else "")
         ),
     }
     body: dict[str, Any] = {
@@ -151,7 +174,7 @@ def run_transfer(cfg: TransferConfig) -> Path:
         "scaler": scaler.to_dict(),
         "loss_normaliser": normaliser.to_dict(),
         "detector": base["detector"],
-        "thresholds": base["thresholds"],
+        "thresholds": thresholds,
         "training": training,
         "metrics": {
             "train_reconstruction_mse": float(
