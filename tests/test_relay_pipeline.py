@@ -33,7 +33,9 @@ from prometheus_client import generate_latest
 
 from edge_agent.aggregate import AGG_DTYPE, AggregatedWindow, FlushReason
 from edge_agent.cli import main as cli_main
+from edge_agent.features import FEATURE_NAMES
 from edge_agent.flows.schema import address_bytes, address_text
+from edge_agent.modelsync.installer import rows_from_npz
 from edge_agent.relay.commands import print_status, read_metrics
 from edge_agent.relay.config import Settings, load_settings
 from edge_agent.relay.partition import partition_key
@@ -61,6 +63,11 @@ PRIVATE = [
     for n in ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "fc00::/7")
 ]
 RELAY_MODEL = "relay-ctu13s6-r100-w300:"
+DEFAULT_MODEL = (
+    Path(__file__).resolve().parents[1]
+    / "models"
+    / "relay-ctu13s6-r100-w300.manifest.json"
+)
 NAN_MODEL = (
     Path(__file__).resolve().parent / "data" / "nan-model" / "nan-model.manifest.json"
 )
@@ -379,6 +386,16 @@ def test_flagged_hosts_are_spooled_first_in_full_detail(
             sum(int(r["bytes"].split("|")[0]) for r in rows),
         )
     assert pipeline.encode_stats.express_rows > 0
+    # The canary rows for edge_agent.modelsync, written at stop: the recent
+    # host windows of the shipped model (15 features, its 300 s windows).
+    manifest = json.loads(DEFAULT_MODEL.read_text())
+    rows = rows_from_npz(settings.canary_rows_path)
+    assert rows is not None and len(rows) > 0
+    assert rows.values.shape[1] == len(FEATURE_NAMES)
+    assert (rows.spec_version, rows.window_s) == (
+        manifest["feature_spec_version"],
+        manifest["window_s"],
+    )
 
 
 @pytest.mark.parametrize(

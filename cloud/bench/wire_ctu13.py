@@ -9,7 +9,8 @@ timeout), exported as IPFIX by the demo's exporter
 their flow ends, templates and the sampling options record every 30 s),
 and the resulting datagrams run through the relay's own path (decode,
 10 s windows with 30 s lateness, the filter with the CTU network
-147.32.0.0/16 internal, encode) by :func:`edge_agent.relay.bench.measure_datagrams`.
+147.32.0.0/16 internal, encode) by
+:func:`edge_agent.relay.bench.measure_datagrams` (cloud.bench.commands).
 
 "Raw" is the IPFIX export itself (UDP payloads, templates included); the
 JSON baseline gzips the decoded records as JSON lines, one stream per
@@ -28,13 +29,7 @@ from cloud.local.exporter import ExporterConfig, IpfixExporter
 from cloud.training import ctu13
 from edge_agent.collect.datagram import Datagram
 from edge_agent.flows.schema import address_bytes
-from edge_agent.relay.bench import (
-    TARGET_VS_GZIP_JSON,
-    TARGET_VS_RAW,
-    CaptureResult,
-    default_filter,
-    measure_datagrams,
-)
+from edge_agent.relay.bench import TARGET_VS_GZIP_JSON, TARGET_VS_RAW, CaptureResult
 
 #: The address the replayed router exports from (the demo's).
 EXPORTER = "127.0.0.6"
@@ -75,28 +70,6 @@ def ctu13_datagrams(
         exported=int(exporter.stats.records),
         template_messages=int(exporter.stats.template_messages),
     )
-
-
-def measure_ctu13(
-    rate: int = 100,
-    seed: int = 6,
-    slices: Sequence[int] | None = None,
-    *,
-    use_filter: bool = True,
-    window_ms: int = 10_000,
-    lateness_ms: int = 30_000,
-) -> tuple[Ctu13Replay, CaptureResult]:
-    """The replay and its sizes through the relay's path."""
-    replay = ctu13_datagrams(rate, seed, slices)
-    relay_filter = default_filter(ctu13.INTERNAL_NETWORKS) if use_filter else None
-    result = measure_datagrams(
-        f"ctu13-scenario6 1:{rate}",
-        replay.datagrams,
-        window_ms,
-        lateness_ms,
-        relay_filter,
-    )
-    return replay, result
 
 
 def print_wire_report(results: Sequence[CaptureResult], stream: TextIO) -> None:

@@ -254,6 +254,10 @@ class FilterSettings:
     #: bound on the scoring history of the open model windows (80 bytes a
     #: row; 0: score each aggregation window on its own)
     history_rows: int = 200_000
+    #: recent feature rows for the model-update canary (edge_agent.modelsync
+    #: ``canary_rows_path``), rewritten every minute; default:
+    #: <relay.state_dir>/canary-rows.npz
+    canary_rows_path: Path | None = None
 
     def __post_init__(self) -> None:
         for cidr in self.internal_networks:
@@ -400,6 +404,13 @@ class Settings:
                 + _ID_RULE,
             )
         return tenant
+
+    @property
+    def canary_rows_path(self) -> Path:
+        """Where the filter's recent feature rows are written."""
+        if self.filter.canary_rows_path is not None:
+            return self.filter.canary_rows_path
+        return self.relay.state_dir / "canary-rows.npz"
 
     @property
     def filter_model(self) -> Path | None:
@@ -634,6 +645,8 @@ def render_settings(settings: Settings) -> str:
                 value = settings.spool_dir
             if section == "filter" and f.name == "model" and value is None:
                 value = settings.filter_model
+            if section == "filter" and f.name == "canary_rows_path" and value is None:
+                value = settings.canary_rows_path
             source = settings.sources.get(f"{section}.{f.name}", "default")
             if value is None:
                 lines.append(f"# {f.name} is not set  # {source}")

@@ -40,10 +40,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import time
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import structlog
 from prometheus_client import CollectorRegistry
 
@@ -80,6 +82,10 @@ __all__ = ["ENCODE_QUEUE_WINDOWS", "RelayPipeline", "split_by_exporter"]
 ENCODE_QUEUE_WINDOWS = 16
 #: Seconds between two summary lines in the log.
 SUMMARY_INTERVAL_S = 60.0
+#: Seconds between two writes of the canary rows (and at stop).
+CANARY_INTERVAL_S = 60.0
+#: Feature rows kept for the canary (the model-update canary reads 5,000).
+CANARY_ROWS = 5_000
 
 
 class RelayPipeline:
@@ -152,6 +158,7 @@ class RelayPipeline:
         self._started_at: float | None = None
         self._sampler = LogSampler()
         self._last_summary = 0.0
+        self._canary_written = time.monotonic()
 
     # -- life cycle ---------------------------------------------------------
 
@@ -254,6 +261,7 @@ class RelayPipeline:
                     break
                 await self._queue.put(window)
             await encoder
+            await asyncio.to_thread(self.write_canary_rows)
         await _cancel(self._tasks.pop("encoder", None))
         if drain and self.spool is not None and self.shipper is not None:
             await self._drain()
@@ -375,6 +383,35 @@ class RelayPipeline:
             rows=int(window.records.shape[0]),
             reason=window.reason.value,
         )
+        if time.monotonic() - self._canary_written >= CANARY_INTERVAL_S:
+            self.write_canary_rows()
+
+    def write_canary_rows(self) -> bool:
+        """Write the filter's recent feature rows for the model-update
+        canary (``.npz`` with ``values``, ``spec_version``, ``window_s``, as
+        edge_agent.modelsync reads them), atomically; False if there are
+        none yet.  Runs in the encode thread, which owns the filter's
+        state; a failure is logged, never raised."""
+        self._canary_written = time.monotonic()
+        rows = self.filter.recent_windows() if self.filter is not None else None
+        if rows is None or len(rows) == 0:
+            return False
+        path = self.settings.canary_rows_path
+        tmp = path.with_name(path.name + ".tmp")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with tmp.open("wb") as fh:
+                np.savez(
+                    fh,
+                    values=rows.values[-CANARY_ROWS:],
+                    spec_version=np.int64(rows.spec_version),
+                    window_s=np.int64(rows.window_s),
+                )
+            os.replace(tmp, path)
+        except OSError as exc:
+            log.warning("canary_rows_unwritable", path=str(path), error=str(exc))
+            return False
+        return True
 
     def _spool(self, batch: EncodedBatch) -> None:
         assert self.spool is not None
