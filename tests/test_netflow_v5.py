@@ -311,3 +311,68 @@ def test_decode_many_batches_several_exporters_in_order() -> None:
     single = FlowDecoder()
     one_by_one = np.concatenate([single.decode(*d) for d in datagrams])
     assert many.tobytes() == one_by_one.tobytes()
+
+
+def test_long_batch_of_one_exporter_keeps_values_sequence_and_errors() -> None:
+    """Sixty datagrams of one exporter in one batch (read as one vector run):
+    each record keeps its own values and its datagram's header time, a
+    sequence jump of 7 records is one gap of 7, and a datagram whose count
+    exceeds its bytes is counted, decodes what fits and loses the rest."""
+    datagrams = []
+    seq = 1000
+    expected_packets: list[int] = []
+    expected_start: list[int] = []
+    for i in range(60):
+        n = 1 + i % 5
+        records = [v5_record(packets=i * 10 + j, first=UPTIME_MS - j) for j in range(n)]
+        uptime = UPTIME_MS + i  # one ms later each datagram: a new base
+        count = n + 3 if i == 40 else None  # promises 3 more than it holds
+        if i == 30:
+            seq += 7  # seven records lost before datagram 30
+        payload = v5_datagram(records, seq=seq, uptime=uptime, count=count)
+        datagrams.append((payload, EXPORTER, PORT, 0))
+        expected_packets += [i * 10 + j for j in range(n)]
+        # abs = unix_secs*1000 - (sysUptime - first)
+        expected_start += [
+            UNIX_SECS * 1000 - (uptime - (UPTIME_MS - j)) for j in range(n)
+        ]
+        seq += (n + 3) if i == 40 else n
+    decoder = FlowDecoder()
+    records = decoder.decode_many(datagrams)
+    assert records["packets"].tolist() == expected_packets
+    assert records["time_start"].tolist() == expected_start
+    counters = decoder.stats.exporter(EXPORTER, PORT)
+    # Datagram 40 said n+3 records but held n: the 3 cut off are lost too.
+    assert (counters.sequence_gaps, counters.estimated_lost) == (2, 7 + 3)
+    assert counters.errors["count_exceeds_datagram"] == 1
+    assert counters.records == len(expected_packets)
+
+
+def test_rates_are_those_known_when_each_datagram_arrived() -> None:
+    """In one batch: 20 datagrams from port A announce no rate (unknown, 0),
+    then port B of the same exporter and engine announces 1-in-100, and
+    port A's later datagrams take 100 (the exporter's latest rate).  With
+    A announcing 50 and B 200, A's records after B's announce 50 again."""
+    one = [v5_record()]
+    quiet = [
+        (v5_datagram(one, engine_id=0, seq=i), EXPORTER, PORT, 0) for i in range(20)
+    ]
+    loud = (v5_datagram(one, engine_id=0, sampling=100), EXPORTER, PORT + 1, 0)
+    later = [
+        (v5_datagram(one, engine_id=0, seq=20 + i), EXPORTER, PORT, 0)
+        for i in range(20)
+    ]
+    records = FlowDecoder().decode_many([*quiet, loud, *later])
+    assert records["sampling_rate"].tolist() == [0] * 20 + [100] * 21
+
+    a50 = [
+        (v5_datagram(one, engine_id=0, sampling=50, seq=i), EXPORTER, PORT, 0)
+        for i in range(15)
+    ]
+    b200 = (v5_datagram(one, engine_id=0, sampling=200), EXPORTER, PORT + 1, 0)
+    a50_later = [
+        (v5_datagram(one, engine_id=0, sampling=50, seq=15 + i), EXPORTER, PORT, 0)
+        for i in range(15)
+    ]
+    records = FlowDecoder().decode_many([*a50, b200, *a50_later])
+    assert records["sampling_rate"].tolist() == [50] * 15 + [200] + [50] * 15

@@ -183,10 +183,11 @@ class FlowDecoder:
         read in one numpy pass, which is much faster than one call each.
         """
         batch = RecordBatch()
+        self._v5.bind(batch)
         stats = self.stats
         known = stats.by_exporter
         pending = self.pending
-        v5_walk = self._v5.walk
+        v5_queue = self._v5.queue
         v9_walk = self._v9.walk
         ipfix_walk = self._ipfix.walk
         for payload, exporter, port, received_ms in datagrams:
@@ -198,7 +199,8 @@ class FlowDecoder:
                     "bad_exporter_address"
                 ] += 1
                 continue
-            counters = known.get((address, port)) or stats.exporter(address, port)
+            key = (address, port)
+            counters = known.get(key) or stats.exporter(address, port)
             counters.datagrams += 1
             counters.bytes += len(payload)
             if pending.sets:
@@ -212,7 +214,7 @@ class FlowDecoder:
                 # The common versions first, without a call layer.
                 version = payload[:2]
                 if version == b"\x00\x05":
-                    v5_walk(payload, address, port, counters, batch)
+                    v5_queue(payload, key, counters, batch)
                 elif version == b"\x00\x0a":
                     ipfix_walk(
                         payload,
@@ -275,8 +277,10 @@ class FlowDecoder:
                 counters.records += len(records)
             return
         version = payload[0] << 8 | payload[1]
-        if version in (1, 5):
-            self._v5.walk(payload, exporter, port, counters, batch)
+        if version == 1:
+            self._v5.walk_v1(payload, exporter, port, counters, batch)
+        elif version == 5:
+            self._v5.queue(payload, (exporter, port), counters, batch)
         elif version == 9:
             self._v9.walk(
                 payload, exporter, port, received_ms, counters=counters, batch=batch

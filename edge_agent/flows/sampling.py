@@ -52,6 +52,9 @@ class SamplingTable:
         #: the last rate announced per (exporter, domain), any sampler
         self.latest: dict[tuple[bytes, int], int] = {}
         self.rejected = 0
+        #: bumped whenever an announcement changes the table: a lookup made
+        #: at generation g holds as long as the generation is still g
+        self.generation = 0
 
     def changes(self, exporter: bytes, domain: int, sampler_id: int, rate: int) -> bool:
         """Whether announcing ``rate`` would change any lookup result."""
@@ -81,6 +84,8 @@ class SamplingTable:
         if self.latest.get(domain_key) != rate:
             self.latest[domain_key] = rate
             changed = True
+        if changed:
+            self.generation += 1
         return changed
 
     def override(self, exporter: bytes) -> int:

@@ -30,7 +30,7 @@ _REORDER_DATAGRAMS = 64
 StreamKey = tuple[bytes, int, int, int]
 
 
-class _Stream:
+class StreamState:
     __slots__ = (
         "by_records",
         "expected",
@@ -58,15 +58,25 @@ class SequenceTracker:
 
     def __init__(self, max_streams: int = 65536) -> None:
         self.max_streams = max_streams
-        self.streams: dict[StreamKey, _Stream] = {}
+        self.streams: dict[StreamKey, StreamState] = {}
 
-    def _stream(self, key: StreamKey) -> _Stream:
+    def stream(self, key: StreamKey) -> StreamState:
+        """The state of one stream, created (and the oldest forgotten) if new.
+
+        A caller may hold it across datagrams and account them later with
+        :meth:`check_stream`, in order.  A stream forgotten meanwhile (more
+        than ``max_streams`` streams) is then followed to the end of what
+        the caller holds instead of restarting at once.
+        """
+        return self._stream(key)
+
+    def _stream(self, key: StreamKey) -> StreamState:
         stream = self.streams.get(key)
         if stream is None:
             if len(self.streams) >= self.max_streams:
                 # dicts keep insertion order: drop the oldest stream.
                 del self.streams[next(iter(self.streams))]
-            stream = _Stream()
+            stream = StreamState()
             self.streams[key] = stream
         return stream
 
@@ -89,6 +99,16 @@ class SequenceTracker:
             stream.last_seq = seq
             return
         self._advance(stream or self._stream(key), seq, units, counters)
+
+    def check_stream(
+        self, stream: StreamState, seq: int, units: int, counters: ExporterCounters
+    ) -> None:
+        """:meth:`check` on a stream from :meth:`stream`."""
+        if stream.expected == seq:
+            stream.expected = (seq + units) & _MASK
+            stream.last_seq = seq
+            return
+        self._advance(stream, seq, units, counters)
 
     def check_v9(
         self, key: StreamKey, seq: int, records: int, counters: ExporterCounters
@@ -134,7 +154,7 @@ class SequenceTracker:
 
     @staticmethod
     def _advance(
-        stream: _Stream, seq: int, units: int | None, counters: ExporterCounters
+        stream: StreamState, seq: int, units: int | None, counters: ExporterCounters
     ) -> None:
         expected = stream.expected
         stream.last_seq = seq
