@@ -9,9 +9,11 @@ they FAIL, so a CI run without the data cannot pass silently; set
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import structlog
 
 # Real local servers (MiniStack) for integration tests, as fixtures.
 from tests.mongo_server import mongo_server
@@ -47,3 +49,13 @@ def shared_dir() -> Path:
 def captures_dir() -> Path:
     """The shared flow export captures with their tshark reference decodes."""
     return require_shared("captures")
+
+
+@pytest.fixture(autouse=True)
+def _reset_structlog() -> Iterator[None]:
+    """Put structlog's defaults back after each test: cli.main() configures
+    it to write to the sys.stderr of the moment, which under pytest is the
+    test's capture file, closed once the test ends; a later test that logs
+    would write to a closed file."""
+    yield
+    structlog.reset_defaults()

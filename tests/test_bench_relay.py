@@ -14,18 +14,10 @@ import json
 from pathlib import Path
 
 import pytest
-import structlog
 
 from cloud.bench.streams import DEFAULT_CAPTURES, load_stream
 from edge_agent.cli import main as cli_main
 from tests.reference import read_datagrams
-
-
-@pytest.fixture(autouse=True)
-def _reset_logging() -> object:
-    """cli_main() points structlog at this test's stderr; undo it after."""
-    yield
-    structlog.reset_defaults()
 
 
 def tshark_records_per_datagram(path: Path) -> list[int]:

@@ -12,17 +12,9 @@ from pathlib import Path
 
 import netflow
 import pytest
-import structlog
 
 from cloud.bench.wire_ctu13 import ctu13_datagrams
 from edge_agent.cli import main as cli_main
-
-
-@pytest.fixture(autouse=True)
-def _reset_logging() -> object:
-    """cli_main() points structlog at this test's stderr; undo it after."""
-    yield
-    structlog.reset_defaults()
 
 
 def test_bench_wire_ctu13_counts_match_an_independent_decoder(

@@ -5,22 +5,12 @@ from __future__ import annotations
 
 import tomllib
 from pathlib import Path
-from typing import Any
 
 import pytest
-import structlog
 
 from edge_agent.cli import main as cli_main
 from edge_agent.relay.config import ConfigError, load_settings, render_settings
 from edge_agent.relay.pipeline import RelayPipeline
-
-
-@pytest.fixture(autouse=True)
-def _reset_logging() -> Any:
-    """cli_main() points structlog at this test's captured stderr; put the
-    defaults back so later tests do not write to a closed file."""
-    yield
-    structlog.reset_defaults()
 
 
 def write(tmp_path: Path, text: str) -> Path:

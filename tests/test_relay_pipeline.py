@@ -28,7 +28,6 @@ from typing import Any
 
 import numpy as np
 import pytest
-import structlog
 from prometheus_client import generate_latest
 
 from edge_agent.aggregate import AGG_DTYPE, AggregatedWindow, FlushReason
@@ -71,14 +70,6 @@ DEFAULT_MODEL = (
 NAN_MODEL = (
     Path(__file__).resolve().parent / "data" / "nan-model" / "nan-model.manifest.json"
 )
-
-
-@pytest.fixture(autouse=True)
-def _reset_logging() -> Any:
-    """cli_main() points structlog at this test's captured stderr; put the
-    defaults back so later tests do not write to a closed file."""
-    yield
-    structlog.reset_defaults()
 
 
 def is_private(raw: bytes) -> bool:
