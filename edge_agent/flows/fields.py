@@ -26,7 +26,14 @@ from itertools import chain
 import numpy as np
 import structlog
 
-from edge_agent.flows.schema import FLOW_DTYPE, Direction, ExportProtocol, Field
+from edge_agent.flows.schema import (
+    FLOW_DTYPE,
+    RECORD_STRUCT,
+    V4_MAPPED_PREFIX,
+    Direction,
+    ExportProtocol,
+    Field,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -209,6 +216,28 @@ class FieldSpec:
     scope: bool = False
 
 
+#: A mapped field: (name in the layout dtype, wire width in bytes).
+FieldRef = tuple[str, int]
+
+
+@dataclass(frozen=True, slots=True)
+class BuildPlan:
+    """What :func:`build_records` does for a layout, worked out once.
+
+    ``uint`` lists the plain unsigned columns as (column, field); the masks
+    (column, IPv4 field, IPv6 field) either may be None; ``present`` holds
+    the presence bits every record of the layout has (time bits excepted:
+    they depend on the values).
+    """
+
+    uint: tuple[tuple[str, FieldRef], ...]
+    masks: tuple[tuple[str, FieldRef | None, FieldRef | None], ...]
+    dst_port: FieldRef | None
+    icmp: bool
+    direction: FieldRef | None
+    present: int
+
+
 @dataclass(frozen=True, slots=True, eq=False)
 class Layout:
     """How to read the mapped fields of one record.
@@ -221,8 +250,9 @@ class Layout:
     """
 
     dtype: np.dtype
-    fields: dict[int, tuple[str, int]]
+    fields: dict[int, FieldRef]
     unusable: int
+    plan: BuildPlan
 
 
 def _uint_width_ok(ie: int, width: int) -> bool:
@@ -283,7 +313,48 @@ def compile_layout(fields: Sequence[FieldSpec], record_length: int) -> Layout:
             "itemsize": max(record_length, 1),
         }
     )
-    return Layout(dtype=dtype, fields=mapped, unusable=unusable)
+    return Layout(
+        dtype=dtype, fields=mapped, unusable=unusable, plan=_compile_plan(mapped)
+    )
+
+
+def _compile_plan(fields: dict[int, FieldRef]) -> BuildPlan:
+    present = 0
+    uint: list[tuple[str, FieldRef]] = []
+    for column, ids, bit in _UINT_PLAN:
+        for ie in ids:
+            ref = fields.get(ie)
+            if ref is not None:
+                uint.append((column, ref))
+                present |= bit
+                break
+    for _column, v4_ie, v6_ie, bit in _ADDRESS_PLAN:
+        if v4_ie in fields or v6_ie in fields:
+            present |= bit
+    if _NEXT_HOP_IDS.intersection(fields):
+        present |= _NEXT_HOP
+    masks: list[tuple[str, FieldRef | None, FieldRef | None]] = []
+    for column, v4_ie, v6_ie, bit in _MASK_PLAN:
+        m4 = fields.get(v4_ie)
+        m6 = fields.get(v6_ie)
+        if m4 is not None or m6 is not None:
+            masks.append((column, m4, m6))
+            present |= bit
+    icmp = bool(_ICMP_IDS.intersection(fields))
+    dst_port = fields.get(DST_PORT)
+    if dst_port is not None or icmp:
+        present |= _DST_PORT
+    direction = fields.get(DIRECTION)
+    if direction is not None:
+        present |= _DIRECTION
+    return BuildPlan(
+        uint=tuple(uint),
+        masks=tuple(masks),
+        dst_port=dst_port,
+        icmp=icmp,
+        direction=direction,
+        present=present,
+    )
 
 
 def uint_column(view: np.ndarray, name: str, width: int) -> np.ndarray:
@@ -335,7 +406,9 @@ def _overlay_dtype() -> np.dtype:
     """FLOW_DTYPE plus overlapping fields that let the builder write less.
 
     ``<col>_ffff``/``<col>_v4`` are bytes 10-11 and 12-15 of an address
-    column (an IPv4-mapped address is two writes into a zeroed record);
+    column (an IPv4-mapped address is two writes into a zeroed record),
+    ``<col>_w0``/``<col>_w1`` its two halves as little-endian u64 (the
+    address words as :func:`_v4_words` makes them);
     ``head`` is exporter_port, export_proto, ip_version and domain as one
     little-endian u64.
     """
@@ -350,9 +423,9 @@ def _overlay_dtype() -> np.dtype:
         offsets.append(offset)
     for column in ("src_addr", "dst_addr", "next_hop"):
         base = fields[column][1]
-        names += [f"{column}_ffff", f"{column}_v4"]
-        formats += ["<u2", "<u4"]
-        offsets += [base + 10, base + 12]
+        names += [f"{column}_ffff", f"{column}_v4", f"{column}_w0", f"{column}_w1"]
+        formats += ["<u2", "<u4", "<u8", "<u8"]
+        offsets += [base + 10, base + 12, base, base + 8]
     head = fields["exporter_port"][1]
     assert fields["export_proto"][1] == head + 2
     assert fields["ip_version"][1] == head + 3
@@ -427,18 +500,6 @@ def _as_words(source: _AddrSource) -> np.ndarray:
         return np.ascontiguousarray(v6)
     assert use6 is not None
     return np.where(use6[:, None], v6, _v4_words(v4))
-
-
-def _write_address(
-    out: np.ndarray, overlay: np.ndarray, column: str, source: _AddrSource
-) -> None:
-    v4, v6, _ = source
-    if v6 is None:
-        # IPv4 only: two writes into the zeroed record, no temporaries.
-        overlay[f"{column}_ffff"] = 0xFFFF
-        overlay[f"{column}_v4"] = v4
-    else:
-        out[column] = _as_words(source).view("V16")[:, 0]
 
 
 def _next_hop(view: np.ndarray, fields: dict[int, tuple[str, int]]) -> _AddrSource:
@@ -608,13 +669,32 @@ _ADDRESS_PLAN = (
     ("src_addr", SRC_V4, SRC_V6, int(Field.SRC_ADDR)),
     ("dst_addr", DST_V4, DST_V6, int(Field.DST_ADDR)),
 )
+_MASK_PLAN = (
+    ("src_mask", SRC_MASK_V4, SRC_MASK_V6, int(Field.SRC_MASK)),
+    ("dst_mask", DST_MASK_V4, DST_MASK_V6, int(Field.DST_MASK)),
+)
+_ICMP_IDS = frozenset(
+    {
+        ICMP_TYPE_CODE_V4,
+        ICMP_TYPE_CODE_V6,
+        ICMP_TYPE_V4,
+        ICMP_TYPE_V6,
+    }
+)
+_NEXT_HOP_IDS = frozenset({NEXT_HOP_V4, NEXT_HOP_V6, BGP_NEXT_HOP_V4, BGP_NEXT_HOP_V6})
+_ZERO16 = bytes(16)
+_V4_PREFIX16 = V4_MAPPED_PREFIX + bytes(4)
+_UNKNOWN_DIRECTION = int(Direction.UNKNOWN)
 _TIME_START = int(Field.TIME_START)
 _TIME_END = int(Field.TIME_END)
+_NEXT_HOP = int(Field.NEXT_HOP)
+_DST_PORT = int(Field.DST_PORT)
+_DIRECTION = int(Field.DIRECTION)
 
 
 def build_records(
     view: np.ndarray,
-    fields: dict[int, tuple[str, int]],
+    layout: Layout,
     ctx: RecordContext,
     out: np.ndarray | None = None,
 ) -> np.ndarray:
@@ -622,35 +702,30 @@ def build_records(
 
     ``out`` (``n`` contiguous records, any content) is filled if given.
     Callers should pass at most :data:`BLOCK_RECORDS` records at a time.
+
+    Everything the records share (exporter, port, protocol, domain, and
+    whatever the layout makes constant: IPv4-mapped prefixes, unknown
+    direction, presence bits, one sampling rate) is packed into one template
+    record copied over the block; only the columns that vary are written
+    one by one.
     """
+    fields = layout.fields
+    plan = layout.plan
     n = view.shape[0]
     if out is None:
         out = np.empty(n, dtype=FLOW_DTYPE)
-    out.view(np.uint8).fill(0)
     overlay = out.view(_OVERLAY)
-    present = 0
-    out["exporter"] = np.frombuffer(ctx.exporter, dtype="V16")[0]
-
-    for column, ids, bit in _UINT_PLAN:
-        for ie in ids:
-            spec = fields.get(ie)
-            if spec is not None:
-                col = view[spec[0]]
-                # A plain big-endian field is cast on the copy; reduced-size
-                # odd widths are assembled first.
-                out[column] = col if col.ndim == 1 else uint_column(view, *spec)
-                present |= bit
-                break
+    present = plan.present
 
     # Addresses: the family of the source address decides ip_version.
     family6: np.ndarray | None = None
     ip_version: int | np.ndarray = 0
-    for column, v4_ie, v6_ie, bit in _ADDRESS_PLAN:
+    addresses: list[tuple[str, _AddrSource]] = []
+    for column, v4_ie, v6_ie, _bit in _ADDRESS_PLAN:
         source = _address(view, fields, v4_ie, v6_ie)
         if source[0] is None and source[1] is None:
             continue
-        _write_address(out, overlay, column, source)
-        present |= bit
+        addresses.append((column, source))
         if family6 is None and isinstance(ip_version, int) and not ip_version:
             if source[1] is None:
                 ip_version = 4
@@ -663,49 +738,103 @@ def build_records(
                 ip_version = np.where(family6, 6, 4).astype(np.uint64)
     if IP_VERSION in fields:
         ip_version = uint_column(view, *fields[IP_VERSION])
-    head = ctx.exporter_port | int(ctx.proto) << 16 | ctx.domain << 32
-    if isinstance(ip_version, int):
-        overlay["head"] = head | ip_version << 24
-    else:
+    hop = _next_hop(view, fields)
+    if hop[0] is not None or hop[1] is not None:
+        addresses.append(("next_hop", hop))
+
+    times = _times(view, fields, ctx)
+    time_bits: int | np.ndarray = 0
+    for _column, _values, valid, bit in times:
+        if valid is None:
+            time_bits = time_bits | bit
+        else:
+            time_bits = time_bits | np.where(valid, np.uint32(bit), np.uint32(0))
+    rate = _rates(view, fields, ctx, present)
+    one_rate = isinstance(rate, int) or rate.ndim == 0
+
+    # The template: what every record of the block has (RECORD_STRUCT
+    # takes the columns in FLOW_DTYPE order; values wrap to their width as
+    # numpy's casts do).
+    prefix = {column: _V4_PREFIX16 for column, source in addresses if source[1] is None}
+    out.view(_RECORD_VOID)[...] = RECORD_STRUCT.pack(
+        0,  # time_start
+        0,  # time_end
+        ctx.exporter,
+        ctx.exporter_port,
+        int(ctx.proto),
+        ip_version if isinstance(ip_version, int) else 0,
+        ctx.domain,
+        prefix.get("src_addr", _ZERO16),
+        prefix.get("dst_addr", _ZERO16),
+        prefix.get("next_hop", _ZERO16),
+        0,  # src_port
+        0,  # dst_port
+        0,  # protocol
+        0,  # tos
+        0,  # src_mask
+        0,  # dst_mask
+        0,  # tcp_flags
+        0 if plan.direction is not None else _UNKNOWN_DIRECTION,
+        0,  # _pad
+        0,  # vlan
+        0,  # bytes
+        0,  # packets
+        0,  # in_if
+        0,  # out_if
+        0,  # src_as
+        0,  # dst_as
+        0,  # sampler_id
+        int(rate) & 0xFFFFFFFF if one_rate else 0,
+        present | time_bits if isinstance(time_bits, int) else 0,
+    )
+
+    if not isinstance(ip_version, int):
+        head = ctx.exporter_port | int(ctx.proto) << 16 | ctx.domain << 32
         overlay["head"] = np.uint64(head) | (ip_version & np.uint64(0xFF)) << np.uint64(
             24
         )
+    if not isinstance(time_bits, int):
+        out["present"] = time_bits | np.uint32(present)
+    if not one_rate:
+        out["sampling_rate"] = rate
 
-    hop = _next_hop(view, fields)
-    if hop[0] is not None or hop[1] is not None:
-        _write_address(out, overlay, "next_hop", hop)
-        present |= int(Field.NEXT_HOP)
+    for column, ref in plan.uint:
+        col = view[ref[0]]
+        # A plain big-endian field is cast on the copy; reduced-size odd
+        # widths are assembled first.
+        out[column] = col if col.ndim == 1 else uint_column(view, *ref)
+
+    for column, source in addresses:
+        v4, v6, _ = source
+        if v6 is None:
+            # IPv4 only: the prefix is in the template.
+            overlay[f"{column}_v4"] = v4
+        else:
+            words = _as_words(source)
+            overlay[f"{column}_w0"] = words[:, 0]
+            overlay[f"{column}_w1"] = words[:, 1]
 
     # Masks: the one of the record's family when a template has both.
-    for column, v4_ie, v6_ie, bit in (
-        ("src_mask", SRC_MASK_V4, SRC_MASK_V6, int(Field.SRC_MASK)),
-        ("dst_mask", DST_MASK_V4, DST_MASK_V6, int(Field.DST_MASK)),
-    ):
-        m4 = fields.get(v4_ie)
-        m6 = fields.get(v6_ie)
+    for column, m4, m6 in plan.masks:
         if m4 is not None and m6 is not None and family6 is not None:
             out[column] = np.where(
                 family6, uint_column(view, *m6), uint_column(view, *m4)
             )
-        elif m4 is not None or m6 is not None:
-            spec = m4 if m4 is not None else m6
-            assert spec is not None
-            out[column] = uint_column(view, *spec)
         else:
-            continue
-        present |= bit
+            mask = m4 if m4 is not None else m6
+            assert mask is not None
+            col = view[mask[0]]
+            out[column] = col if col.ndim == 1 else uint_column(view, *mask)
 
     # Destination port; ICMP type/code goes there when the port is absent
     # or zero for an ICMP flow (type*256+code, as v5 exporters do).
-    have_port = DST_PORT in fields
-    if have_port:
-        spec = fields[DST_PORT]
-        col = view[spec[0]]
-        out["dst_port"] = col if col.ndim == 1 else uint_column(view, *spec)
-        present |= int(Field.DST_PORT)
-    icmp = _icmp(view, fields, out)
-    if icmp is not None:
-        if have_port:
+    if plan.dst_port is not None:
+        col = view[plan.dst_port[0]]
+        out["dst_port"] = col if col.ndim == 1 else uint_column(view, *plan.dst_port)
+    if plan.icmp:
+        icmp = _icmp(view, fields, out)
+        assert icmp is not None
+        if plan.dst_port is not None:
             proto = out["protocol"]
             use = ((proto == 1) | (proto == 58)) & (out["dst_port"] == 0)
             out["dst_port"] = np.where(use, icmp, out["dst_port"])
@@ -713,22 +842,13 @@ def build_records(
             # An ICMP-only template (softflowd) may not even carry the
             # protocol: its type/code element says the flows are ICMP.
             out["dst_port"] = icmp
-        present |= int(Field.DST_PORT)
 
-    if DIRECTION in fields:
-        spec = fields[DIRECTION]
-        col = view[spec[0]]
-        out["direction"] = col if col.ndim == 1 else uint_column(view, *spec)
-        present |= int(Field.DIRECTION)
-    else:
-        out["direction"] = int(Direction.UNKNOWN)
+    if plan.direction is not None:
+        col = view[plan.direction[0]]
+        out["direction"] = col if col.ndim == 1 else uint_column(view, *plan.direction)
 
-    time_bits = _times(view, fields, ctx, out)
-    out["sampling_rate"] = _rates(view, fields, ctx, out, present)
-    if isinstance(time_bits, int):
-        out["present"] = present | time_bits
-    else:
-        out["present"] = time_bits | np.uint32(present)
+    for column, values, valid, _bit in times:
+        out[column] = values if valid is None else np.where(valid, values, 0)
     return out
 
 
@@ -756,13 +876,16 @@ def _icmp(
     return value
 
 
+#: (column, ms since epoch, valid mask or None for all, presence bit)
+_TimeColumn = tuple[str, np.ndarray, np.ndarray | None, int]
+
+
 def _times(
     view: np.ndarray,
     fields: dict[int, tuple[str, int]],
     ctx: RecordContext,
-    out: np.ndarray,
-) -> int | np.ndarray:
-    """Fill time_start/time_end; return their present bits (int: for all)."""
+) -> list[_TimeColumn]:
+    """The time_start/time_end values the layout gives, with their validity."""
     if SYSTEM_INIT_MILLISECONDS in fields:
         init = uint_column(view, *fields[SYSTEM_INIT_MILLISECONDS]).astype(np.int64)
         ctx.init_ms = np.where(init > 0, init, ctx.init_ms)
@@ -786,35 +909,30 @@ def _times(
         obs = uint_column(view, *fields[OBSERVATION_TIME_MILLISECONDS])
         start, start_ok = obs.astype(np.int64), None if obs.all() else obs != 0
         end, end_ok = start, start_ok
-    bits: int | np.ndarray = 0
-    for column, values, valid, bit in (
-        ("time_start", start, start_ok, _TIME_START),
-        ("time_end", end, end_ok, _TIME_END),
-    ):
-        if values is None:
-            continue
-        if valid is None:
-            out[column] = values
-            bits = bits | bit
-        else:
-            out[column] = np.where(valid, values, 0)
-            bits = bits | np.where(valid, np.uint32(bit), np.uint32(0))
-    return bits
+    out: list[_TimeColumn] = []
+    if start is not None:
+        out.append(("time_start", start, start_ok, _TIME_START))
+    if end is not None:
+        out.append(("time_end", end, end_ok, _TIME_END))
+    return out
 
 
 def _rates(
     view: np.ndarray,
     fields: dict[int, tuple[str, int]],
     ctx: RecordContext,
-    out: np.ndarray,
     present: int,
 ) -> np.ndarray | int:
-    """The sampling rate of each record (0 = unknown)."""
+    """The sampling rate of each record (0 = unknown); an int or a 0-d
+    array when one rate holds for every record."""
     if ctx.override:
         return ctx.override
     rate: np.ndarray = ctx.rate
     if ctx.sampler_lookup is not None and present & Field.SAMPLER_ID:
-        sids = out["sampler_id"]
+        # The ids as the sampler_id column holds them (32 bits).
+        ids = sampler_ids(view, fields)
+        assert ids is not None
+        sids = ids.astype(np.uint32)
         uniq = np.unique(sids)
         lookup = ctx.sampler_lookup
         if len(uniq) == 1:
@@ -1197,10 +1315,10 @@ def _build_group(
             sampler_lookup=lookup,
         )
         if into is None:
-            build_records(view[block], layout.fields, ctx, out[block])
+            build_records(view[block], layout, ctx, out[block])
             continue
         size = min(BLOCK_RECORDS, n - start)
-        build_records(view[block], layout.fields, ctx, out[:size])
+        build_records(view[block], layout, ctx, out[:size])
         built = out[:size].view(_RECORD_VOID)
         if isinstance(positions, slice):
             first = positions.start + start

@@ -70,6 +70,7 @@ from edge_agent.flows.packet_headers import (
 from edge_agent.flows.sampling import SamplingTable
 from edge_agent.flows.schema import (
     FLOW_DTYPE,
+    RECORD_STRUCT,
     V4_MAPPED_PREFIX,
     Direction,
     ExportProtocol,
@@ -203,24 +204,11 @@ def _no_records() -> np.ndarray:
 
 
 def _record_struct() -> struct.Struct:
-    """A little-endian struct laid out exactly like FLOW_DTYPE."""
+    """The record packer, after checking the column order the packing
+    call below is written in."""
     if FLOW_DTYPE.names != _EXPECTED_COLUMNS:
         raise RuntimeError("FLOW_DTYPE changed: update the sFlow record packer")
-    codes = []
-    for name in _EXPECTED_COLUMNS:
-        dtype = FLOW_DTYPE.fields[name][0]  # type: ignore[index]
-        if dtype.kind == "V":
-            codes.append(f"{dtype.itemsize}s")
-        else:
-            codes.append(
-                {"i8": "q", "u8": "Q", "u4": "I", "u2": "H", "u1": "B"}[
-                    f"{dtype.kind}{dtype.itemsize}"
-                ]
-            )
-    packer = struct.Struct("<" + "".join(codes))
-    if packer.size != FLOW_DTYPE.itemsize:
-        raise RuntimeError("FLOW_DTYPE has padding: update the sFlow record packer")
-    return packer
+    return RECORD_STRUCT
 
 
 _RECORD = _record_struct()
