@@ -16,7 +16,7 @@ import pytest
 from cloud.engine import hostwindows, network
 from cloud.engine.config import ConfigError, EngineConfig, tenant_networks
 from cloud.engine.sinks import DeferringSink, MemorySink, WindowEstimate
-from cloud.engine.store import HostWindowRow, SqliteStore
+from cloud.engine.store import HostWindowSet, SqliteStore
 from cloud.engine.tenants import TenantBatch
 from cloud.engine.transform import PAYLOAD_DTYPE
 from cloud.store.detections import StoreUnavailableError
@@ -109,9 +109,9 @@ def test_compaction_keeps_every_feature() -> None:
     before["time_start"] = np.zeros(len(rows), dtype=np.int64)
     want = host_window_features(before, nets, 300)
     got = hostwindows.window_features("t", 600_000, 300, compacted, nets)
-    assert [r.host for r in got] == [bytes(h) for h in want.host]
-    np.testing.assert_allclose(np.stack([r.features for r in got]), want.values)
-    assert {(r.window_start_ms, r.window_end_ms) for r in got} == {(600_000, 900_000)}
+    assert got.hosts.tolist() == want.host.tolist()
+    np.testing.assert_allclose(got.features, want.values)
+    assert (got.window_start_ms, got.window_end_ms) == (600_000, 900_000)
 
 
 def test_windows_to_close_by_hand() -> None:
@@ -135,14 +135,19 @@ def test_closing_a_window_and_its_rows_is_one_idempotent_step(tmp_path: Path) ->
     window again (a replay) stores nothing twice; scored rows are
     forgotten, rejected ones kept aside."""
     store = SqliteStore(tmp_path / "s.sqlite")
-    row = HostWindowRow("t", bytes(16), 0, 300_000, np.arange(15.0))
-    other = HostWindowRow("t", b"\x01" * 16, 0, 300_000, np.ones(15))
-    assert store.close_feature_windows(3, "t", [0], [row, other]) == 2
-    assert store.close_feature_windows(3, "t", [0], [row, other]) == 0
-    assert store.closed_feature_windows("t") == {0}
+    hosts = np.frombuffer(bytes(16) + b"\x01" * 16, dtype="V16")
+    features = np.arange(30.0).reshape(2, 15)
+    first = HostWindowSet("t", 0, 300_000, hosts, features)
+    second = HostWindowSet("t", 60_000, 360_000, hosts[:1], features[:1])
+    assert store.close_feature_windows(3, "t", [0, 60_000], [first, second]) == 3
+    assert store.close_feature_windows(3, "t", [0, 60_000], [first, second]) == 0
+    assert store.closed_feature_windows("t") == {0, 60_000}
+    assert store.count_host_windows() == 3
     pending = store.pending_host_windows(10)
-    assert len(pending) == 2
-    np.testing.assert_array_equal(pending[0].features, np.arange(15.0))
+    assert [len(p) for p in pending] == [2, 1]
+    np.testing.assert_array_equal(pending[0].features, features)
+    assert pending[0].hosts.tolist() == hosts.tolist()
+    assert len(store.pending_host_windows(1)) == 1  # whole windows, oldest first
     store.finish_host_windows(pending[:1])
     store.finish_host_windows(pending[1:], rule="unknown_tenant")
     assert store.count_host_windows() == 0

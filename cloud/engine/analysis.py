@@ -159,7 +159,7 @@ class FlowAnalysis:
                 self.feature_window_ms,
                 self.feature_slide_ms,
             )
-            rows = []
+            sets = []
             nets = self.config.networks_for(tenant)
             for start in windows:
                 data = hostwindows.bucket_rows(
@@ -167,12 +167,14 @@ class FlowAnalysis:
                         hostwindows.KIND, tenant, start, start + self.feature_window_ms
                     )
                 )
-                rows += hostwindows.window_features(
-                    tenant, start, self.config.feature_window_s, data, nets
+                sets.append(
+                    hostwindows.window_features(
+                        tenant, start, self.config.feature_window_s, data, nets
+                    )
                 )
             if windows:
                 report.host_windows += self.store.close_feature_windows(
-                    micro_batch, tenant, windows, rows
+                    micro_batch, tenant, windows, sets
                 )
                 report.feature_windows_closed += len(windows)
             self.store.drop_buckets(

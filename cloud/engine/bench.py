@@ -471,9 +471,9 @@ def _kinesis(endpoint: str) -> Any:
     ).client("kinesis", endpoint_url=endpoint)
 
 
-def _stream(client: Any) -> str:
+def _stream(client: Any, shards: int = 1) -> str:
     name = f"bench-{uuid.uuid4().hex[:8]}"
-    client.create_stream(StreamName=name, ShardCount=1)
+    client.create_stream(StreamName=name, ShardCount=shards)
     deadline = time.monotonic() + 30
     while (
         client.describe_stream(StreamName=name)["StreamDescription"]["StreamStatus"]
@@ -486,11 +486,17 @@ def _stream(client: Any) -> str:
 
 
 def _put(client: Any, stream: str, datas: list[bytes]) -> None:
-    for lo in range(0, len(datas), 200):
-        client.put_records(
-            StreamName=stream,
-            Records=[{"Data": d, "PartitionKey": "b"} for d in datas[lo : lo + 200]],
-        )
+    """PutRecords in calls under its 500-record and 5 MB limits."""
+    chunk: list[dict[str, Any]] = []
+    size = 0
+    for i, d in enumerate(datas):
+        if chunk and (len(chunk) == 500 or size + len(d) > 4_000_000):
+            client.put_records(StreamName=stream, Records=chunk)
+            chunk, size = [], 0
+        chunk.append({"Data": d, "PartitionKey": f"b{i % 2}"})
+        size += len(d) + 2
+    if chunk:
+        client.put_records(StreamName=stream, Records=chunk)
 
 
 @contextlib.contextmanager
@@ -547,10 +553,12 @@ def spark_runs(
     _run_available_now(
         start_engine, spark, EngineConfig(warm, str(workdir / "warm"), **common)
     )
-    stream = _stream(kinesis)
+    stream = _stream(kinesis, shards=2)
     _put(kinesis, stream, datas)
+    # About 200,000 flow rows a micro-batch: 2 s at the target rate.
+    per_batch = max(2, round(len(datas) * 200_000 / max(len(rows), 1)))
     config = EngineConfig(
-        stream, str(workdir / "throughput"), max_records_per_batch=200, **common
+        stream, str(workdir / "throughput"), max_records_per_batch=per_batch, **common
     )
     cpu0 = _tree_cpu_s(os.getpid(), exclude)
     engine = _run_available_now(start_engine, spark, config)
@@ -563,8 +571,8 @@ def spark_runs(
             flows,
             busy,
             cpu,
-            f"{len(engine.processor.reports)} micro-batches of 200 records; CPU of "
-            "driver, JVM and workers",
+            f"{len(engine.processor.reports)} micro-batches of <= {per_batch} "
+            "records, 2 shards; CPU of driver, JVM and workers",
         )
     )
 

@@ -349,7 +349,9 @@ def _register_bench(subparsers: Any) -> None:
             "the store with a 2 s trigger.  See docs/engine.md."
         ),
     )
-    parser.add_argument("--rows", type=int, default=200_000, help="flow rows")
+    parser.add_argument(
+        "--rows", type=int, default=1_000_000, help="flow rows (default 1,000,000)"
+    )
     parser.add_argument(
         "--latency-batches",
         type=int,

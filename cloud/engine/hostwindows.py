@@ -8,19 +8,19 @@ are the special case slide = window).  Windows must match the model's
 ``window_s`` (300 s for the shipped models) for the scores to mean
 anything.
 
-Where the work runs: on the driver.  Executors decode the records and ship
-each one's flows as a packed blob (``PAYLOAD_DTYPE``, 93 bytes a row); the
-driver keeps, per tenant and *bucket* (``gcd(window, slide)`` long) and
-micro-batch, the rows compacted on what the features read (source,
-destination, destination port, protocol, TCP flags, rate: bytes, packets
-and flow counts summed, which changes no feature), and computes a window's
-rows once the tenant's watermark passes its end.  Measured (``sampleflow
-bench engine``) the driver does this at well over the per-core target, so
-it holds for modest volumes (one driver core, some 10^5 flow rows/s);
-the limit is that one core and the driver's disk for the open windows'
-rows.  Beyond it, features belong on the executors: group the flows by
-(tenant, host) with Spark state (``transformWithStateInPandas``), which
-this engine does not do.
+Where the work runs: on the driver.  Executors decode and check the
+records; the driver decodes the accepted ones again (cheap next to the
+features) into ``PAYLOAD_DTYPE`` rows and keeps, per tenant, *bucket*
+(``gcd(window, slide)`` long) and micro-batch, the rows compacted on what
+the features read (source, destination, destination port, protocol, TCP
+flags, rate: bytes, packets and flow counts summed, which changes no
+feature), and computes a window's rows once the tenant's watermark passes
+its end.  Measured (``sampleflow bench engine``, docs/engine.md) the
+driver's whole per-micro-batch work runs at about 10^5 flow rows per
+CPU-second, so this holds for modest volumes; the limit is that one core
+and the driver's disk for the open windows' rows.  Beyond it, features
+belong on the executors: group the flows by (tenant, host) with Spark
+state (``transformWithStateInPandas``), which this engine does not do.
 
 Features must see all of a window's rows at once (distinct counts and
 entropies do not add up), hence the rows are kept until the window closes;
@@ -34,7 +34,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from cloud.engine.store import HostWindowRow
+from cloud.engine.store import HostWindowSet
 from edge_agent.features import InternalNetworks, host_window_features
 
 #: The ``kind`` of feature buckets in the engine store.
@@ -99,10 +99,13 @@ def window_features(
     window_s: int,
     rows: np.ndarray,
     networks: InternalNetworks,
-) -> list[HostWindowRow]:
+) -> HostWindowSet:
     """Feature rows of one window from its buckets' rows (``BUCKET_DTYPE``)."""
+    end = window_start_ms + window_s * 1000
     if rows.size == 0:
-        return []
+        return HostWindowSet(
+            tenant_id, window_start_ms, end, np.zeros(0, "V16"), np.zeros((0, 15))
+        )
     columns: Mapping[str, np.ndarray] = {
         # All rows are in this one window: put them at its start, offset to
         # 0 so that the tumbling windows of the shared code line up with it.
@@ -118,18 +121,7 @@ def window_features(
         "flow_count": rows["flow_count"],
     }
     hw = host_window_features(columns, networks, window_s)
-    end = window_start_ms + window_s * 1000
-    hosts = np.ascontiguousarray(hw.host).view(np.uint8).reshape(-1, 16)
-    return [
-        HostWindowRow(
-            tenant_id=tenant_id,
-            host=hosts[i].tobytes(),
-            window_start_ms=window_start_ms,
-            window_end_ms=end,
-            features=hw.values[i].copy(),
-        )
-        for i in range(len(hw))
-    ]
+    return HostWindowSet(tenant_id, window_start_ms, end, hw.host, hw.values)
 
 
 def windows_to_close(

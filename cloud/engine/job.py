@@ -81,8 +81,8 @@ from cloud.engine.transform import (
     KIND_WINDOW,
     SUMMARY_SCHEMA,
     flows_partition,
+    payload_flows,
     summarize_partition,
-    unpack_payload,
 )
 from cloud.scoring_client import ScoringClient, ScoringClientConfig
 from cloud.store.detections import (
@@ -321,7 +321,7 @@ class MicroBatchProcessor:
         for r in rows:
             if r.kind != KIND_BATCH or (r.shard_id, r.sequence_number) not in accepted:
                 continue
-            flows = unpack_payload(r.payload or b"")
+            flows = payload_flows(r.payload)
             t = tenants.setdefault(r.tenant_id, TenantBatch())
             t.add_relay(r.relay_id, int(r.created_ms or 0))
             t.add_rows(r.relay_id, flows)

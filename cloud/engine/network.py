@@ -74,7 +74,12 @@ def _sum_by_key(keys: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, np.n
     """Distinct ``keys`` (any fixed-width dtype) and their summed weights."""
     if keys.size == 0:
         return keys[:0], weights[:0]
-    order = np.argsort(keys, kind="stable")
+    if keys.dtype.itemsize == 16 and keys.dtype.kind == "V":
+        # Two big-endian words sort like the bytes, far faster than void.
+        halves = np.ascontiguousarray(keys).view(">u8").reshape(-1, 2)
+        order = np.lexsort((halves[:, 1], halves[:, 0]))
+    else:
+        order = np.argsort(keys, kind="stable")
     ks = keys[order]
     change = np.ones(ks.size, dtype=bool)
     change[1:] = ks[1:] != ks[:-1]

@@ -36,7 +36,7 @@ from typing import Any, Protocol
 import numpy as np
 import structlog
 
-from cloud.engine.store import HostWindowRow, SqliteStore
+from cloud.engine.store import HostWindowSet, SqliteStore
 from cloud.scoring_client import (
     ScoreResult,
     ScoringRejectedError,
@@ -129,10 +129,10 @@ class HostWindowScorer:
             report.skipped = True
             report.pending_left = self.store.count_host_windows()
             return report
-        rows = self.store.pending_host_windows(self.max_rows)
-        by_tenant: dict[str, list[HostWindowRow]] = collections.defaultdict(list)
-        for r in rows:
-            by_tenant[r.tenant_id].append(r)
+        sets = self.store.pending_host_windows(self.max_rows)
+        by_tenant: dict[str, list[HostWindowSet]] = collections.defaultdict(list)
+        for hw in sets:
+            by_tenant[hw.tenant_id].append(hw)
         for tenant, group in sorted(by_tenant.items()):
             if not self._score_tenant(tenant, group, report):
                 self._retry_at = self.clock() + self.retry_after_s
@@ -141,48 +141,53 @@ class HostWindowScorer:
         return report
 
     def _score_tenant(
-        self, tenant: str, rows: list[HostWindowRow], report: ScoringRound
+        self, tenant: str, sets: list[HostWindowSet], report: ScoringRound
     ) -> bool:
-        """Score one tenant's rows; False when the service or store is down."""
-        x = np.stack([r.features for r in rows])
-        hosts = host_texts(np.frombuffer(b"".join(r.host for r in rows), dtype="V16"))
-        starts = np.array([r.window_start_ms for r in rows], dtype=np.int64)
-        ends = np.array([r.window_end_ms for r in rows], dtype=np.int64)
+        """Score one tenant's windows; False when the service or store is down."""
+        x = np.concatenate([hw.features for hw in sets])
+        hosts = np.concatenate([hw.hosts for hw in sets])
+        starts = np.concatenate(
+            [np.full(len(hw), hw.window_start_ms, dtype=np.int64) for hw in sets]
+        )
+        ends = np.concatenate(
+            [np.full(len(hw), hw.window_end_ms, dtype=np.int64) for hw in sets]
+        )
+        n = int(x.shape[0])
         try:
-            result = self.client.score(tenant, x, hosts=hosts, window_starts_ms=starts)
+            result = self.client.score(tenant, x)
         except ServiceUnavailableError as exc:
             self.counters.service_unavailable += 1
             report.unavailable = True
             log.warning(
                 "scoring_deferred",
                 tenant=tenant,
-                rows=len(rows),
+                rows=n,
                 status=exc.status,
                 error=str(exc),
                 retry_after_s=self.retry_after_s,
             )
             return False
         except ScoringRejectedError as exc:
-            self.counters.rejected[exc.rule] += len(rows)
-            report.rejected += len(rows)
-            log.warning(
-                "scoring_rejected", tenant=tenant, rows=len(rows), rule=exc.rule
-            )
-            self.store.finish_host_windows(rows, rule=exc.rule)
+            self.counters.rejected[exc.rule] += n
+            report.rejected += n
+            log.warning("scoring_rejected", tenant=tenant, rows=n, rule=exc.rule)
+            self.store.finish_host_windows(sets, rule=exc.rule)
             return True
+        # Only the rows kept become documents: format their hosts alone.
+        keep = np.flatnonzero(result.alert) if self.only_alerts else np.arange(n)
         found = detections_from_scores(
             tenant_id=tenant,
-            hosts=hosts,
-            window_start_ms=starts,
-            window_end_ms=ends,
+            hosts=host_texts(hosts[keep]),
+            window_start_ms=starts[keep],
+            window_end_ms=ends[keep],
             feature_names=FEATURE_NAMES,
-            feature_values=x,
-            scores=result.scores,
-            threat_classes=result.classes,
-            alerts=result.alert,
+            feature_values=x[keep],
+            scores=result.scores[keep],
+            threat_classes=[result.classes[i] for i in keep.tolist()],
+            alerts=result.alert[keep],
             loss_names=result.loss_names,
-            losses=np.nan_to_num(result.losses, nan=-np.inf),
-            model_versions=result.model_versions,
+            losses=np.nan_to_num(result.losses[keep], nan=-np.inf),
+            model_versions=[result.model_versions[i] for i in keep.tolist()],
             detected_at=dt.datetime.now(dt.UTC),
             only_alerts=self.only_alerts,
         )
@@ -194,15 +199,15 @@ class HostWindowScorer:
                 self.counters.store_unavailable += 1
                 report.unavailable = True
                 log.warning(
-                    "detections_deferred", tenant=tenant, rows=len(rows), error=str(exc)
+                    "detections_deferred", tenant=tenant, rows=n, error=str(exc)
                 )
                 return False
             report.detections_new += counts.upserted
-        self.store.finish_host_windows(rows)
-        report.scored += len(rows)
+        self.store.finish_host_windows(sets)
+        report.scored += n
         report.detections += len(found)
         report.model_versions[tenant] = result.model_versions[-1]
-        self.counters.scored += len(rows)
+        self.counters.scored += n
         self.counters.detections += len(found)
         return True
 

@@ -156,6 +156,11 @@ class FanoutSink:
     def __init__(self, sinks: Sequence[EstimateSink]) -> None:
         self.sinks = tuple(sinks)
 
+    @property
+    def deferred(self) -> int:
+        """Estimates the sinks keep for a later write (see DeferringSink)."""
+        return sum(int(getattr(s, "deferred", 0)) for s in self.sinks)
+
     def write(self, estimates: Sequence[WindowEstimate]) -> None:
         for sink in self.sinks:
             sink.write(estimates)

@@ -31,8 +31,15 @@ def build_spark_session(
     builder = SparkSession.builder.appName(app_name)
     if master is not None:
         builder = builder.master(master)
+    if master is not None and master.startswith("local"):
+        # Local mode talks to itself only: keep the driver on loopback
+        # rather than the address the host name resolves to.
+        builder = builder.config("spark.driver.host", "127.0.0.1")
+        builder = builder.config("spark.driver.bindAddress", "127.0.0.1")
     builder = builder.config("spark.sql.shuffle.partitions", str(shuffle_partitions))
     builder = builder.config("spark.ui.enabled", "true" if ui else "false")
+    # The console progress bar would interleave with the log lines on stderr.
+    builder = builder.config("spark.ui.showConsoleProgress", "false")
     # Arrow moves record batches between the JVM and Python workers.
     builder = builder.config("spark.sql.execution.arrow.pyspark.enabled", "true")
     builder = builder.config("spark.sql.session.timeZone", "UTC")

@@ -7,9 +7,10 @@ One Kinesis record is one relay batch (:mod:`edge_agent.wire`).  Two
 kinds (column ``kind``):
 
 * :data:`KIND_BATCH` -- one per valid record: its header, for duplicate
-  detection (a relay delivers a batch at least once), and its flows as
-  one :data:`PAYLOAD_DTYPE` blob (``payload``) for the driver's per-host
-  features and network statistics;
+  detection (a relay delivers a batch at least once), and the record's
+  data itself (``payload``, still compressed: ~10 bytes a flow against 93
+  decoded) for the driver, which decodes the accepted ones again
+  (:func:`payload_flows`) for per-host features and network statistics;
 * :data:`KIND_WINDOW` -- per valid record and event-time window its flows
   fall in: the summed estimator statistics of
   :func:`cloud.engine.estimates.row_statistics` (the driver adds up those
@@ -159,6 +160,12 @@ def unpack_payload(data: bytes) -> np.ndarray:
     return np.frombuffer(data, dtype=PAYLOAD_DTYPE)
 
 
+def payload_flows(data: bytes) -> np.ndarray:
+    """The :data:`PAYLOAD_DTYPE` flows of a record the executors found
+    valid (decoding it again costs ~0.3 µs a flow)."""
+    return np.frombuffer(payload_of(decode_batch(data)), dtype=PAYLOAD_DTYPE)
+
+
 _SUMMARY_ARROW = to_arrow_schema(SUMMARY_SCHEMA, timezone="UTC")
 _FLOW_ARROW = to_arrow_schema(FLOW_SCHEMA, timezone="UTC")
 
@@ -262,7 +269,7 @@ def summarize_records(
     ):
         meta, batch = _decode(shard, seq, data)
         if batch is not None:
-            meta = {**meta, "payload": payload_of(batch)}
+            meta = {**meta, "payload": data}
         out.append(meta)
         if batch is not None and batch.header.record_count:
             out.extend(_window_rows(meta, batch, size_ms, slide_ms))
