@@ -64,7 +64,7 @@ import structlog
 
 from cloud.training.metrics import onset_ms
 from cloud.training.thinning import DirectionalFlows
-from edge_agent.features import HostWindows, host_window_features
+from edge_agent.features import HostWindows, InternalNetworks, host_window_features
 from edge_agent.features.extract import address_halves
 from edge_agent.features.spec import TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN
 from edge_agent.flows.schema import V4_MAPPED_PREFIX, Direction, Field, empty_records
@@ -406,8 +406,6 @@ def principal_hosts(flows: CicFlows) -> np.ndarray:
 
     Zero bytes when neither end is internal.
     """
-    from edge_agent.features import InternalNetworks  # noqa: PLC0415
-
     nets = InternalNetworks.parse(INTERNAL_NETWORKS)
     src_int = nets.contains(*address_halves(flows.src_addr))
     dst_int = nets.contains(*address_halves(flows.dst_addr))
