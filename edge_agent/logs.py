@@ -21,6 +21,20 @@ LEVELS = ("debug", "info", "warning", "error", "critical")
 FORMATS = ("console", "json")
 
 
+class _CurrentStderr:
+    """A file that writes to whatever ``sys.stderr`` is at write time.
+
+    So a test harness (or a daemon) that swaps ``sys.stderr`` after logging
+    was configured never leaves the logger holding a closed file.
+    """
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+
 def configure_logging(
     level: str | None = None, fmt: str | None = None, stream: TextIO | None = None
 ) -> None:
@@ -52,6 +66,6 @@ def configure_logging(
         wrapper_class=structlog.make_filtering_bound_logger(
             logging.getLevelNamesMapping()[level.upper()]
         ),
-        logger_factory=structlog.PrintLoggerFactory(stream or sys.stderr),
+        logger_factory=structlog.PrintLoggerFactory(stream or _CurrentStderr()),  # type: ignore[arg-type]
         cache_logger_on_first_use=False,
     )
