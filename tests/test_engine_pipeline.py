@@ -19,6 +19,8 @@ from __future__ import annotations
 import datetime as dt
 import itertools
 import json
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -531,3 +533,73 @@ def test_model_service_down_leaves_windows_unscored_until_it_returns(
     assert sum(r.scored for r in back.processor.reports) == len(host_windows)
     assert back.processor.reports[-1].unscored == 0
     _check_detections(_detections(servers.mongo, database, TENANT), host_windows)
+
+
+def test_engine_command_wires_the_real_outputs(
+    servers: Servers, records: np.ndarray, tmp_path: Path
+) -> None:
+    """`sampleflow engine run` with the output flags reads the stream,
+    stores the expected detections and estimates in the Mongo store and
+    tenant state in DynamoDB, and logs one engine_batch line per
+    micro-batch on stderr without Spark's INFO chatter."""
+    stream = _new_stream(servers.ministack)
+    _put(
+        kinesis_client(servers.ministack.endpoint_url),
+        stream,
+        [d for _, d in _batches(records)],
+    )
+    database = f"cli_{uuid.uuid4().hex[:8]}"
+    table = f"state-{uuid.uuid4().hex[:8]}"
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "edge_agent.cli",
+            "engine",
+            "run",
+            "--stream",
+            stream,
+            "--checkpoint",
+            str(tmp_path / "checkpoint"),
+            "--endpoint-url",
+            servers.ministack.endpoint_url,
+            "--region",
+            "us-east-1",
+            "--available-now",
+            "--master",
+            "local[1]",
+            "--max-records-per-batch",
+            "50",
+            "--model-service-url",
+            servers.service.url,
+            "--mongo-uri",
+            servers.mongo.uri,
+            "--mongo-database",
+            database,
+            "--state-table",
+            table,
+            "--metrics-namespace",
+            "none",
+            "--tenant-networks",
+            f"{TENANT}={','.join(INTERNAL)}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    batches = [line for line in result.stderr.splitlines() if "engine_batch" in line]
+    assert len(batches) >= 3
+    assert not [line for line in result.stderr.splitlines() if " INFO " in line]
+    assert result.stdout == ""
+    host_windows = expected_host_windows(records, _watermark(records))
+    _check_detections(_detections(servers.mongo, database, TENANT), host_windows)
+    client = open_client(servers.mongo.uri)
+    try:
+        finals = client[database]["network_estimates"].count_documents({"final": True})
+    finally:
+        client.close()
+    assert finals > 50
+    state = TenantStateStore(_dynamodb(servers.ministack), table).tenant_state(TENANT)
+    assert state.records_total == len(records)
