@@ -95,18 +95,49 @@ def wait_gone(pids: list[int], timeout_s: float = 10.0) -> list[int]:
     return left
 
 
+def start_up(config: Path, cwd: Path) -> subprocess.Popen[str]:
+    """A foreground `sampleflow local up` (its output on a pipe)."""
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "edge_agent.cli",
+            "local",
+            "up",
+            "--config",
+            str(config),
+        ],
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def read_until(proc: subprocess.Popen[str], prefix: str) -> list[str]:
+    """Lines of ``proc`` up to the first starting with ``prefix``."""
+    seen = []
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        seen.append(line)
+        if line.startswith(prefix):
+            return seen
+    pytest.fail(f"no line starting {prefix!r}:\n" + "".join(seen))
+
+
 @pytest.mark.integration
 @pytest.mark.slow
 def test_up_status_down_leaves_no_process(tmp_path: Path) -> None:
-    """`local up --detach` brings every part up healthy on the configured
-    ports, `local status` says so, `local down` stops them all: no pid of
-    any part or of its process group is left."""
+    """`local up` brings every part up healthy on the configured ports and
+    supervises; `local status` (another process) says so; `local down`
+    (another process) stops them all and the supervising `up` ends with
+    exit 0: no pid of any part or of its process group is left."""
     config = tmp_path / "local.toml"
     ports = write_config(config)
-    up = cli("local", "up", "--detach", "--config", str(config), cwd=tmp_path)
-    assert up.returncode == 0, up.stdout + up.stderr
+    up = start_up(config, tmp_path)
     state_dir = tmp_path / ".sampleflow"
     try:
+        read_until(up, "supervising")
         processes = recorded_processes(state_dir)
         assert set(processes) == set(PARTS)
         # The engine's JVM is a child in the engine's group.
@@ -128,10 +159,19 @@ def test_up_status_down_leaves_no_process(tmp_path: Path) -> None:
         # status needs no port flags: it reads the recorded settings.
         bare = cli("local", "status", cwd=tmp_path)
         assert bare.returncode == 0, bare.stdout + bare.stderr
-    finally:
         down = cli("local", "down", cwd=tmp_path)
+        rest, _ = up.communicate(timeout=60)
+    finally:
+        if up.poll() is None:
+            up.kill()
+            up.wait()
+        if up.stdout is not None:
+            up.stdout.close()
+        cli("local", "down", cwd=tmp_path)
     assert down.returncode == 0, down.stdout + down.stderr
     assert "stopped: relay, engine, model-service, store, ministack" in down.stdout
+    assert up.returncode == 0, rest
+    assert "stopped by `sampleflow local down`" in rest
     every_pid = [pid for _, pids in processes.values() for pid in pids]
     assert wait_gone(every_pid) == []
     assert not (state_dir / "stack.json").exists()
@@ -141,45 +181,32 @@ def test_up_status_down_leaves_no_process(tmp_path: Path) -> None:
 
 
 @pytest.mark.integration
-@pytest.mark.slow
-def test_ctrl_c_stops_everything(tmp_path: Path) -> None:
-    """A foreground `local up` supervises until SIGINT (Ctrl-C), then stops
-    every part and exits 130, leaving no process behind."""
+def test_ctrl_c_while_starting_stops_everything(tmp_path: Path) -> None:
+    """SIGINT (Ctrl-C) while `local up` waits for its parts stops every
+    part started so far and exits 130, leaving no process behind."""
     config = tmp_path / "local.toml"
     write_config(config)
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "edge_agent.cli",
-            "local",
-            "up",
-            "--config",
-            str(config),
-        ],
-        cwd=tmp_path,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    seen = []
+    up = start_up(config, tmp_path)
     try:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            seen.append(line)
-            if line.startswith("supervising"):
-                break
-        else:
-            pytest.fail("local up ended before supervising:\n" + "".join(seen))
+        read_until(up, "starting relay")
+        deadline = time.monotonic() + 30
         processes = recorded_processes(tmp_path / ".sampleflow")
-        proc.send_signal(signal.SIGINT)
-        rest, _ = proc.communicate(timeout=120)
+        while set(processes) != set(PARTS) and time.monotonic() < deadline:
+            time.sleep(0.1)  # the relay's pid is recorded right after the line
+            processes = recorded_processes(tmp_path / ".sampleflow")
+        assert set(processes) == set(PARTS)
+        up.send_signal(signal.SIGINT)
+        rest, _ = up.communicate(timeout=120)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert proc.returncode == 130, "".join(seen) + rest
-    assert "stopping relay" in rest
+        if up.poll() is None:
+            up.kill()
+            up.wait()
+        if up.stdout is not None:
+            up.stdout.close()
+        cli("local", "down", cwd=tmp_path)
+    assert up.returncode == 130, rest
+    assert "interrupted while starting" in rest
+    assert "stopping engine" in rest
     every_pid = [pid for _, pids in processes.values() for pid in pids]
     assert wait_gone(every_pid) == []
 

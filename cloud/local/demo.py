@@ -223,7 +223,9 @@ class _Progress:
 class DemoRun:
     """One replay on a running stack; :meth:`run` returns the report."""
 
-    def __init__(self, args: argparse.Namespace, stack: Any, stop: threading.Event):
+    def __init__(
+        self, args: argparse.Namespace, stack: Any, stop: threading.Event
+    ) -> None:
         self.args = args
         self.stack = stack
         self.settings = stack.settings

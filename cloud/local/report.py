@@ -135,6 +135,7 @@ def build_report(
             "flows": stream.flows,
             "all_batches": reader.stats.total.batches,
             "invalid": dict(reader.stats.invalid),
+            "read_errors": dict(reader.stats.errors),
             "export_to_shipped_ratio": export_bytes / stream.bytes
             if stream.bytes
             else None,

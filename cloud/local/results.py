@@ -108,12 +108,19 @@ def read_store_estimates(
 ) -> list[dict[str, Any]]:
     """``tenant``'s estimates in the store's ``network_estimates`` that may
     overlap ``[lo_ms, hi_ms]`` (a :class:`cloud.store.detections.
-    DetectionStore`)."""
+    DetectionStore`); raises its ``StoreUnavailableError``."""
+    import pymongo.errors  # noqa: PLC0415 - cloud extra
+
+    from cloud.store.detections import StoreUnavailableError  # noqa: PLC0415
+
     query = {
         "tenant_id": tenant,
         "window_start_ms": {"$gte": lo_ms - MAX_WINDOW_MS, "$lte": hi_ms},
     }
-    return list(store.estimates.find(query, {"top_talkers": 0}))
+    try:
+        return list(store.estimates.find(query, {"top_talkers": 0}))
+    except pymongo.errors.PyMongoError as exc:
+        raise StoreUnavailableError(f"cannot read estimates: {exc}") from exc
 
 
 def read_detections(

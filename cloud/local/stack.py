@@ -429,7 +429,7 @@ class LocalStack:
                 self.prepare_store(progress)
         except BaseException:
             progress("stopping what was started")
-            self.down()
+            self.down(progress)
             raise
         progress(f"local stack up; state in {self.state_dir}")
 

@@ -17,6 +17,7 @@ import collections
 from dataclasses import dataclass, field
 from typing import Any
 
+import botocore.exceptions
 import numpy as np
 
 from edge_agent.wire import WireFormatError, decode_batch
@@ -40,6 +41,8 @@ class ReaderStats:
     exporter: StreamCounts = field(default_factory=StreamCounts)
     #: undecodable records by error class
     invalid: collections.Counter[str] = field(default_factory=collections.Counter)
+    #: failed Kinesis calls by error code (the next poll tries again)
+    errors: collections.Counter[str] = field(default_factory=collections.Counter)
 
 
 class StreamReader:
@@ -72,12 +75,20 @@ class StreamReader:
             )["ShardIterator"]
 
     def poll(self) -> int:
-        """One ``GetRecords`` per shard; returns the batches decoded."""
+        """One ``GetRecords`` per shard; returns the batches decoded.  A failed
+        call is counted in ``stats.errors`` and tried again next time."""
         decoded = 0
         for shard_id, iterator in list(self._iterators.items()):
             if iterator is None:
                 continue
-            page = self.client.get_records(ShardIterator=iterator, Limit=10000)
+            try:
+                page = self.client.get_records(ShardIterator=iterator, Limit=10000)
+            except botocore.exceptions.ClientError as exc:
+                self.stats.errors[exc.response.get("Error", {}).get("Code", "?")] += 1
+                continue
+            except botocore.exceptions.BotoCoreError as exc:
+                self.stats.errors[type(exc).__name__] += 1
+                continue
             self._iterators[shard_id] = page.get("NextShardIterator")
             for record in page["Records"]:
                 data = bytes(record["Data"])
