@@ -224,3 +224,39 @@ def test_per_tenant_networks_and_bad_settings(tmp_path: Path) -> None:
         EngineConfig("s", str(tmp_path), detections="some")
     with pytest.raises(ConfigError, match="feature_slide_s"):
         EngineConfig("s", str(tmp_path), feature_window_s=60, feature_slide_s=120)
+
+
+def test_a_replay_closes_its_windows_again(tmp_path: Path) -> None:
+    """Windows a micro-batch closed are closed again by its replay (so
+    their final estimates are rewritten whole), not by a later one; the
+    latest window closed before a micro-batch bounds what may be dropped."""
+    from cloud.engine.store import WindowPartial  # noqa: PLC0415
+
+    store = SqliteStore(tmp_path / "s.sqlite")
+    stats = dict.fromkeys(
+        (
+            "rows",
+            "sampled_packets",
+            "sampled_bytes",
+            "est_packets",
+            "var_packets",
+            "est_bytes",
+            "var_bytes",
+            "unknown_rate_rows",
+            "unknown_rate_packets",
+            "unknown_rate_bytes",
+        ),
+        1.0,
+    )
+    for start in (0, 60_000):
+        store.add_partials(
+            0, [WindowPartial("t", start, start + 60_000, start + 1, 1, stats)]
+        )
+    assert store.advance_watermarks(0, {"t": 60_000}, 4) == [("t", 0)]
+    assert store.advance_watermarks(0, {"t": 60_000}, 4) == [("t", 0)]
+    assert store.advance_watermarks(0, {"t": 60_000}, 5) == []
+    assert store.advance_watermarks(0, {"t": 120_000}, 6) == [("t", 60_000)]
+    assert store.closed_before("t", 4) is None
+    assert store.closed_before("t", 6) == 0
+    assert store.closed_before("t", 7) == 60_000
+    store.close()

@@ -464,8 +464,16 @@ def test_restart_from_checkpoint_misses_and_doubles_nothing(
     )
     engine = start_engine(config, spark=servers.spark)
     deadline = time.monotonic() + 300
-    # Stop once detections have been written, well before the end.
-    while not any(r.detections for r in engine.processor.reports):
+    # Stop mid-stream once detections have been written and a micro-batch
+    # committed (windows that began before the data close early, so the
+    # very first micro-batch may already write some).
+    commits = Path(config.checkpoint_dir) / "commits"
+    while not (
+        any(r.detections for r in engine.processor.reports)
+        and len(engine.processor.reports) >= 2
+        and commits.is_dir()
+        and any(p.name.isdigit() for p in commits.iterdir())
+    ):
         assert engine.query.exception() is None
         assert time.monotonic() < deadline, "no detections within 300 s"
         time.sleep(0.2)

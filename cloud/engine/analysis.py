@@ -134,12 +134,16 @@ class FlowAnalysis:
             for tenant, start in closed
         }
 
-    def drop_network_buckets(self, tenants: Iterable[str]) -> None:
-        """Forget network buckets every window of which is closed."""
+    def drop_network_buckets(self, tenants: Iterable[str], micro_batch: int) -> None:
+        """Forget network buckets every window of which was closed by an
+        earlier micro-batch (a replay of this one may close its own again).
+
+        Windows close in order of their end, so a bucket no later than the
+        latest window closed before is in closed windows only."""
         for tenant in tenants:
-            mark = self.store.watermark(tenant)
-            if mark is not None:
-                self.store.drop_buckets(network.KIND, tenant, mark - self.window_ms + 1)
+            start = self.store.closed_before(tenant, micro_batch)
+            if start is not None:
+                self.store.drop_buckets(network.KIND, tenant, start + 1)
 
     def close_feature_windows(
         self, micro_batch: int, tenants: Iterable[str], report: AnalysisReport

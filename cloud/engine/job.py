@@ -259,7 +259,9 @@ class MicroBatchProcessor:
             latest[p.tenant_id] = max(
                 latest.get(p.tenant_id, p.max_time_ms), p.max_time_ms
             )
-        closed = self.store.advance_watermarks(self.config.lateness_s * 1000, latest)
+        closed = self.store.advance_watermarks(
+            self.config.lateness_s * 1000, latest, micro_batch
+        )
         refused_keys = {(p.tenant_id, p.window_start_ms) for p in refused}
         touched = {(p.tenant_id, p.window_start_ms) for p in partials} - refused_keys
         keys = touched | set(closed)
@@ -273,7 +275,7 @@ class MicroBatchProcessor:
             network=finals,
         )
         self.sink.write(estimates)
-        self.analysis.drop_network_buckets(latest)
+        self.analysis.drop_network_buckets(latest, micro_batch)
         report.windows_updated = len(touched)
         report.windows_closed = len(closed)
         report.store_ms = (time.perf_counter() - t_store) * 1000

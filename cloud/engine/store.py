@@ -140,10 +140,11 @@ class EngineStore(Protocol):
         ...
 
     def advance_watermarks(
-        self, lateness_ms: int, tenants_max_ms: dict[str, int]
+        self, lateness_ms: int, tenants_max_ms: dict[str, int], micro_batch: int = -1
     ) -> list[tuple[str, int]]:
         """Move tenant watermarks; close windows behind them; return the
-        (tenant, window start) pairs closed now."""
+        (tenant, window start) pairs closed now, and those ``micro_batch``
+        closed in an earlier attempt (a replay)."""
         ...
 
     def window_totals(self, keys: Iterable[tuple[str, int]]) -> list[WindowTotals]:
@@ -184,6 +185,7 @@ CREATE TABLE IF NOT EXISTS watermarks (
 CREATE TABLE IF NOT EXISTS closed_windows (
     tenant_id TEXT NOT NULL,
     window_start_ms INTEGER NOT NULL,
+    micro_batch INTEGER NOT NULL DEFAULT -1,
     PRIMARY KEY (tenant_id, window_start_ms)
 );
 CREATE TABLE IF NOT EXISTS buckets (
@@ -245,6 +247,12 @@ class SqliteStore:
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute("PRAGMA wal_autocheckpoint=16384")
         self._db.executescript(_SCHEMA)
+        columns = {r[1] for r in self._db.execute("PRAGMA table_info(closed_windows)")}
+        if "micro_batch" not in columns:  # a state file from before the column
+            self._db.execute(
+                "ALTER TABLE closed_windows ADD COLUMN micro_batch INTEGER "
+                "NOT NULL DEFAULT -1"
+            )
 
     def close(self) -> None:
         self._db.close()
@@ -324,9 +332,20 @@ class SqliteStore:
         return refused
 
     def advance_watermarks(
-        self, lateness_ms: int, tenants_max_ms: dict[str, int]
+        self, lateness_ms: int, tenants_max_ms: dict[str, int], micro_batch: int = -1
     ) -> list[tuple[str, int]]:
         closed: list[tuple[str, int]] = []
+        if micro_batch >= 0:
+            # A replay: the windows its first attempt closed, closed again.
+            for tenant in sorted(tenants_max_ms):
+                closed += [
+                    (tenant, int(start))
+                    for (start,) in self._db.execute(
+                        "SELECT window_start_ms FROM closed_windows WHERE "
+                        "tenant_id = ? AND micro_batch = ? ORDER BY window_start_ms",
+                        (tenant, micro_batch),
+                    )
+                ]
         with self._db:
             self._db.execute("BEGIN")
             for tenant, latest in sorted(tenants_max_ms.items()):
@@ -349,10 +368,22 @@ class SqliteStore:
                 ).fetchall()
                 for (start,) in rows:
                     self._db.execute(
-                        "INSERT INTO closed_windows VALUES (?, ?)", (tenant, start)
+                        "INSERT INTO closed_windows VALUES (?, ?, ?)",
+                        (tenant, start, micro_batch),
                     )
                     closed.append((tenant, int(start)))
         return closed
+
+    def closed_before(self, tenant_id: str, micro_batch: int) -> int | None:
+        """Start of the tenant's latest window closed by a micro-batch
+        before ``micro_batch`` (None: none), for dropping spent buckets
+        while keeping what a replay of ``micro_batch`` needs."""
+        (start,) = self._db.execute(
+            "SELECT MAX(window_start_ms) FROM closed_windows WHERE tenant_id = ? "
+            "AND micro_batch < ?",
+            (tenant_id, micro_batch),
+        ).fetchone()
+        return None if start is None else int(start)
 
     def window_totals(self, keys: Iterable[tuple[str, int]]) -> list[WindowTotals]:
         sums = ", ".join(f"SUM({name})" for name in STAT_FIELDS)
