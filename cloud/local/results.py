@@ -162,13 +162,15 @@ def estimates_from_rows(
 def micro_batches(checkpoint: Path) -> tuple[int, int]:
     """(committed, started) micro-batches of a Spark checkpoint: Spark
     writes ``offsets/N`` when batch N starts and ``commits/N`` when it is
-    done, so equal counts mean no batch is running."""
+    done, so equal counts mean no batch is running.  Counted from the
+    highest N, since Spark deletes the oldest files (it keeps 100)."""
 
     def count(folder: Path) -> int:
         try:
-            return sum(1 for p in folder.iterdir() if p.name.isdigit())
+            ids = [int(p.name) for p in folder.iterdir() if p.name.isdigit()]
         except OSError:
             return 0
+        return max(ids) + 1 if ids else 0
 
     return count(checkpoint / "commits"), count(checkpoint / "offsets")
 
