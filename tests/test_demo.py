@@ -12,6 +12,9 @@ report is then checked against figures this test computes itself:
 * the engine's estimate, which must be the sampled packets times the rate
   (the sampling estimator worked out by hand) with a 95% interval of
   1.96 * sqrt(n * N * (N - 1)) around it, and must contain the truth.
+
+The demo's arithmetic on the engine's windows, its time shift and its
+reading of Spark's checkpoint are unit tested on hand-made inputs.
 """
 
 from __future__ import annotations
@@ -28,6 +31,8 @@ import netflow
 import pandas as pd
 import pytest
 
+from cloud.local.capture import choose_shift_ms
+from cloud.local.results import micro_batches, totals_from_windows, tumbling
 from tests.servers import free_port
 from tests.test_local_stack import alive, free_udp_port
 
@@ -40,8 +45,6 @@ Z95 = 1.959963984540054
 #: Argus protocol names of non-IP frames (ARP, Novell IPX): not flows a
 #: router's IP flow export could carry.
 NON_IP = ("arp", "ipx/spx")
-
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 def truth_from_binetflow(minutes: float) -> dict[str, int]:
@@ -99,6 +102,8 @@ def decode_pcap(path: Path) -> dict[str, object]:
     }
 
 
+@pytest.mark.integration
+@pytest.mark.slow
 def test_demo_short_slice(tmp_path: Path) -> None:
     """Two minutes at 600x: the report's flows, true totals and estimate
     match figures computed independently, and no process is left."""
@@ -209,3 +214,70 @@ def processes_in_groups(groups: set[int]) -> list[int]:
         if fields[0] not in ("Z", "X") and int(fields[2]) in groups:
             out.append(int(entry.name))
     return out
+
+
+def _window(start_s: int, packets: float, sd: float, sampled: float) -> dict:
+    return {
+        "tenant_id": "t",
+        "window_start_ms": start_s * 1000,
+        "window_end_ms": (start_s + 60) * 1000,
+        "final": True,
+        "confidence": 0.95,
+        "packets": packets,
+        "packets_high": packets + Z95 * sd,
+        "sampled_packets": sampled,
+        "bytes": 10 * packets,
+        "bytes_high": 10 * packets + Z95 * 10 * sd,
+        "sampled_bytes": 10 * sampled,
+        "flows": 3,
+        "unknown_rate_rows": 0,
+    }
+
+
+def test_totals_sum_the_tumbling_windows_and_add_variances() -> None:
+    """Of 60 s windows sliding by 10 s, only those starting at a multiple of
+    60 s are summed (each flow once); standard deviations add in squares."""
+    windows = [
+        _window(600, 1000.0, 30.0, 10.0),
+        _window(610, 5000.0, 1.0, 1.0),  # overlaps: left out
+        _window(660, 2000.0, 40.0, 20.0),
+        _window(1200, 7000.0, 1.0, 1.0),  # after the range: left out
+    ]
+    chosen = tumbling(windows, 600_000, 719_999)
+    assert [w["window_start_ms"] for w in chosen] == [600_000, 660_000]
+    totals = totals_from_windows(chosen, "test")
+    assert totals is not None
+    assert totals["flows"] == 6
+    half = Z95 * math.sqrt(30.0**2 + 40.0**2)  # = 1.96 * 50
+    assert totals["packets"]["estimate"] == pytest.approx(3000.0)
+    assert totals["packets"]["high"] == pytest.approx(3000.0 + half)
+    assert totals["packets"]["low"] == pytest.approx(3000.0 - half)
+    assert totals["bytes"]["high"] == pytest.approx(30000.0 + 10 * half)
+    assert totals_from_windows([], "test") is None
+
+
+def test_time_shift_keeps_window_boundaries_and_goes_forward() -> None:
+    """The shift is a multiple of 300 s putting the first flow at most 300 s
+    before now, and never earlier than 10 minutes after a previous replay."""
+    first = 1_313_481_706_972  # 2011-08-16 08:01:46.972 UTC
+    now = 1_796_000_000_000
+    shift = choose_shift_ms(first, now, None)
+    assert shift % 300_000 == 0
+    assert now - 300_000 < first + shift <= now
+    previous_end = now + 3_600_000
+    later = choose_shift_ms(first, now, previous_end)
+    assert later % 300_000 == 0
+    assert previous_end + 600_000 <= first + later < previous_end + 900_000
+
+
+def test_micro_batches_read_from_the_highest_batch_ids(tmp_path: Path) -> None:
+    """Spark deletes old commit files: the count comes from the highest id;
+    a started batch without its commit shows as running."""
+    for name, ids in (("commits", range(150, 250)), ("offsets", range(151, 251))):
+        folder = tmp_path / name
+        folder.mkdir()
+        for i in ids:
+            (folder / str(i)).write_text("v1")
+        (folder / f".{ids[-1]}.crc").write_text("")
+    assert micro_batches(tmp_path) == (250, 251)
+    assert micro_batches(tmp_path / "missing") == (0, 0)
