@@ -611,3 +611,73 @@ def test_engine_command_wires_the_real_outputs(
     assert finals > 50
     state = TenantStateStore(_dynamodb(servers.ministack), table).tenant_state(TENANT)
     assert state.records_total == len(records)
+
+
+def test_store_down_keeps_results_until_it_returns(
+    servers: Servers, records: np.ndarray, tmp_path: Path
+) -> None:
+    """With the detection store unreachable a running engine goes on:
+    host windows stay pending and estimates wait; once the store answers,
+    a later micro-batch writes every expected detection and final
+    estimate."""
+    store = MongoServer(tmp_path / "mongo")
+    store.port = free_port()  # nothing listens there yet
+    stream = _new_stream(servers.ministack)
+    kinesis = kinesis_client(servers.ministack.endpoint_url)
+    _put(kinesis, stream, [d for _, d in _batches(records)])
+    database = f"storedown_{uuid.uuid4().hex[:8]}"
+    config = _config(
+        tmp_path,
+        stream,
+        servers,
+        servers.service.url,
+        database,
+        mongo_uri=store.uri,
+        mongo_timeout_s=1.0,
+        trigger_interval_s=0.5,
+    )
+    host_windows = expected_host_windows(records, _watermark(records))
+    engine = start_engine(config, spark=servers.spark)
+    try:
+        p = engine.processor
+        deadline = time.monotonic() + 300
+        while p.counters.flows < len(records):
+            assert engine.query.exception() is None
+            assert time.monotonic() < deadline, "records not read within 300 s"
+            time.sleep(0.2)
+        p.idle.wait(60)
+        last = p.reports[-1]
+        assert last.unscored == len(host_windows)
+        assert last.estimates_deferred > 0
+        assert sum(r.scored for r in p.reports) == 0
+
+        store.workdir.mkdir(parents=True, exist_ok=True)
+        store._spawn()
+        store._wait_ready()
+        seen = len(p.reports)
+        # Any record makes a micro-batch; this one is another tenant's.
+        _put(kinesis, stream, [_batches(records[:1].copy(), tenant="ping")[0][1]])
+        while not (
+            len(p.reports) > seen
+            and p.reports[-1].unscored == 0
+            and p.reports[-1].estimates_deferred == 0
+        ):
+            assert engine.query.exception() is None
+            assert time.monotonic() < deadline, "results not written within 300 s"
+            time.sleep(0.2)
+    finally:
+        engine.close()
+    try:
+        _check_detections(_detections(store, database, TENANT), host_windows)
+        client = open_client(store.uri)
+        try:
+            finals = client[database]["network_estimates"].count_documents(
+                {"tenant_id": TENANT, "final": True}
+            )
+        finally:
+            client.close()
+        starts = records["time_end"] // SLIDE_MS * SLIDE_MS
+        windows = {int(s) - k * SLIDE_MS for s in np.unique(starts) for k in range(6)}
+        assert finals == sum(1 for s in windows if s + WINDOW_MS <= _watermark(records))
+    finally:
+        store.stop()

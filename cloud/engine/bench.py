@@ -555,8 +555,10 @@ def spark_runs(
     )
     stream = _stream(kinesis, shards=2)
     _put(kinesis, stream, datas)
-    # About 200,000 flow rows a micro-batch: 2 s at the target rate.
-    per_batch = max(2, round(len(datas) * 200_000 / max(len(rows), 1)))
+    # About 200,000 flow rows a micro-batch (2 s at the target rate); the
+    # source gave each of the two shards about half of the record limit
+    # and read one shard per round, hence twice the records.
+    per_batch = max(2, round(2 * len(datas) * 200_000 / max(len(rows), 1)))
     config = EngineConfig(
         stream, str(workdir / "throughput"), max_records_per_batch=per_batch, **common
     )

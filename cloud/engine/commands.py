@@ -190,6 +190,12 @@ def _add_output_arguments(run: argparse.ArgumentParser) -> None:
         help="database of the detections and network_estimates collections",
     )
     run.add_argument(
+        "--mongo-timeout",
+        type=float,
+        default=5.0,
+        help="seconds each store call may take (default 5)",
+    )
+    run.add_argument(
         "--state-table",
         default="sampleflow-tenant-state",
         help="DynamoDB table of per-tenant state (default sampleflow-tenant-state)"
@@ -282,6 +288,7 @@ def run_command(args: argparse.Namespace) -> int:
             model_service_url=_off(args.model_service_url),
             mongo_uri=_off(args.mongo_uri),
             mongo_database=args.mongo_database,
+            mongo_timeout_s=args.mongo_timeout,
             state_table=_off(args.state_table),
             metrics_namespace=_off(args.metrics_namespace),
             aws_endpoint_url=args.aws_endpoint_url,

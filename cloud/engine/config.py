@@ -47,7 +47,8 @@ class EngineConfig:
     CloudWatch use ``aws_endpoint_url``, else ``endpoint_url``.
     ``detections``: ``alerts`` stores alerting windows, ``all`` every
     scored window.  ``score_retry_s``: wait after the model service or
-    the detection store failed before trying again.
+    the detection store failed before trying again; ``mongo_timeout_s``
+    bounds each store call (server selection, connect, operation).
     """
 
     stream_name: str
@@ -75,6 +76,7 @@ class EngineConfig:
     model_service_url: str | None = None
     mongo_uri: str | None = None
     mongo_database: str = "sampleflow"
+    mongo_timeout_s: float = 5.0
     state_table: str | None = None
     metrics_namespace: str | None = None
     aws_endpoint_url: str | None = None
@@ -128,6 +130,10 @@ class EngineConfig:
         if self.detections not in DETECTION_MODES:
             raise ConfigError(
                 f"detections must be one of {DETECTION_MODES}, got {self.detections!r}"
+            )
+        if self.mongo_timeout_s <= 0:
+            raise ConfigError(
+                f"mongo_timeout_s must be > 0, got {self.mongo_timeout_s}"
             )
         if self.score_retry_s < 0:
             raise ConfigError(f"score_retry_s must be >= 0, got {self.score_retry_s}")

@@ -482,7 +482,7 @@ def build_outputs(
     closers: list[Callable[[], None]] = []
     detection_store: DetectionStore | None = None
     if config.mongo_uri:
-        mongo = open_client(config.mongo_uri)
+        mongo = open_client(config.mongo_uri, timeout_s=config.mongo_timeout_s)
         closers.append(mongo.close)
         detection_store = DetectionStore(mongo, database=config.mongo_database)
     if sink is None:
@@ -491,7 +491,11 @@ def build_outputs(
             sinks.append(JsonLinesSink(config.estimates_path))
         if detection_store is not None:
             sinks.append(
-                DeferringSink(detection_store, (StoreUnavailableError, StoreWriteError))
+                DeferringSink(
+                    detection_store,
+                    (StoreUnavailableError, StoreWriteError),
+                    retry_after_s=config.score_retry_s,
+                )
             )
         sink = (
             MemorySink()

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -174,7 +175,9 @@ class DeferringSink:
     estimates are then kept, the latest per (tenant, window start), at
     most ``max_pending`` of them (beyond, the oldest windows are dropped
     and counted), and written before the next ones.  The engine goes on
-    either way.  Known shortcoming: what is kept is in memory, so a
+    either way; after a failure no write is tried for ``retry_after_s``
+    (each try may wait for the store's timeout).  Known shortcoming: what
+    is kept is in memory, so a
     restart during an outage loses the non-final estimates (final ones
     too, if the window closed during the outage).
     """
@@ -184,10 +187,15 @@ class DeferringSink:
         sink: EstimateSink,
         retryable: tuple[type[Exception], ...],
         max_pending: int = 100_000,
+        retry_after_s: float = 0.0,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.sink = sink
         self.retryable = retryable
         self.max_pending = max_pending
+        self.retry_after_s = retry_after_s
+        self.clock = clock
+        self._retry_at = 0.0
         self.pending: dict[tuple[str, int], WindowEstimate] = {}
         self.deferred = 0
         self.dropped = 0
@@ -197,17 +205,21 @@ class DeferringSink:
         for e in estimates:
             self.pending.pop((e.tenant_id, e.window_start_ms), None)
             self.pending[(e.tenant_id, e.window_start_ms)] = e
+        while len(self.pending) > self.max_pending:
+            self.pending.pop(next(iter(self.pending)))
+            self.dropped += 1
         if not self.pending:
             return
         batch = list(self.pending.values())
+        if self.clock() < self._retry_at:
+            self.deferred = len(batch)
+            return
         try:
             self.sink.write(batch)
         except self.retryable as exc:
             self.failures += 1
             self.deferred = len(batch)
-            while len(self.pending) > self.max_pending:
-                self.pending.pop(next(iter(self.pending)))
-                self.dropped += 1
+            self._retry_at = self.clock() + self.retry_after_s
             log.warning(
                 "estimates_deferred",
                 pending=len(self.pending),
