@@ -260,3 +260,34 @@ def test_a_replay_closes_its_windows_again(tmp_path: Path) -> None:
     assert store.closed_before("t", 6) == 0
     assert store.closed_before("t", 7) == 60_000
     store.close()
+
+
+def test_bench_engine_command_reports_every_stage() -> None:
+    """`sampleflow bench engine --skip-spark` prints a rate for decoding
+    and for the driver's work with the model in-process and over HTTP."""
+    import subprocess  # noqa: PLC0415
+    import sys  # noqa: PLC0415
+
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "edge_agent.cli",
+            "bench",
+            "engine",
+            "--skip-spark",
+            "--rows",
+            "20000",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("engine bench: 20,000 flow rows")
+    for stage in ("decode", "driver, model in-process", "driver, model over HTTP"):
+        (line,) = [x for x in lines if x.startswith(stage)]
+        rates = [float(v.replace(",", "")) for v in line[34:].split()[:2]]
+        assert all(r > 0 for r in rates), line

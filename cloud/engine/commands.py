@@ -348,8 +348,9 @@ def _register_bench(subparsers: Any) -> None:
         "engine",
         help="flow rows/s through the engine, micro-batch overhead, latency",
         description=(
-            "Measure the engine on CTU-13 flows thinned 1:100: rows/s of the "
-            "driver's per-micro-batch work (decode, features, estimates) "
+            "Measure the engine on synthetic relay batches (2,000 internal "
+            "hosts, 1:100): rows/s of the executors' decode and the driver's "
+            "per-micro-batch work (estimates, features, scoring) "
             "in-process, with the model service in-process and over HTTP; "
             "then the Spark engine on a local Kinesis (MiniStack): rows/s, "
             "micro-batch overhead, and latency from put to detection in "
