@@ -1005,3 +1005,38 @@ def test_records_are_a_writable_flow_array() -> None:
     empty = decode_datagram(b"")
     assert empty.flows.dtype == FLOW_DTYPE
     assert empty.flows.flags.writeable
+
+
+def test_counter_datagram_sent_again_and_again() -> None:
+    """An agent sends the same counter datagram layout every interval: the
+    fourth copy (sequence 4, sample 80, if_index 6) gives the values packed
+    in it; a copy of the same size whose generic record claims 4 more bytes
+    than its sample holds is counted as a bad length and keeps no record of
+    the sample, and the next good copy is read in full again."""
+    decoder = SflowDecoder(SamplingTable())
+    counters = ExporterCounters()
+
+    def send(seq: int, if_index: int, claimed: int | None = None) -> None:
+        record = generic_counters(if_index)
+        if claimed is not None:
+            record = record[:4] + struct.pack("!I", claimed) + record[8:]
+        sample = element(2, struct.pack("!III", 76 + seq, 5, 1) + record)
+        payload = datagram([sample], sequence=seq)
+        decoder.decode(payload, EXPORTER, 6343, 1000 + seq, counters)
+
+    for seq in (1, 2, 3, 4):
+        send(seq, if_index=2 + seq)
+    last = decoder.counter_samples[-1]
+    assert (last.datagram_sequence, last.sample_sequence) == (4, 80)
+    assert (last.received_ms, last.source_id_index) == (1004, 5)
+    assert last.values["if_index"] == 6
+    assert last.values["if_in_octets"] == 2**40 + 5
+    assert counters.counter_samples == 4
+    send(5, if_index=7, claimed=88 + 4)  # generic record body is 88 bytes
+    assert counters.errors["sflow_bad_length"] == 1
+    assert len(decoder.counter_samples) == 4
+    send(6, if_index=8)
+    assert len(decoder.counter_samples) == 5
+    assert decoder.counter_samples[-1].values["if_index"] == 8
+    assert counters.counter_samples == 6
+    assert dict(counters.errors) == {"sflow_bad_length": 1}

@@ -188,6 +188,7 @@ class FlowDecoder:
         known = stats.by_exporter
         pending = self.pending
         v5_queue = self._v5.queue
+        sflow_decode = self.sflow.decode_packed
         v9_walk = self._v9.walk
         ipfix_walk = self._ipfix.walk
         for payload, exporter, port, received_ms in datagrams:
@@ -233,6 +234,10 @@ class FlowDecoder:
                         counters=counters,
                         batch=batch,
                     )
+                elif version == b"\x00\x00" and payload[2:4] == b"\x00\x05":
+                    parts = sflow_decode(payload, address, port, received_ms, counters)
+                    if parts:
+                        batch.add_packed(parts)
                 else:
                     self._dispatch(
                         payload,
@@ -270,11 +275,11 @@ class FlowDecoder:
             ] += 1
             return
         if payload[:4] == _SFLOW_V5:
-            before = counters.records
-            records = self.sflow.decode(payload, exporter, port, received_ms, counters)
-            batch.add_records(records)
-            if counters.records == before:
-                counters.records += len(records)
+            parts = self.sflow.decode_packed(
+                payload, exporter, port, received_ms, counters
+            )
+            if parts:
+                batch.add_packed(parts)
             return
         version = payload[0] << 8 | payload[1]
         if version == 1:

@@ -1069,6 +1069,7 @@ class RecordBatch:
         self.groups: dict[GroupKey, _Group] = {}
         self.prepared: list[PreparedGroup] = []
         self.ready: list[tuple[int, np.ndarray]] = []
+        self.packed: list[tuple[int, list[bytes]]] = []
         self.done: list[np.ndarray] = []
         self.total = 0
         self.deferred = False
@@ -1137,6 +1138,12 @@ class RecordBatch:
             self.ready.append((self.total, records))
             self.total += len(records)
 
+    def add_packed(self, records: list[bytes]) -> None:
+        """Queue records packed one by one (sFlow, RECORD_STRUCT) at the
+        current position; they are joined once per batch."""
+        self.packed.append((self.total, records))
+        self.total += len(records)
+
     def add_prepared(self, group: PreparedGroup) -> None:
         """Queue records whose positions were reserved (see the class doc)."""
         if group.records:
@@ -1155,6 +1162,7 @@ class RecordBatch:
         self.groups = {}
         self.prepared = []
         self.ready = []
+        self.packed = []
         self._holes = []
         self.total = 0
         self.deferred = False
@@ -1188,9 +1196,16 @@ class RecordBatch:
     def _build(self, sampler: SamplerLookup, override: OverrideLookup) -> np.ndarray:
         failed = list(self._holes)
         groups = self._prepared(failed)
+        packed = self.packed
+        if not groups and not self.ready and not failed and len(packed) >= 1:
+            # Packed records only (an sFlow batch): one join, no scatter.
+            data = bytearray().join(chain.from_iterable(p for _, p in packed))
+            if len(data) == self.total * FLOW_DTYPE.itemsize:
+                return np.frombuffer(data, dtype=FLOW_DTYPE)
         if (
             len(groups) == 1
             and not self.ready
+            and not packed
             and not failed
             and groups[0].records == self.total
         ):
@@ -1215,6 +1230,11 @@ class RecordBatch:
                 failed.append((group.counts, group.starts))
         for start, records in self.ready:
             whole[start : start + len(records)] = records.view(_RECORD_VOID)
+        if packed:
+            data = bytearray().join(chain.from_iterable(p for _, p in packed))
+            whole[
+                _run_positions([len(p) for _, p in packed], [s for s, _ in packed])
+            ] = np.frombuffer(data, dtype=_RECORD_VOID)
         if failed:
             keep = np.ones(self.total, dtype=bool)
             for counts, starts in failed:

@@ -54,6 +54,8 @@ from __future__ import annotations
 
 import collections
 import struct
+from collections.abc import Iterator, Mapping
+from types import MappingProxyType
 from typing import NamedTuple
 
 import numpy as np
@@ -158,12 +160,164 @@ _VLAN_COUNTERS_NAMES = (
     "broadcast_pkts",
     "discards",
 )
-#: (enterprise, format) of counter records decoded into named values.
-_COUNTER_LAYOUTS: dict[tuple[int, int], tuple[struct.Struct, tuple[str, ...]]] = {
-    (0, 1): (_GENERIC_IF, _GENERIC_IF_NAMES),
-    (0, 2): (_ETHERNET_IF, _ETHERNET_IF_NAMES),
-    (0, 5): (_VLAN_COUNTERS, _VLAN_COUNTERS_NAMES),
+#: Counter records decoded into named values, by their data format word
+#: (enterprise << 12 | format; all three are enterprise 0).
+_COUNTER_LAYOUTS: dict[int, tuple[struct.Struct, tuple[str, ...]]] = {
+    1: (_GENERIC_IF, _GENERIC_IF_NAMES),
+    2: (_ETHERNET_IF, _ETHERNET_IF_NAMES),
+    5: (_VLAN_COUNTERS, _VLAN_COUNTERS_NAMES),
 }
+_new_tuple = tuple.__new__
+#: Datagram layouts of counter-only datagrams remembered (see
+#: :class:`_CounterShape`); past the bound the table starts afresh.
+MAX_COUNTER_SHAPES = 4096
+
+
+class _CounterShape(NamedTuple):
+    """The layout of a clean datagram of counter samples only.
+
+    Every word the walk branched on (address type, sample count, sample
+    formats and lengths, record counts, record formats and lengths) is read
+    by ``check`` in one call; when a datagram of the same agent and size
+    gives the same ``words``, its walk would take the same path, so its
+    records are cut at the remembered offsets.  ``dynamic`` reads each
+    sample's sequence number and source id (type, index when expanded).
+    ``samples`` holds per sample: expanded?, and per record (data start,
+    data end, enterprise, format, value layout or None).
+    """
+
+    check: struct.Struct
+    words: tuple[int, ...]
+    dynamic: struct.Struct
+    samples: tuple[
+        tuple[
+            bool,
+            tuple[
+                tuple[int, int, int, int, tuple[struct.Struct, tuple[str, ...]] | None],
+                ...,
+            ],
+        ],
+        ...,
+    ]
+    records: int
+    skipped: int
+
+
+def _gather(offsets: list[int], size: int) -> struct.Struct:
+    """A struct reading the u32 at each of ``offsets`` (ascending)."""
+    parts = []
+    at = 0
+    for offset in offsets:
+        parts.append(f"{offset - at}xI" if offset > at else "I")
+        at = offset + 4
+    return struct.Struct("!" + "".join(parts))
+
+
+def _counter_shape(buf: bytes, off: int, size: int) -> _CounterShape | None:
+    """The layout of a datagram (samples from ``off``) if it holds counter
+    samples only and the walk would count nothing wrong in it, else None."""
+    checks = [4, off - 4]  # address type, sample count
+    dynamic: list[int] = []
+    (sample_count,) = _U32.unpack_from(buf, off - 4)
+    if sample_count > (size - off) >> 3:
+        return None
+    samples = []
+    records_total = skipped = 0
+    for _ in range(sample_count):
+        if off + 8 > size:
+            return None
+        sample_format, length = _U32X2.unpack_from(buf, off)
+        checks += [off, off + 4]
+        off += 8
+        end = off + length
+        if end > size or sample_format not in {2, 4}:
+            return None
+        expanded = sample_format == 4
+        head = 16 if expanded else 12
+        if off + head > end:
+            return None
+        dynamic += [off, off + 4, off + 8] if expanded else [off, off + 4]
+        checks.append(off + head - 4)
+        (record_count,) = _U32.unpack_from(buf, off + head - 4)
+        q = off + head
+        if record_count > (end - q) >> 3:
+            return None
+        records = []
+        for _ in range(record_count):
+            if q + 8 > end:
+                return None
+            record_format, record_length = _U32X2.unpack_from(buf, q)
+            checks += [q, q + 4]
+            q += 8
+            record_end = q + record_length
+            if record_end > end:
+                return None
+            layout = _COUNTER_LAYOUTS.get(record_format)
+            if layout is None:
+                skipped += 1
+            elif record_length < layout[0].size:
+                return None
+            records.append(
+                (q, record_end, record_format >> 12, record_format & 0xFFF, layout)
+            )
+            q = (record_end + 3) & ~3
+        records_total += len(records)
+        samples.append((expanded, tuple(records)))
+        off = (end + 3) & ~3
+    if off < size:
+        return None  # trailing bytes
+    check = _gather(checks, size)
+    return _CounterShape(
+        check=check,
+        words=check.unpack_from(buf),
+        dynamic=_gather(dynamic, size),
+        samples=tuple(samples),
+        records=records_total,
+        skipped=skipped,
+    )
+
+
+class CounterValues(Mapping[str, int]):
+    """The named counters of one counter record, read from its bytes on
+    first use (most counter records are queued and dropped unread, and a
+    dict of 19 values costs more than the rest of the record).
+
+    A read-only mapping; it compares equal to a dict of the same items.
+    """
+
+    __slots__ = ("_data", "_layout", "_values")
+
+    def __init__(self, layout: tuple[struct.Struct, tuple[str, ...]], data: bytes):
+        self._layout = layout
+        self._data = data
+        self._values: dict[str, int] | None = None
+
+    def _decoded(self) -> dict[str, int]:
+        values = self._values
+        if values is None:
+            layout_struct, names = self._layout
+            values = dict(
+                zip(names, layout_struct.unpack_from(self._data), strict=True)
+            )
+            self._values = values
+        return values
+
+    def __getitem__(self, name: str) -> int:
+        return self._decoded()[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._layout[1])
+
+    def __len__(self) -> int:
+        return len(self._layout[1])
+
+    def __repr__(self) -> str:
+        return repr(self._decoded())
+
+
+#: The values of a counter record whose format is not decoded (shared,
+#: read-only).
+NO_VALUES: Mapping[str, int] = MappingProxyType({})
 
 _EXPECTED_COLUMNS = (
     "time_start",
@@ -239,8 +393,9 @@ class CounterRecord(NamedTuple):
     ``values`` holds the decoded counters of generic interface (format 1),
     Ethernet (2) and VLAN (5) records, named after the sFlow v5 structure
     fields in snake case (``if_in_octets``, ``dot3_stats_fcs_errors``...;
-    generic ``if_status`` bit 0 is admin up, bit 1 oper up).  It is empty for
-    other formats, whose bytes are in ``data``.
+    generic ``if_status`` bit 0 is admin up, bit 1 oper up): a read-only
+    mapping (:class:`CounterValues`) read from ``data`` on first use.  It is
+    empty for other formats, whose bytes are in ``data``.
     """
 
     exporter: bytes  # UDP source, 16-byte column form
@@ -255,7 +410,7 @@ class CounterRecord(NamedTuple):
     source_id_index: int
     enterprise: int
     format: int
-    values: dict[str, int]
+    values: Mapping[str, int]
     data: bytes
 
     @property
@@ -365,6 +520,9 @@ class SflowDecoder:
         self.records_skipped = 0
         #: Datagram sequence state per (exporter, agent, sub-agent).
         self.sequences = SequenceTracker(MAX_TRACKED_AGENTS)
+        #: Counter-only datagram layouts by (agent, sub-agent, size): a
+        #: layout, None (seen once) or False (not one to remember).
+        self._shapes: dict[tuple[bytes, int, int], _CounterShape | bool | None] = {}
 
     def decode(
         self,
@@ -375,6 +533,26 @@ class SflowDecoder:
         counters: ExporterCounters,
     ) -> np.ndarray:
         """Return the flow samples of one datagram as FLOW_DTYPE records.
+
+        See :meth:`decode_packed` for the arguments and counters.
+        """
+        parts = self.decode_packed(
+            payload, exporter, exporter_port, received_ms, counters
+        )
+        if not parts:
+            return _no_records()
+        return np.frombuffer(bytearray().join(parts), dtype=FLOW_DTYPE)
+
+    def decode_packed(
+        self,
+        payload: bytes,
+        exporter: bytes,
+        exporter_port: int,
+        received_ms: int,
+        counters: ExporterCounters,
+    ) -> list[bytes]:
+        """The flow samples of one datagram, each packed as one FLOW_DTYPE
+        record (:data:`~edge_agent.flows.schema.RECORD_STRUCT`).
 
         ``exporter`` is the UDP source address in the 16-byte column form,
         ``received_ms`` the receive time in ms since the epoch.  Bumps
@@ -388,15 +566,15 @@ class SflowDecoder:
         errors = counters.errors
         if size < 8:
             errors["sflow_truncated"] += 1
-            return _no_records()
+            return []
         version, address_type = _U32X2.unpack_from(buf, 0)
         if version != 5:
             errors["sflow_bad_version"] += 1
-            return _no_records()
+            return []
         if address_type == 1:
             if size < 28:
                 errors["sflow_truncated"] += 1
-                return _no_records()
+                return []
             agent4, sub_agent, sequence, uptime, sample_count = (
                 _DATAGRAM_V4.unpack_from(buf, 8)
             )
@@ -405,7 +583,7 @@ class SflowDecoder:
         elif address_type == 2:
             if size < 40:
                 errors["sflow_truncated"] += 1
-                return _no_records()
+                return []
             agent, sub_agent, sequence, uptime, sample_count = _DATAGRAM_V6.unpack_from(
                 buf, 8
             )
@@ -413,7 +591,7 @@ class SflowDecoder:
         elif address_type == 0:
             if size < 24:
                 errors["sflow_truncated"] += 1
-                return _no_records()
+                return []
             sub_agent, sequence, uptime, sample_count = _DATAGRAM_NONE.unpack_from(
                 buf, 8
             )
@@ -421,13 +599,38 @@ class SflowDecoder:
             off = 24
         else:
             errors["sflow_bad_address_type"] += 1
-            return _no_records()
+            return []
 
         # One stream per agent and sub-agent behind each exporter socket;
         # the sequence counts datagrams.
         self.sequences.check(
             (exporter + agent, exporter_port, _SFLOW, sub_agent), sequence, 1, counters
         )
+
+        # Agents send the same counter datagram every interval: a known
+        # layout skips the walk.
+        shape_key = (agent, sub_agent, size)
+        shape = self._shapes.get(shape_key)
+        if isinstance(shape, _CounterShape) and shape.check.unpack_from(buf) == (
+            shape.words
+        ):
+            self._counter_records(
+                shape,
+                buf,
+                (
+                    exporter,
+                    exporter_port,
+                    agent,
+                    sub_agent,
+                    sequence,
+                    uptime,
+                    received_ms,
+                ),
+                counters,
+            )
+            return []
+        if shape is None:
+            self._remember(shape_key, buf, off, size)
 
         fitting = (size - off) >> 3
         if sample_count > fitting:
@@ -743,10 +946,52 @@ class SflowDecoder:
             if off < size:
                 errors["sflow_trailing_bytes"] += 1
 
-        if not parts:
-            return _no_records()
         counters.records += len(parts)
-        return np.frombuffer(bytearray().join(parts), dtype=FLOW_DTYPE)
+        return parts
+
+    def _remember(
+        self, key: tuple[bytes, int, int], buf: bytes, off: int, size: int
+    ) -> None:
+        """Note a datagram layout: learnt the second time it is seen."""
+        shapes = self._shapes
+        if key not in shapes:
+            if len(shapes) >= MAX_COUNTER_SHAPES:
+                shapes.clear()
+            shapes[key] = None
+            return
+        shapes[key] = _counter_shape(buf, off, size) or False
+
+    def _counter_records(
+        self,
+        shape: _CounterShape,
+        buf: bytes,
+        context: tuple[bytes, int, bytes, int, int, int, int],
+        counters: ExporterCounters,
+    ) -> None:
+        """Queue the counter records of a datagram of a known layout (what
+        :meth:`_counter_sample` would queue for each of its samples)."""
+        queue = self.counter_samples
+        append = queue.append
+        room = (queue.maxlen or 0) - len(queue)
+        new = _new_tuple
+        dynamic = shape.dynamic.unpack_from(buf)
+        i = 0
+        for expanded, records in shape.samples:
+            if expanded:
+                shared = (*context, *dynamic[i : i + 3])
+                i += 3
+            else:
+                source = dynamic[i + 1]
+                shared = (*context, dynamic[i], source >> 24, source & 0xFFFFFF)
+                i += 2
+            for q, end, enterprise, fmt, layout in records:
+                data = buf[q:end]
+                values = NO_VALUES if layout is None else CounterValues(layout, data)
+                append(new(CounterRecord, (*shared, enterprise, fmt, values, data)))
+        counters.counter_samples += len(shape.samples)
+        self.records_skipped += shape.skipped
+        if shape.records > room:
+            self.counter_samples_overflow += shape.records - max(room, 0)
 
     def _counter_sample(
         self,
@@ -782,48 +1027,39 @@ class SflowDecoder:
             errors["sflow_too_many_records"] += 1
             record_count = fitting
         queue = self.counter_samples
+        append = queue.append
+        maxlen = queue.maxlen
+        unpack_pair = _U32X2.unpack_from
+        layouts = _COUNTER_LAYOUTS
+        # The fields every record of this sample shares, in CounterRecord
+        # order, then per record: enterprise, format, values, data.
+        shared = (*context, sequence, source_type, source_index)
         for _ in range(record_count):
             if q + 8 > end:
                 errors["sflow_bad_length"] += 1
                 return
-            record_format, record_length = _U32X2.unpack_from(buf, q)
+            record_format, record_length = unpack_pair(buf, q)
             q += 8
             record_end = q + record_length
             if record_end > end:
                 errors["sflow_bad_length"] += 1
                 return
-            enterprise = record_format >> 12
-            fmt = record_format & 0xFFF
-            values: dict[str, int] = {}
-            layout = _COUNTER_LAYOUTS.get((enterprise, fmt))
+            data = buf[q:record_end]
+            layout = layouts.get(record_format)
+            values: Mapping[str, int] = NO_VALUES
             if layout is not None:
-                layout_struct, names = layout
-                if record_length >= layout_struct.size:
-                    values = dict(
-                        zip(names, layout_struct.unpack_from(buf, q), strict=True)
-                    )
+                if record_length >= layout[0].size:
+                    values = CounterValues(layout, data)
                 else:
                     errors["sflow_bad_length"] += 1
             else:
                 self.records_skipped += 1
-            if len(queue) == queue.maxlen:
+            if len(queue) == maxlen:
                 self.counter_samples_overflow += 1
-            queue.append(
-                CounterRecord(
-                    exporter=context.exporter,
-                    exporter_port=context.exporter_port,
-                    agent=context.agent,
-                    sub_agent=context.sub_agent,
-                    datagram_sequence=context.sequence,
-                    uptime_ms=context.uptime_ms,
-                    received_ms=context.received_ms,
-                    sample_sequence=sequence,
-                    source_id_type=source_type,
-                    source_id_index=source_index,
-                    enterprise=enterprise,
-                    format=fmt,
-                    values=values,
-                    data=buf[q:record_end],
+            append(
+                _new_tuple(
+                    CounterRecord,
+                    (*shared, record_format >> 12, record_format & 0xFFF, values, data),
                 )
             )
             q = (record_end + 3) & ~3
