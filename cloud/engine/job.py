@@ -169,7 +169,6 @@ class MicroBatchProcessor:
         #: Set while no micro-batch is being processed.
         self.idle = threading.Event()
         self.idle.set()
-        self._invalid: list[InvalidRecord] = []
 
     def __call__(self, df: DataFrame, micro_batch: int) -> None:
         self.idle.clear()
@@ -199,7 +198,7 @@ class MicroBatchProcessor:
             )
             rows = df.mapInArrow(summarize, SUMMARY_SCHEMA).collect()
             decode_ms = (time.perf_counter() - started) * 1000
-            report, accepted = self._process_rows(rows, micro_batch)
+            report, accepted, invalid = self._process_rows(rows, micro_batch)
             report.decode_ms = decode_ms
             if self.flow_consumers and accepted:
                 t_flows = time.perf_counter()
@@ -210,24 +209,26 @@ class MicroBatchProcessor:
         finally:
             if self.flow_consumers:
                 df.unpersist()
-        return self._finish(report, started)
+        return self._finish(report, started, invalid)
 
     def process_rows(self, rows: Sequence[Any], micro_batch: int) -> BatchReport:
         """The driver's part of a micro-batch, on the collected summary rows
         (:data:`SUMMARY_SCHEMA`); what :meth:`process` does after its Spark
         job.  For benchmarks and tools that decode without Spark."""
         started = time.perf_counter()
-        report, _ = self._process_rows(rows, micro_batch)
-        return self._finish(report, started)
+        report, _, invalid = self._process_rows(rows, micro_batch)
+        return self._finish(report, started, invalid)
 
-    def _finish(self, report: BatchReport, started: float) -> BatchReport:
+    def _finish(
+        self, report: BatchReport, started: float, invalid: list[InvalidRecord]
+    ) -> BatchReport:
         report.total_ms = (time.perf_counter() - started) * 1000
-        self._count(report)
+        self._count(report, invalid)
         return report
 
     def _process_rows(
         self, rows: Sequence[Any], micro_batch: int
-    ) -> tuple[BatchReport, frozenset[tuple[str, str]]]:
+    ) -> tuple[BatchReport, frozenset[tuple[str, str]], list[InvalidRecord]]:
         wall_start = time.time()
         report = BatchReport(micro_batch)
         t_store = time.perf_counter()
@@ -237,7 +238,6 @@ class MicroBatchProcessor:
             if r.kind == KIND_INVALID
         ]
         report.records = len(invalid) + sum(1 for r in rows if r.kind == KIND_BATCH)
-        self._invalid = invalid
         claims, record_counts = self._first_claims(rows, report)
         if invalid:
             self.store.set_aside(micro_batch, invalid)
@@ -297,7 +297,7 @@ class MicroBatchProcessor:
             )
             report.state_ms = (time.perf_counter() - t_state) * 1000
         report.estimates_deferred = int(getattr(self.sink, "deferred", 0))
-        return report, accepted
+        return report, accepted, invalid
 
     def _score(self, report: BatchReport) -> dict[str, str]:
         """Score pending host windows; the model version per tenant."""
@@ -385,8 +385,7 @@ class MicroBatchProcessor:
             for (tenant, start), acc in sorted(sums.items())
         ]
 
-    def _count(self, report: BatchReport) -> None:
-        invalid, self._invalid = self._invalid, []
+    def _count(self, report: BatchReport, invalid: list[InvalidRecord]) -> None:
         c = self.counters
         c.micro_batches += 1
         c.records += report.records
