@@ -497,3 +497,55 @@ def test_reordered_capture_counts_missing_datagrams_once(captures_dir: Path) -> 
         if b > a + 1
     )
     assert totals.sequence_gaps == jumps + late
+
+
+def test_periodic_resends_count_and_a_changed_one_is_learnt() -> None:
+    """A template set re-sent byte for byte (as exporters do every minute)
+    counts its templates as received; the same set after the exporter
+    redefined one template in another set is read again, so the data that
+    follows decodes with the set's own definitions."""
+    decoder = FlowDecoder()
+    templates = flowset(
+        0, template_record(300, [(1, 4)]) + template_record(301, [(2, 4)])
+    )
+    for seq in range(3):
+        data = flowset(300, struct.pack(">I", 10 + seq))
+        data += flowset(301, struct.pack(">I", 20 + seq))
+        records = decode(decoder, header(4, seq=seq) + templates + data)
+        assert records["bytes"].tolist() == [10 + seq, 0]
+        assert records["packets"].tolist() == [0, 20 + seq]
+    assert counters(decoder).templates_received == 6
+    redefine = flowset(0, template_record(300, [(2, 4)]))
+    decode(decoder, header(1, seq=3) + redefine)
+    data = flowset(300, struct.pack(">I", 77))
+    records = decode(decoder, header(3, seq=4) + templates + data)
+    # 300 is octets again: the re-sent set was read, not skipped.
+    assert (records["bytes"].tolist(), records["packets"].tolist()) == ([77], [0])
+    assert counters(decoder).templates_received == 6 + 1 + 2
+    assert counters(decoder).templates == 2
+
+
+def test_options_resent_announce_again() -> None:
+    """Options data re-sent unchanged announces its rate again: sampler 1
+    (1-in-100, options template 257) and sampler 2 (1-in-1000, template
+    258) take turns with the same bytes each time, and records without a
+    sampler id take the rate announced last each time."""
+    decoder = FlowDecoder()
+    options = flowset(
+        1,
+        options_template_record(257, [(1, 4)], [(48, 1), (50, 4)])
+        + options_template_record(258, [(1, 4)], [(48, 1), (50, 4)]),
+    )
+    templates = flowset(0, template_record(259, IPV4_FIELDS))
+    rec = ipv4_record(ip(10, 0, 0, 1), ip(10, 0, 0, 2), 1, 2, 100)
+    rates = []
+    for seq in range(6):
+        if seq % 2 == 0:
+            announce = flowset(257, struct.pack(">IBI", 0, 1, 100))
+        else:
+            announce = flowset(258, struct.pack(">IBI", 0, 2, 1000))
+        payload = header(4, seq=seq) + options + announce + templates
+        payload += flowset(259, rec)
+        rates += decode(decoder, payload)["sampling_rate"].tolist()
+    assert rates == [100, 1000] * 3
+    assert counters(decoder).options_records == 6

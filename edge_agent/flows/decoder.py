@@ -217,23 +217,9 @@ class FlowDecoder:
                 if version == b"\x00\x05":
                     v5_queue(payload, key, counters, batch)
                 elif version == b"\x00\x0a":
-                    ipfix_walk(
-                        payload,
-                        address,
-                        port,
-                        received_ms,
-                        counters=counters,
-                        batch=batch,
-                    )
+                    ipfix_walk(payload, address, port, received_ms, counters, batch)
                 elif version == b"\x00\x09":
-                    v9_walk(
-                        payload,
-                        address,
-                        port,
-                        received_ms,
-                        counters=counters,
-                        batch=batch,
-                    )
+                    v9_walk(payload, address, port, received_ms, counters, batch)
                 elif version == b"\x00\x00" and payload[2:4] == b"\x00\x05":
                     parts = sflow_decode(payload, address, port, received_ms, counters)
                     if parts:
@@ -287,13 +273,9 @@ class FlowDecoder:
         elif version == 5:
             self._v5.queue(payload, (exporter, port), counters, batch)
         elif version == 9:
-            self._v9.walk(
-                payload, exporter, port, received_ms, counters=counters, batch=batch
-            )
+            self._v9.walk(payload, exporter, port, received_ms, counters, batch)
         elif version == 10:
-            self._ipfix.walk(
-                payload, exporter, port, received_ms, counters=counters, batch=batch
-            )
+            self._ipfix.walk(payload, exporter, port, received_ms, counters, batch)
         else:
             counters.errors["unknown_version"] += 1
 

@@ -21,8 +21,14 @@ import struct
 
 from edge_agent.flows.counters import ExporterCounters
 from edge_agent.flows.fields import FieldSpec, RecordBatch
-from edge_agent.flows.netflow_v9 import SET_HEADER, Export, TemplatedDecoder
+from edge_agent.flows.netflow_v9 import (
+    NO_TEMPLATES,
+    SET_HEADER,
+    Export,
+    TemplatedDecoder,
+)
 from edge_agent.flows.schema import ExportProtocol
+from edge_agent.flows.templates import TemplateKey
 
 IPFIX_HEADER = struct.Struct(">HHIII")
 _U16 = struct.Struct(">H")
@@ -34,13 +40,12 @@ class IpfixDecoder(TemplatedDecoder):
 
     PROTO = ExportProtocol.IPFIX
 
-    def walk(
+    def walk(  # noqa: PLR0917 - once per datagram: positional is cheaper
         self,
         payload: bytes,
         exporter: bytes,
         port: int,
         received_ms: int,
-        *,
         counters: ExporterCounters,
         batch: RecordBatch,
     ) -> None:
@@ -62,8 +67,10 @@ class IpfixDecoder(TemplatedDecoder):
         header = (export_time, -1, export_time * 1000, -1)
         # Built only when a set leaves the fast path.
         export: Export | None = None
-        get_template = self.templates.templates.get
+        domain_key = (exporter, port, 10, domain)
+        by_id = self.templates.by_domain.get(domain_key) or NO_TEMPLATES
         unpack_set = SET_HEADER.unpack_from
+        add = batch.add
         context: tuple[int, int, int, int, int] | None = None
         pos = 16
         records: int | None = 0
@@ -76,8 +83,7 @@ class IpfixDecoder(TemplatedDecoder):
                 counters.errors["set_beyond_message"] += 1
                 break
             if set_id >= 256:
-                key = (exporter, port, 10, domain, set_id)
-                template = get_template(key)
+                template = by_id.get(set_id)
                 count: int | None
                 if template is not None and template.fast:
                     width = template.record_length
@@ -88,7 +94,7 @@ class IpfixDecoder(TemplatedDecoder):
                             init = self.init_times.get((exporter, port, domain), -1)
                             context = (export_time, -1, export_time * 1000, init, rate)
                         assert template.group_key is not None
-                        batch.add(
+                        add(
                             template.group_key,
                             ExportProtocol.IPFIX,
                             payload[pos + 4 : pos + 4 + count * width],
@@ -108,40 +114,53 @@ class IpfixDecoder(TemplatedDecoder):
                             batch=batch,
                         )
                     body = memoryview(payload)[pos + 4 : pos + set_length]
-                    count = self.data_set(key, body, export)
+                    count = self.data_set((*domain_key, set_id), body, export)
                     context = None  # options data may have changed the rate
                 if count is None or records is None:
                     records = None
                 else:
                     records += count
             elif set_id in (2, 3):
-                if export is None:
-                    export = Export(
-                        exporter,
-                        port,
-                        domain,
-                        received_ms,
-                        header,
-                        counters=counters,
-                        batch=batch,
+                set_key = (*domain_key, set_id)
+                raw = payload[pos + 4 : pos + set_length]
+                if not self.resent(set_key, raw, counters):
+                    if export is None:
+                        export = Export(
+                            exporter,
+                            port,
+                            domain,
+                            received_ms,
+                            header,
+                            counters=counters,
+                            batch=batch,
+                        )
+                    errors = counters.errors.total()
+                    body = memoryview(payload)[pos + 4 : pos + set_length]
+                    keys = self._templates(body, set_id == 3, export)
+                    self.remember_set(
+                        set_key, raw, keys, counters.errors.total() == errors
                     )
-                body = memoryview(payload)[pos + 4 : pos + set_length]
-                self._templates(body, set_id == 3, export)
-                context = None
+                    by_id = self.templates.by_domain.get(domain_key) or NO_TEMPLATES
+                    context = None
             else:
                 counters.errors["reserved_set_id"] += 1
             pos += set_length
         if pos < size:
             counters.errors["trailing_bytes"] += 1
-        self.sequences.check((exporter, port, 10, domain), seq, records, counters)
+        self.sequences.check(domain_key, seq, records, counters)
 
-    def _templates(self, body: memoryview, options: bool, export: Export) -> None:
+    def _templates(
+        self, body: memoryview, options: bool, export: Export
+    ) -> list[TemplateKey] | None:
+        """Read a template set; return the keys of the templates it holds
+        (None when it also withdrew templates)."""
         counters = export.counters
         exporter = export.exporter
         port = export.port
         pos = 0
         size = len(body)
         domain_key = (exporter, port, 10, export.domain)
+        keys: list[TemplateKey] | None = []
         while size - pos >= 4:
             template_id, count = SET_HEADER.unpack_from(body, pos)
             if count and template_id >= 256:
@@ -151,55 +170,61 @@ class IpfixDecoder(TemplatedDecoder):
                     # The periodic re-send of a known template.
                     counters.templates_received += 1
                     pos += len(old.raw)
+                    if keys is not None:
+                        keys.append(key)
                     continue
             start = pos
             pos += 4
             if count == 0:
                 if template_id == (3 if options else 2):
+                    keys = None  # a withdrawal: not a re-send to skip
                     removed = self.templates.withdraw_all(domain_key, options)
                     counters.templates_withdrawn += removed
                     counters.templates = self.templates.count(exporter, port)
                 elif template_id >= 256:
+                    keys = None
                     self.withdraw((*domain_key, template_id), counters)
                 elif any(body[pos - 4 :]):
                     counters.errors["template_id_reserved"] += 1
-                    return
+                    return keys
                 else:
-                    return  # padding
+                    return keys  # padding
                 continue
             if template_id < 256:
                 counters.errors["template_id_reserved"] += 1
-                return
+                return keys
             scope_count = 0
             if options:
                 if size - pos < 2:
                     counters.errors["template_truncated"] += 1
-                    return
+                    return keys
                 (scope_count,) = _U16.unpack_from(body, pos)
                 pos += 2
                 if scope_count == 0 or scope_count > count:
                     counters.errors["options_template_no_scope"] += 1
-                    return
+                    return keys
             if count > self.max_template_fields:
                 counters.errors["template_too_many_fields"] += 1
-                return
+                return keys
             specs: list[FieldSpec] = []
             for _ in range(count):
                 if size - pos < 4:
                     counters.errors["template_truncated"] += 1
-                    return
+                    return keys
                 element, field_length = SET_HEADER.unpack_from(body, pos)
                 pos += 4
                 pen = 0
                 if element & 0x8000:
                     if size - pos < 4:
                         counters.errors["template_truncated"] += 1
-                        return
+                        return keys
                     (pen,) = _U32.unpack_from(body, pos)
                     pos += 4
                     element &= 0x7FFF
                 specs.append(FieldSpec(element, field_length, pen))
             counters.templates_received += 1
+            if keys is not None:
+                keys.append((*domain_key, template_id))
             self.learn(
                 (*domain_key, template_id),
                 specs,
@@ -208,3 +233,4 @@ class IpfixDecoder(TemplatedDecoder):
                 scope_count=scope_count,
                 raw=bytes(body[start:pos]),
             )
+        return keys

@@ -58,6 +58,12 @@ _MAX_WARNED = 1024
 _MAX_INIT_TIMES = 65536
 #: Times beyond this (year ~2500, in ms) are not a clock value.
 _MAX_TIME_MS = 1 << 44
+#: Bound of the table of template sets known to be periodic re-sends.
+_MAX_TEMPLATE_SETS = 65536
+#: (exporter, port, version, domain, set id) of a template set
+SetKey = tuple[bytes, int, int, int, int]
+#: What a domain without templates has (shared, never written).
+NO_TEMPLATES: dict[int, Template] = {}
 
 log = structlog.get_logger(__name__)
 
@@ -132,6 +138,13 @@ class TemplatedDecoder:
         self.init_times: dict[tuple[bytes, int, int], int] = {}
         #: degraded modes already logged (bounded)
         self._warned: set[tuple[str, bytes, int]] = set()
+        #: template sets read without counting anything wrong, by (set key,
+        #: bytes): the templates they defined (a re-send of the same bytes
+        #: while those templates are still current changes nothing but
+        #: ``templates_received``); bounded, then starts afresh
+        self._template_sets: dict[
+            tuple[SetKey, bytes], tuple[tuple[TemplateKey, Template], ...]
+        ] = {}
 
     # -- templates ----------------------------------------------------------
 
@@ -191,6 +204,42 @@ class TemplatedDecoder:
         else:
             counters.errors["withdrawal_unknown_template"] += 1
         counters.templates = self.templates.count(key[0], key[1])
+
+    def resent(self, key: SetKey, body: bytes, counters: ExporterCounters) -> bool:
+        """Whether a template set is the re-send of one read before; if so
+        its templates are counted as received and nothing else happens."""
+        seen = self._template_sets.get((key, body))
+        if seen is None:
+            return False
+        current = self.templates.templates.get
+        for template_key, template in seen:
+            if current(template_key) is not template:
+                return False
+        counters.templates_received += len(seen)
+        return True
+
+    def remember_set(
+        self,
+        key: SetKey,
+        body: bytes,
+        keys: list[TemplateKey] | None,
+        clean: bool,
+    ) -> None:
+        """Note a template set just read: ``keys`` are the templates it
+        defined (None: it also withdrew some), ``clean`` whether reading it
+        counted no error."""
+        if not clean or keys is None or len(set(keys)) != len(keys):
+            return
+        current = self.templates.templates.get
+        defined = []
+        for template_key in keys:
+            template = current(template_key)
+            if template is None:
+                return
+            defined.append((template_key, template))
+        if len(self._template_sets) >= _MAX_TEMPLATE_SETS:
+            self._template_sets.clear()
+        self._template_sets[(key, body)] = tuple(defined)
 
     # -- data ---------------------------------------------------------------
 
@@ -284,31 +333,59 @@ class TemplatedDecoder:
         width: int,
         export: Export,
     ) -> None:
-        """Learn sampling rates and system init time from options records."""
+        """Learn sampling rates and system init time from options records.
+
+        The records are read with numpy once per distinct content: a
+        periodic re-send of the same bytes repeats what they announced.
+        """
         batch = export.batch
-        fields = template.layout.fields
         if not width:
             return
-        view = np.frombuffer(region, dtype=template.layout.dtype, count=count)
+        raw = bytes(region)
+        seen = template.options_seen
+        if seen is None or seen[0] != raw:
+            seen = _read_options(template, raw, count)
+            template.options_seen = seen
+        _, init, invalid, announced = seen
         exporter, port, _, domain, _ = template.key
-        if ie.SYSTEM_INIT_MILLISECONDS in fields:
-            name, width_ = fields[ie.SYSTEM_INIT_MILLISECONDS]
-            init = int(ie.uint_column(view, name, width_)[-1])
+        if invalid:
+            export.counters.errors["system_init_time_invalid"] += 1
+        elif init is not None:
             key = (exporter, port, domain)
-            if not 0 < init < _MAX_TIME_MS:
-                export.counters.errors["system_init_time_invalid"] += 1
-            elif key in self.init_times or len(self.init_times) < _MAX_INIT_TIMES:
+            if key in self.init_times or len(self.init_times) < _MAX_INIT_TIMES:
                 self.init_times[key] = init
-        rates = record_rates(view, fields)
-        if rates is None:
-            return
-        sids = sampler_ids(view, fields)
-        for i in np.flatnonzero(rates):
-            sid = int(sids[i]) if sids is not None else 0
-            rate = int(rates[i])
+        for sid, rate in announced:
             if batch.deferred and self.sampling.changes(exporter, domain, sid, rate):
                 self.settle(batch)
             self.sampling.announce(exporter, domain, sid, rate)
+
+
+def _read_options(
+    template: Template, raw: bytes, count: int
+) -> tuple[bytes, int | None, bool, tuple[tuple[int, int], ...]]:
+    """What options records announce: (their bytes, system init time ms or
+    None, whether that time is invalid, ((sampler id, rate), ...) in record
+    order for the records that carry a rate)."""
+    fields = template.layout.fields
+    view = np.frombuffer(raw, dtype=template.layout.dtype, count=count)
+    init: int | None = None
+    invalid = False
+    if ie.SYSTEM_INIT_MILLISECONDS in fields:
+        name, width = fields[ie.SYSTEM_INIT_MILLISECONDS]
+        value = int(ie.uint_column(view, name, width)[-1])
+        if 0 < value < _MAX_TIME_MS:
+            init = value
+        else:
+            invalid = True
+    rates = record_rates(view, fields)
+    if rates is None:
+        return raw, init, invalid, ()
+    sids = sampler_ids(view, fields)
+    announced = tuple(
+        (int(sids[i]) if sids is not None else 0, int(rates[i]))
+        for i in np.flatnonzero(rates)
+    )
+    return raw, init, invalid, announced
 
 
 class NetflowV9Decoder(TemplatedDecoder):
@@ -316,13 +393,12 @@ class NetflowV9Decoder(TemplatedDecoder):
 
     PROTO = ExportProtocol.NETFLOW_V9
 
-    def walk(
+    def walk(  # noqa: PLR0917 - once per datagram: positional is cheaper
         self,
         payload: bytes,
         exporter: bytes,
         port: int,
         received_ms: int,
-        *,
         counters: ExporterCounters,
         batch: RecordBatch,
     ) -> None:
@@ -335,8 +411,10 @@ class NetflowV9Decoder(TemplatedDecoder):
         header = (secs, uptime, secs * 1000, -1)
         # Built only when a set leaves the fast path.
         export: Export | None = None
-        get_template = self.templates.templates.get
+        domain_key = (exporter, port, 9, domain)
+        by_id = self.templates.by_domain.get(domain_key) or NO_TEMPLATES
         unpack_set = SET_HEADER.unpack_from
+        add = batch.add
         context: tuple[int, int, int, int, int] | None = None
         pos = 20
         records = 0
@@ -353,8 +431,7 @@ class NetflowV9Decoder(TemplatedDecoder):
                 counters.errors["set_beyond_datagram"] += 1
                 break
             if set_id >= 256:
-                key = (exporter, port, 9, domain, set_id)
-                template = get_template(key)
+                template = by_id.get(set_id)
                 if template is not None and template.fast:
                     # Fast path: a fixed-length data template.
                     width = template.record_length
@@ -364,7 +441,7 @@ class NetflowV9Decoder(TemplatedDecoder):
                             rate = self.sampling.lookup(exporter, domain, 0)
                             context = (*header, rate)
                         assert template.group_key is not None
-                        batch.add(
+                        add(
                             template.group_key,
                             ExportProtocol.NETFLOW_V9,
                             payload[pos + 4 : pos + 4 + count * width],
@@ -385,25 +462,33 @@ class NetflowV9Decoder(TemplatedDecoder):
                             batch=batch,
                         )
                     body = memoryview(payload)[pos + 4 : pos + length]
-                    records += self.data_set(key, body, export) or 0
+                    records += self.data_set((*domain_key, set_id), body, export) or 0
                     context = None  # options data may have changed the rate
             elif set_id in (0, 1):
-                if export is None:
-                    export = Export(
-                        exporter,
-                        port,
-                        domain,
-                        received_ms,
-                        header,
-                        counters=counters,
-                        batch=batch,
+                set_key = (*domain_key, set_id)
+                raw = payload[pos + 4 : pos + length]
+                if not self.resent(set_key, raw, counters):
+                    if export is None:
+                        export = Export(
+                            exporter,
+                            port,
+                            domain,
+                            received_ms,
+                            header,
+                            counters=counters,
+                            batch=batch,
+                        )
+                    errors = counters.errors.total()
+                    body = memoryview(payload)[pos + 4 : pos + length]
+                    if set_id == 0:
+                        keys = self._templates(body, export)
+                    else:
+                        keys = self._options_templates(body, export)
+                    self.remember_set(
+                        set_key, raw, keys, counters.errors.total() == errors
                     )
-                body = memoryview(payload)[pos + 4 : pos + length]
-                if set_id == 0:
-                    self._templates(body, export)
-                else:
-                    self._options_templates(body, export)
-                context = None
+                    by_id = self.templates.by_domain.get(domain_key) or NO_TEMPLATES
+                    context = None
             else:
                 counters.errors["reserved_set_id"] += 1
             pos += length
@@ -411,23 +496,26 @@ class NetflowV9Decoder(TemplatedDecoder):
             counters.errors["trailing_bytes"] += 1
         # Exporters that number records count template records too.
         records += counters.templates_received - templates_before
-        self.sequences.check_v9((exporter, port, 9, domain), seq, records, counters)
+        self.sequences.check_v9(domain_key, seq, records, counters)
 
-    def _templates(self, body: memoryview, export: Export) -> None:
+    def _templates(self, body: memoryview, export: Export) -> list[TemplateKey]:
+        """Read a template set; return the keys of the templates it holds."""
         counters = export.counters
         pos = 0
         size = len(body)
+        keys: list[TemplateKey] = []
         while size - pos >= 4:
             template_id, count = FIELD.unpack_from(body, pos)
             if template_id < 256:
                 if not any(body[pos:]):
-                    return  # padding
+                    return keys  # padding
                 counters.errors["template_id_reserved"] += 1
-                return
+                return keys
             if count * 4 > size - pos - 4:
                 counters.errors["template_truncated"] += 1
-                return
+                return keys
             key = (export.exporter, export.port, 9, export.domain, template_id)
+            keys.append(key)
             raw = body[pos : pos + 4 + count * 4]
             counters.templates_received += 1
             if self.known(key, raw):
@@ -442,27 +530,31 @@ class NetflowV9Decoder(TemplatedDecoder):
             self.learn(
                 key, specs, export, is_options=False, scope_count=0, raw=bytes(raw)
             )
+        return keys
 
-    def _options_templates(self, body: memoryview, export: Export) -> None:
+    def _options_templates(self, body: memoryview, export: Export) -> list[TemplateKey]:
+        """Read an options template set; return the keys of its templates."""
         counters = export.counters
         pos = 0
         size = len(body)
+        keys: list[TemplateKey] = []
         while size - pos >= 6:
             template_id, scope_len, option_len = V9_OPTIONS_HEADER.unpack_from(
                 body, pos
             )
             if template_id < 256:
                 if not any(body[pos:]):
-                    return
+                    return keys
                 counters.errors["template_id_reserved"] += 1
-                return
+                return keys
             if scope_len % 4 or option_len % 4:
                 counters.errors["options_template_bad_length"] += 1
-                return
+                return keys
             if scope_len + option_len > size - pos - 6:
                 counters.errors["template_truncated"] += 1
-                return
+                return keys
             key = (export.exporter, export.port, 9, export.domain, template_id)
+            keys.append(key)
             raw = body[pos : pos + 6 + scope_len + option_len]
             counters.templates_received += 1
             if self.known(key, raw):
@@ -487,3 +579,4 @@ class NetflowV9Decoder(TemplatedDecoder):
                 scope_count=len(scope),
                 raw=bytes(raw),
             )
+        return keys

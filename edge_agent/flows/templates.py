@@ -55,6 +55,12 @@ class Template:
     group_key: tuple[Layout, bytes, int, int] | None = None
     #: fixed-length data template: its sets take the walkers' fast path
     fast: bool = False
+    #: options templates: the last records read and what they announced,
+    #: (bytes, system init time or None, init time invalid, ((sampler id,
+    #: rate), ...)), so that the periodic re-send is not read again
+    options_seen: tuple[bytes, int | None, bool, tuple[tuple[int, int], ...]] | None = (
+        None
+    )
 
     def __post_init__(self) -> None:
         self.group_key = (self.layout, self.key[0], self.key[1], self.key[3])
@@ -199,7 +205,9 @@ class TemplateCache:
         self.max_per_exporter = max_per_exporter
         self.max_exporters = max_exporters
         self.templates: dict[TemplateKey, Template] = {}
-        self.by_domain: dict[DomainKey, set[int]] = {}
+        #: the templates of each domain by template id (walkers look a
+        #: datagram's domain up once, then each set by its id)
+        self.by_domain: dict[DomainKey, dict[int, Template]] = {}
         self.per_exporter: collections.Counter[tuple[bytes, int]] = (
             collections.Counter()
         )
@@ -219,8 +227,8 @@ class TemplateCache:
             if count >= self.max_per_exporter:
                 return "template_limit"
             self.per_exporter[exporter] = count + 1
-            self.by_domain.setdefault(key[:4], set()).add(key[4])
         self.templates[key] = template
+        self.by_domain.setdefault(key[:4], {})[key[4]] = template
         return None
 
     def withdraw(self, key: TemplateKey) -> bool:
@@ -233,7 +241,7 @@ class TemplateCache:
             del self.per_exporter[exporter]
         ids = self.by_domain.get(key[:4])
         if ids is not None:
-            ids.discard(key[4])
+            ids.pop(key[4], None)
             if not ids:
                 del self.by_domain[key[:4]]
         return True
