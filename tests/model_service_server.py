@@ -14,23 +14,17 @@ detector, and the class with the largest positive weighted contribution.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import shutil
-import signal
-import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
-from tests.servers import ServerStartError, free_port
+from tests.servers import ServerProcess
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 MODELS = PROJECT_ROOT / "models"
@@ -145,15 +139,20 @@ def sample_rows(n: int, seed: int = 0) -> np.ndarray:
     return x
 
 
-@dataclass
-class ServiceProcess:
-    """``sampleflow model-service run`` on a loopback port."""
+class ServiceProcess(ServerProcess):
+    """``sampleflow model-service run`` on a loopback port, with the
+    service's command-line ``args`` and extra environment ``env``."""
 
-    workdir: Path
-    args: list[str]
-    env: dict[str, str] = field(default_factory=dict)
-    port: int = 0
-    process: subprocess.Popen[bytes] | None = None
+    def __init__(
+        self, workdir: Path, args: list[str], env: dict[str, str] | None = None
+    ) -> None:
+        super().__init__(workdir)
+        self.args = args
+        self.env = env or {}
+
+    label: ClassVar[str] = "model service"
+    start_timeout_s: ClassVar[float] = _START_TIMEOUT_S
+    poll_interval_s: ClassVar[float] = 0.1
 
     @property
     def url(self) -> str:
@@ -165,81 +164,31 @@ class ServiceProcess:
 
     def start(self, port: int | None = None) -> None:
         """Start on ``port`` (one try) or on a free port (three tries)."""
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        last: ServerStartError | None = None
-        for _ in range(1 if port else 3):
-            self.port = port or free_port()
-            env = dict(os.environ)
-            env.update(self.env)
-            with self.log_path.open("ab") as log:
-                self.process = subprocess.Popen(
-                    [
-                        sys.executable,
-                        "-m",
-                        "edge_agent.cli",
-                        "model-service",
-                        "run",
-                        "--host",
-                        "127.0.0.1",
-                        "--port",
-                        str(self.port),
-                        *self.args,
-                    ],
-                    stdin=subprocess.DEVNULL,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    env=env,
-                    cwd=self.workdir,
-                    start_new_session=True,
-                )
-            try:
-                self._wait()
-                return
-            except ServerStartError as exc:
-                last = exc
-                self.stop()
-        assert last is not None
-        raise last
+        self.launch(port)
 
-    def _wait(self) -> None:
-        assert self.process is not None
-        deadline = time.monotonic() + _START_TIMEOUT_S
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise ServerStartError(
-                    f"model service exited with {self.process.returncode}:\n"
-                    f"{self.log_tail()}"
-                )
-            try:
-                with urllib.request.urlopen(self.url + "/healthz", timeout=1.0):
-                    return
-            except OSError:
-                time.sleep(0.1)
-        raise ServerStartError(f"model service not up:\n{self.log_tail()}")
+    def command(self) -> list[str]:
+        return [
+            sys.executable,
+            "-m",
+            "edge_agent.cli",
+            "model-service",
+            "run",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            *self.args,
+        ]
 
-    def stop(self) -> None:
-        proc, self.process = self.process, None
-        if proc is None:
-            return
-        if proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(10)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
+    def environment(self) -> dict[str, str]:
+        return self.env
 
-    def log_tail(self, lines: int = 40) -> str:
+    def ready(self) -> bool:
         try:
-            return "\n".join(
-                self.log_path.read_text(errors="replace").splitlines()[-lines:]
-            )
+            with urllib.request.urlopen(self.url + "/healthz", timeout=1.0):
+                return True
         except OSError:
-            return "(no log)"
+            return False
 
 
 def http_json(

@@ -11,133 +11,61 @@ process group, terminated at teardown (SIGTERM, then SIGKILL).
 
 from __future__ import annotations
 
-import contextlib
-import os
-import signal
-import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
+from typing import ClassVar
 
 import pytest
 
-from tests.servers import ServerStartError, free_port
-
-_START_TIMEOUT_S = 30.0
-_STOP_TIMEOUT_S = 10.0
+from tests.servers import ServerProcess
 
 
 @dataclass
-class MongoServer:
+class MongoServer(ServerProcess):
     """One SecantusDB subprocess on a loopback port."""
 
-    workdir: Path
-    port: int = 0
-    process: subprocess.Popen[bytes] | None = None
+    label: ClassVar[str] = "secantus"
+    poll_interval_s: ClassVar[float] = 0.1
 
     @property
     def uri(self) -> str:
         # directConnection: talk to this one server, no topology discovery.
         return f"mongodb://127.0.0.1:{self.port}/?directConnection=true"
 
-    @property
-    def log_path(self) -> Path:
-        return self.workdir / "secantus.log"
-
     def start(self) -> None:
-        """Start the server and wait until it answers ``ping``.
+        """Start the server on a free port and wait until it answers ``ping``."""
+        self.launch()
 
-        A port taken between choosing and binding is retried with another.
-        """
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        last_error: ServerStartError | None = None
-        for _ in range(3):
-            self.port = free_port()
-            try:
-                self._spawn()
-                self._wait_ready()
-                return
-            except ServerStartError as exc:
-                last_error = exc
-                self.stop()
-        assert last_error is not None
-        raise last_error
+    def command(self) -> list[str]:
+        return [
+            sys.executable,
+            "-m",
+            "secantus",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--storage-path",
+            str(self.workdir / f"data-{self.port}"),
+            "--standalone",
+            "--log-level",
+            "WARNING",
+        ]
 
-    def _spawn(self) -> None:
-        data = self.workdir / f"data-{self.port}"
-        with self.log_path.open("ab") as log:
-            self.process = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "secantus",
-                    "--host",
-                    "127.0.0.1",
-                    "--port",
-                    str(self.port),
-                    "--storage-path",
-                    str(data),
-                    "--standalone",
-                    "--log-level",
-                    "WARNING",
-                ],
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                cwd=self.workdir,
-                start_new_session=True,
-            )
-
-    def _wait_ready(self) -> None:
+    def ready(self) -> bool:
         import pymongo  # noqa: PLC0415 - cloud extra; only tests that use it
 
-        assert self.process is not None
-        deadline = time.monotonic() + _START_TIMEOUT_S
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise ServerStartError(
-                    f"secantus exited with {self.process.returncode}:\n"
-                    f"{self.log_tail()}"
-                )
-            client: pymongo.MongoClient[dict[str, object]] = pymongo.MongoClient(
-                self.uri, serverSelectionTimeoutMS=500, connectTimeoutMS=500
-            )
-            try:
-                client.admin.command("ping")
-                return
-            except pymongo.errors.PyMongoError:
-                time.sleep(0.1)  # not listening yet
-            finally:
-                client.close()
-        raise ServerStartError(
-            f"secantus not answering within {_START_TIMEOUT_S}s:\n{self.log_tail()}"
+        client: pymongo.MongoClient[dict[str, object]] = pymongo.MongoClient(
+            self.uri, serverSelectionTimeoutMS=500, connectTimeoutMS=500
         )
-
-    def stop(self) -> None:
-        """Terminate the server's process group and reap it."""
-        proc, self.process = self.process, None
-        if proc is None:
-            return
-        if proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(_STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(_STOP_TIMEOUT_S)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-
-    def log_tail(self, lines: int = 40) -> str:
         try:
-            text = self.log_path.read_text(errors="replace")
-        except OSError:
-            return "(no log)"
-        return "\n".join(text.splitlines()[-lines:])
+            client.admin.command("ping")
+            return True
+        except pymongo.errors.PyMongoError:
+            return False  # not listening yet
+        finally:
+            client.close()
 
 
 @pytest.fixture(scope="session")

@@ -30,7 +30,7 @@ import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import boto3
 import botocore.config
@@ -61,35 +61,53 @@ class ServerStartError(RuntimeError):
 
 
 @dataclass
-class MiniStack:
-    """One MiniStack subprocess on a loopback port."""
+class ServerProcess:
+    """A test server run as a subprocess on a loopback port.
+
+    Subclasses give the command line (:meth:`command`), extra environment
+    (:meth:`environment`) and a readiness probe (:meth:`ready`, true once
+    the server answers).  The process runs in its own session and process
+    group, so :meth:`stop` (SIGTERM, then SIGKILL) ends everything it
+    started; its output goes to :attr:`log_path`, whose tail every start
+    failure carries.
+    """
 
     workdir: Path
     port: int = 0
     process: subprocess.Popen[bytes] | None = None
 
-    @property
-    def endpoint_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+    #: Name in error messages and of the log file.
+    label: ClassVar[str] = "server"
+    start_timeout_s: ClassVar[float] = _START_TIMEOUT_S
+    poll_interval_s: ClassVar[float] = 0.05
 
     @property
     def log_path(self) -> Path:
-        return self.workdir / "ministack.log"
+        return self.workdir / f"{self.label}.log"
 
-    def start(self, services: tuple[str, ...] = ("kinesis",)) -> None:
-        """Start the server and wait until it reports ``services`` available.
+    def command(self) -> list[str]:
+        """The argv that starts the server on :attr:`port`."""
+        raise NotImplementedError
 
-        All of MiniStack's services run (others may share the session
-        fixture); ``services`` only lists those that must be up.  A port
-        taken between choosing and binding is retried with another.
-        """
+    def environment(self) -> dict[str, str]:
+        """Variables added to this process's environment for the server."""
+        return {}
+
+    def ready(self) -> bool:
+        """True once the server answers; False while it does not yet."""
+        raise NotImplementedError
+
+    def launch(self, port: int | None = None) -> None:
+        """Start on ``port`` (one try) or on a free port (three tries: a
+        port taken between choosing and binding is retried with another),
+        and wait until :meth:`ready`."""
         self.workdir.mkdir(parents=True, exist_ok=True)
         last_error: ServerStartError | None = None
-        for _ in range(3):
-            self.port = free_port()
+        for _ in range(1 if port else 3):
+            self.port = port or free_port()
             try:
                 self._spawn()
-                self._wait_healthy(services)
+                self._wait_ready()
                 return
             except ServerStartError as exc:
                 last_error = exc
@@ -99,21 +117,10 @@ class MiniStack:
 
     def _spawn(self) -> None:
         env = dict(os.environ)
-        env.update(DUMMY_AWS_ENV)
-        env.update(
-            {
-                "GATEWAY_PORT": str(self.port),
-                "BIND_HOST": "127.0.0.1",
-                "LOG_LEVEL": "WARNING",
-                "TMPDIR": str(self.workdir),
-                "PERSIST_STATE": "0",
-                "STATE_DIR": str(self.workdir / "state"),
-                "S3_DATA_DIR": str(self.workdir / "s3"),
-            }
-        )
+        env.update(self.environment())
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "ministack"],
+                self.command(),
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -122,27 +129,20 @@ class MiniStack:
                 start_new_session=True,
             )
 
-    def _wait_healthy(self, services: tuple[str, ...]) -> None:
+    def _wait_ready(self) -> None:
         assert self.process is not None
-        deadline = time.monotonic() + _START_TIMEOUT_S
-        url = f"{self.endpoint_url}/_ministack/health"
+        deadline = time.monotonic() + self.start_timeout_s
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise ServerStartError(
-                    f"ministack exited with {self.process.returncode}:\n"
+                    f"{self.label} exited with {self.process.returncode}:\n"
                     f"{self.log_tail()}"
                 )
-            try:
-                with urllib.request.urlopen(url, timeout=1.0) as resp:
-                    body = json.loads(resp.read())
-                available = body.get("services", {})
-                if all(available.get(s) == "available" for s in services):
-                    return
-            except (OSError, ValueError):
-                pass  # not listening yet
-            time.sleep(0.05)
+            if self.ready():
+                return
+            time.sleep(self.poll_interval_s)
         raise ServerStartError(
-            f"ministack not healthy within {_START_TIMEOUT_S}s:\n{self.log_tail()}"
+            f"{self.label} not ready within {self.start_timeout_s}s:\n{self.log_tail()}"
         )
 
     def stop(self) -> None:
@@ -169,6 +169,52 @@ class MiniStack:
         except OSError:
             return "(no log)"
         return "\n".join(text.splitlines()[-lines:])
+
+
+@dataclass
+class MiniStack(ServerProcess):
+    """One MiniStack subprocess on a loopback port."""
+
+    label: ClassVar[str] = "ministack"
+    services: tuple[str, ...] = ("kinesis",)
+
+    @property
+    def endpoint_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, services: tuple[str, ...] = ("kinesis",)) -> None:
+        """Start the server and wait until it reports ``services`` available.
+
+        All of MiniStack's services run (others may share the session
+        fixture); ``services`` only lists those that must be up.
+        """
+        self.services = services
+        self.launch()
+
+    def command(self) -> list[str]:
+        return [sys.executable, "-m", "ministack"]
+
+    def environment(self) -> dict[str, str]:
+        return {
+            **DUMMY_AWS_ENV,
+            "GATEWAY_PORT": str(self.port),
+            "BIND_HOST": "127.0.0.1",
+            "LOG_LEVEL": "WARNING",
+            "TMPDIR": str(self.workdir),
+            "PERSIST_STATE": "0",
+            "STATE_DIR": str(self.workdir / "state"),
+            "S3_DATA_DIR": str(self.workdir / "s3"),
+        }
+
+    def ready(self) -> bool:
+        url = f"{self.endpoint_url}/_ministack/health"
+        try:
+            with urllib.request.urlopen(url, timeout=1.0) as resp:
+                body = json.loads(resp.read())
+        except (OSError, ValueError):
+            return False  # not listening yet
+        available = body.get("services", {})
+        return all(available.get(s) == "available" for s in self.services)
 
 
 def kinesis_client(endpoint_url: str, region: str = "us-east-1") -> Any:
