@@ -15,6 +15,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import edge_agent.spool.spool as spool_module
 from edge_agent.spool import (
     DuplicateBatchError,
     PendingBatch,
@@ -455,3 +456,56 @@ def test_kill_9_during_appends_loses_no_accepted_batch(tmp_path: Path) -> None:
     assert set(accepted) <= set(ids)
     # Replay order is append order.
     assert [i for i in ids if i in set(accepted)] == accepted
+
+
+def test_seqs_keep_rising_when_the_clock_steps_back(tmp_path: Path) -> None:
+    """An empty spool reopened after the clock went back an hour still hands
+    out seqs above every seq of the earlier run (the recorded ceiling)."""
+    now = [1_700_000_000.0]
+    with Spool(tmp_path, clock=lambda: now[0]) as spool:
+        batches = [make_batch(spool, i) for i in range(3)]
+        for b in batches:
+            spool.append(b)
+        spool.ack([b.batch_id for b in batches])
+    last = batches[-1].seq
+    now[0] -= 3600.0
+    with Spool(tmp_path, clock=lambda: now[0]) as again:
+        assert again.pending() == []
+        after = make_batch(again, 9)
+        assert after.seq > last
+        again.append(after)
+    # The ceiling file is a decimal number above every seq handed out.
+    ceiling = int((tmp_path / ".seq-ceiling").read_text())
+    assert ceiling > after.seq
+
+
+def test_unreadable_seq_ceiling_is_counted_and_the_clock_floor_holds(
+    tmp_path: Path,
+) -> None:
+    """A damaged ceiling file does not stop the spool: it is counted, and
+    seqs start above the pending batches and the start time."""
+    now = [1_700_000_000.0]
+    with Spool(tmp_path, clock=lambda: now[0]) as spool:
+        first = make_batch(spool, 1)
+        spool.append(first)
+    (tmp_path / ".seq-ceiling").write_bytes(b"\xff not a number")
+    with Spool(tmp_path, clock=lambda: now[0]) as again:
+        assert again.stats.ceiling_unreadable == 1
+        assert again.pending() == [first]
+        nxt = make_batch(again, 2)
+        assert nxt.seq > first.seq
+        assert nxt.seq > int(now[0] * 1_000_000)
+
+
+def test_many_seqs_cross_the_ceiling_step(tmp_path: Path) -> None:
+    """Handing out more seqs than one ceiling step moves the recorded ceiling
+    ahead of them (checked after a restart with the clock stopped)."""
+    step = spool_module._CEILING_STEP
+    with Spool(tmp_path, clock=lambda: 1.0) as spool:
+        start = spool.next_seq()
+        for _ in range(step + 5):
+            seq = spool.next_seq()
+    assert seq == start + step + 5
+    assert int((tmp_path / ".seq-ceiling").read_text()) > seq
+    with Spool(tmp_path, clock=lambda: 1.0) as again:
+        assert again.next_seq() > seq

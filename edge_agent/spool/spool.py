@@ -3,6 +3,7 @@
 Layout of a spool directory::
 
     <directory>/.lock                    flock held by the owning process
+    <directory>/.seq-ceiling             every seq handed out is below it
     <directory>/00000000000000000042.sfb one file per pending batch, named by seq
     <directory>/.00000000000000000043.sfb.tmp   an append in progress
     <directory>/corrupt/                 files that failed verification
@@ -68,6 +69,10 @@ MAX_PARTITION_KEY_CHARS = 256
 CORRUPT_DIR = "corrupt"
 REJECTED_DIR = "rejected"
 _LOCK_NAME = ".lock"
+#: Holds one decimal number: no seq handed out so far reaches it.
+_CEILING_NAME = ".seq-ceiling"
+#: How far ahead the recorded ceiling runs (one write per this many seqs).
+_CEILING_STEP = 1 << 20
 _SUFFIX = ".sfb"
 _TMP_SUFFIX = ".sfb.tmp"
 _NAME_RE = re.compile(r"^(\d{20})\.sfb$")
@@ -146,6 +151,9 @@ class SpoolStats:
     temp_removed: int
     #: old files deleted from ``corrupt/`` or ``rejected/`` to keep their bound
     quarantine_deleted: int
+    #: start-ups that found ``.seq-ceiling`` unreadable (seqs then start at
+    #: the highest pending seq or the clock)
+    ceiling_unreadable: int = 0
 
     @property
     def corrupt_total(self) -> int:
@@ -177,6 +185,7 @@ class _Counters:
     write_errors: int = 0
     temp_removed: int = 0
     quarantine_deleted: int = 0
+    ceiling_unreadable: int = 0
     corrupt: collections.Counter[str] = field(default_factory=collections.Counter)
     rejected: collections.Counter[str] = field(default_factory=collections.Counter)
 
@@ -247,16 +256,25 @@ class Spool:
         self._dir_fd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY)
         try:
             self._recover()
+            self._start_seqs()
         except BaseException:
             self.close()
             raise
+
+    def _start_seqs(self) -> None:
+        """Make the first seq handed out higher than any an earlier run used."""
         # Seqs stay increasing across restarts even when the spool was
-        # empty: the floor is the start time in microseconds, which no
-        # earlier run can have reached at one fsync per batch.  A clock
-        # stepped backwards while the spool is empty breaks this.
+        # empty and the clock was stepped back: every seq handed out is
+        # below the ceiling recorded in the ``.seq-ceiling`` file, which
+        # the next start begins above.  The start time in microseconds is a
+        # second floor for a directory that lost that file.
         highest = next(reversed(self._entries)) if self._entries else 0
-        self._last_seq = max(highest, int(self._clock() * 1_000_000))
+        self._last_seq = max(
+            highest, self._read_ceiling(), int(self._clock() * 1_000_000)
+        )
         self._issued_seq = self._last_seq
+        self._ceiling = 0
+        self._raise_ceiling(self._last_seq)
 
     # -- life cycle -------------------------------------------------------
 
@@ -296,6 +314,8 @@ class Spool:
         """
         with self._lock:
             self._issued_seq = max(self._issued_seq, self._last_seq) + 1
+            if self._issued_seq >= self._ceiling:
+                self._raise_ceiling(self._issued_seq)
             return self._issued_seq
 
     def append(self, batch: SpooledBatch) -> None:
@@ -508,6 +528,7 @@ class Spool:
                 rejected=dict(c.rejected),
                 temp_removed=c.temp_removed,
                 quarantine_deleted=c.quarantine_deleted,
+                ceiling_unreadable=c.ceiling_unreadable,
             )
 
     # -- internals ----------------------------------------------------------
@@ -653,6 +674,34 @@ class Spool:
             return b"".join(chunks)
         finally:
             os.close(fd)
+
+    def _read_ceiling(self) -> int:
+        """The recorded seq ceiling, 0 when absent or unreadable (counted)."""
+        try:
+            text = (self.directory / _CEILING_NAME).read_text(encoding="ascii")
+            return max(0, int(text.strip()))
+        except FileNotFoundError:
+            return 0
+        except (OSError, ValueError, UnicodeDecodeError) as exc:
+            self._counters.ceiling_unreadable += 1
+            log.warning("spool_seq_ceiling_unreadable", error=str(exc))
+            return 0
+
+    def _raise_ceiling(self, seq: int) -> None:
+        """Record durably that every seq handed out stays below a new ceiling.
+
+        The ceiling moves :data:`_CEILING_STEP` ahead, so this costs one
+        small fsynced write per that many batches.
+        """
+        ceiling = seq + _CEILING_STEP
+        self._unlink(f".{_CEILING_NAME}.tmp")  # left by a crash mid-write
+        try:
+            self._write_durably(_CEILING_NAME, f"{ceiling}\n".encode("ascii"))
+        except OSError as exc:
+            raise SpoolWriteError(
+                f"recording the seq ceiling in {self.directory} failed: {exc}"
+            ) from exc
+        self._ceiling = ceiling
 
     def _write_durably(self, name: str, data: bytes) -> None:
         tmp = f".{name}.tmp"
