@@ -28,17 +28,12 @@ from pathlib import Path
 
 import structlog
 
-from edge_agent.features.extract import HostWindows
 from edge_agent.filter import RelayFilter
 from edge_agent.modelsync import store as st
 from edge_agent.modelsync.agent import JobsAgent
 from edge_agent.modelsync.config import ModelSyncConfig
 from edge_agent.modelsync.errors import ModelRejectedError
-from edge_agent.modelsync.installer import (
-    CanaryPolicy,
-    FilterInstaller,
-    rows_from_npz,
-)
+from edge_agent.modelsync.installer import FilterInstaller, filter_installer
 from edge_agent.modelsync.runner import PAUSE_POINTS, PauseHook, UpdateRunner
 from edge_agent.modelsync.verify import check_digest, file_digest, trusted_keys
 
@@ -49,16 +44,7 @@ log = structlog.get_logger(__name__)
 def build_installer(config: ModelSyncConfig) -> FilterInstaller:
     """A :class:`FilterInstaller` over a new :class:`RelayFilter`, reading
     recent rows from ``canary_rows_path``."""
-    rows_path = config.canary_rows_path
-
-    def recent_rows() -> HostWindows | None:
-        return rows_from_npz(rows_path) if rows_path is not None else None
-
-    policy = CanaryPolicy(
-        min_rows=config.canary_min_rows, max_alert_share=config.canary_max_alert_share
-    )
-    relay_filter = RelayFilter(config.internal_networks)
-    return FilterInstaller(relay_filter, recent_rows, policy)
+    return filter_installer(RelayFilter(config.internal_networks), config)
 
 
 def _pause_hook(models_dir: Path) -> PauseHook | None:

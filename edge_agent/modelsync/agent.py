@@ -7,7 +7,7 @@ jobs topics (``notify-next``, ``start-next/accepted|rejected``,
 queue with StartNextPendingJobExecution: after connecting, after every
 reconnect (an update published while the relay was offline is waiting in
 the queue), on every ``notify-next`` naming a job, and every
-``poll_interval_s`` as a safety net.  Each execution is handed to
+``poll_interval_s`` (configuration) as a safety net.  Each execution is handed to
 :class:`~edge_agent.modelsync.runner.UpdateRunner` and its outcome is
 reported with UpdateJobExecution (statusDetails carry the running model
 version).  Requests are matched to answers by ``clientToken``.
@@ -82,12 +82,15 @@ class JobsAgent:
         config: ModelSyncConfig,
         runner: UpdateRunner,
         counters: ModelSyncCounters | None = None,
-        poll_interval_s: float = 300.0,
+        poll_interval_s: float | None = None,
     ) -> None:
         self.config = config
         self.runner = runner
         self.counters = counters or runner.counters
-        self.poll_interval_s = poll_interval_s
+        #: default: the configuration's ``poll_interval_s``
+        self.poll_interval_s = (
+            config.poll_interval_s if poll_interval_s is None else poll_interval_s
+        )
         self.thing = config.thing_name
         self._wake = threading.Event()
         self._connected = threading.Event()
@@ -100,6 +103,8 @@ class JobsAgent:
         #: executions handed out so far, and start-next answers with none
         self.cycles = 0
         self.idle_cycles = 0
+        #: the job whose execution is being installed right now ("" if none)
+        self.current_job = ""
 
     @property
     def connected(self) -> bool:
@@ -278,8 +283,10 @@ class JobsAgent:
 
     # -- the work loop ----------------------------------------------------------
     def run(self, stop: threading.Event) -> None:
-        """Start the runner, connect, and work jobs until ``stop`` is set."""
-        self.runner.start()
+        """Start the runner (unless the host did already), connect, and work
+        jobs until ``stop`` is set."""
+        if not self.runner.started:
+            self.runner.start()
         if not self._connect(stop):
             return
         self._wake.set()
@@ -341,9 +348,13 @@ class JobsAgent:
             )
             return True
         log.info("modelsync_job_started", job_id=job_id, execution=number)
-        outcome = self.runner.run(
-            job_id, number, document, progress=self._progress(job_id, number)
-        )
+        self.current_job = job_id
+        try:
+            outcome = self.runner.run(
+                job_id, number, document, progress=self._progress(job_id, number)
+            )
+        finally:
+            self.current_job = ""
         self._report(job_id, number, outcome)
         return True
 

@@ -40,6 +40,8 @@ class ModelSyncConfigError(ValueError):
     def __init__(self, key: str, value: object, rule: str) -> None:
         super().__init__(f"modelsync.{key}={value!r}: {rule}")
         self.key = key
+        self.value = value
+        self.rule = rule
 
 
 @dataclass(frozen=True)
@@ -76,6 +78,9 @@ class ModelSyncConfig:
     keep_alive_s: int = 60
     #: how long to wait for the broker's answer to one jobs request
     request_timeout_s: float = 10.0
+    #: the job queue is also checked this often (besides every notify-next
+    #: and reconnect), in case a notification was lost
+    poll_interval_s: float = 300.0
     #: a job whose install was interrupted this often is reported FAILED
     max_attempts: int = 3
     s3_region: str | None = None
@@ -107,6 +112,19 @@ class ModelSyncConfig:
             raise ModelSyncConfigError(
                 "keep_alive_s", self.keep_alive_s, "must be >= 5"
             )
+        for key in ("request_timeout_s", "download_timeout_s", "poll_interval_s"):
+            if not getattr(self, key) > 0:
+                raise ModelSyncConfigError(key, getattr(self, key), "must be > 0")
+        if self.canary_min_rows < 1:
+            raise ModelSyncConfigError(
+                "canary_min_rows", self.canary_min_rows, "must be >= 1"
+            )
+        if not 0.0 < self.canary_max_alert_share <= 1.0:
+            raise ModelSyncConfigError(
+                "canary_max_alert_share",
+                self.canary_max_alert_share,
+                "must be in (0, 1]",
+            )
 
     @classmethod
     def from_mapping(
@@ -137,6 +155,13 @@ class ModelSyncConfig:
         kwargs["public_keys"] = tuple(resolve(k) for k in keys)
         if "internal_networks" in kwargs:
             kwargs["internal_networks"] = tuple(kwargs["internal_networks"])
+        for f in dataclasses.fields(cls):
+            missing = (
+                f.default is dataclasses.MISSING
+                and f.default_factory is dataclasses.MISSING
+            )
+            if missing and kwargs.get(f.name) is None:
+                raise ModelSyncConfigError(f.name, None, "is required")
         try:
             return cls(**kwargs)
         except TypeError as exc:

@@ -45,6 +45,7 @@ import structlog
 from edge_agent.features.extract import FeatureSpecError, HostWindows
 from edge_agent.features.scoring import reconstruction_losses
 from edge_agent.filter import LoadedModel, ModelLoadError, RelayFilter, load_model
+from edge_agent.modelsync.config import ModelSyncConfig
 from edge_agent.modelsync.errors import (
     BAD_MANIFEST,
     CANARY_ALERT_SHARE,
@@ -185,6 +186,8 @@ class FilterInstaller:
         self.filter = relay_filter
         self.recent_rows = recent_rows
         self.policy = policy or CanaryPolicy()
+        #: the manifest of the model the last :meth:`swap` put in (None before)
+        self.running: Mapping[str, Any] | None = None
 
     def validate_and_canary(
         self, model_path: Path, manifest: Mapping[str, Any]
@@ -200,6 +203,24 @@ class FilterInstaller:
             raise ModelRejectedError(
                 LOAD_FAILED, f"the filter refused {model_path} (see its counters)"
             )
+        self.running = manifest
+
+
+def filter_installer(
+    relay_filter: RelayFilter, config: ModelSyncConfig
+) -> FilterInstaller:
+    """A :class:`FilterInstaller` over ``relay_filter`` whose canary reads
+    the rows at ``config.canary_rows_path`` (none set: no rows, so every
+    canary refuses with ``no_canary_rows``) with the configured limits."""
+    rows_path = config.canary_rows_path
+
+    def recent_rows() -> HostWindows | None:
+        return rows_from_npz(rows_path) if rows_path is not None else None
+
+    policy = CanaryPolicy(
+        min_rows=config.canary_min_rows, max_alert_share=config.canary_max_alert_share
+    )
+    return FilterInstaller(relay_filter, recent_rows, policy)
 
 
 def _tail(rows: HostWindows, n: int) -> HostWindows:

@@ -85,6 +85,7 @@ class ModelSyncCounters:
     failures: collections.Counter[str] = field(default_factory=collections.Counter)
     resumed: int = 0  # executions resumed after a restart
     rolled_back: int = 0  # installs undone because the job stopped meanwhile
+    downloads: int = 0  # files fetched whole (a manifest or a model)
     downloaded_bytes: int = 0
     reconnects: int = 0
     connect_failures: int = 0
@@ -118,10 +119,13 @@ class UpdateRunner:
         self.counters = counters or ModelSyncCounters()
         self._pause = pause
         self._s3: Any = None
+        #: set by :meth:`start`
+        self.started = False
 
     # -- start-up ------------------------------------------------------------
     def start(self) -> st.InstalledModel | None:
         """Repair the store and load the current model into the installer."""
+        self.started = True
         current = self.store.recover()
         if current is not None:
             self.installer.swap(current.model_path, current.manifest)
@@ -290,6 +294,7 @@ class UpdateRunner:
             s3_client=self._s3_client,
             on_chunk=on_chunk,
         )
+        self.counters.downloads += 1
         self.counters.downloaded_bytes += got.size
         return got
 

@@ -17,7 +17,7 @@ import urllib.error
 import urllib.request
 from collections import defaultdict
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 import structlog
 from prometheus_client.parser import text_string_to_metric_families
@@ -29,10 +29,18 @@ from edge_agent.relay.config import (
     load_settings,
     render_settings,
 )
+from edge_agent.relay.metrics import ModelSyncCollector
 from edge_agent.relay.pipeline import RelayPipeline
 from edge_agent.spool import SpoolError
 
+if TYPE_CHECKING:
+    from edge_agent.modelsync.service import ModelSyncService
+
 Subparsers = argparse._SubParsersAction  # argparse exposes no public name
+
+
+class ModelSyncSetupError(RuntimeError):
+    """The ``[modelsync]`` agent cannot be built (a key file unreadable)."""
 
 
 def register(subparsers: Subparsers[argparse.ArgumentParser]) -> None:
@@ -141,6 +149,9 @@ def run_relay(args: argparse.Namespace) -> int:
     configure_logging(settings.relay.log_level, settings.relay.log_format)
     try:
         asyncio.run(_run(settings))
+    except ModelSyncSetupError as exc:
+        print(f"sampleflow relay run: configuration error: {exc}", file=sys.stderr)
+        return 2
     except (CollectorError, SpoolError, OSError) as exc:
         structlog.get_logger(__name__).error("relay_failed", error=str(exc))
         print(f"sampleflow relay run: {exc}", file=sys.stderr)
@@ -148,13 +159,39 @@ def run_relay(args: argparse.Namespace) -> int:
     return 0
 
 
+def build_model_sync(
+    settings: Settings, pipeline: RelayPipeline
+) -> ModelSyncService | None:
+    """The in-process update agent over the pipeline's filter, registered
+    in its metrics (None without ``[modelsync]``).  Raises ``OSError`` or
+    ``ValueError`` when a trusted key file cannot be read."""
+    if settings.modelsync is None or pipeline.filter is None:
+        return None
+    # Imported here: awsiotsdk is only loaded by relays that take updates.
+    from edge_agent.modelsync.service import ModelSyncService  # noqa: PLC0415
+
+    service = ModelSyncService(settings.modelsync, pipeline.filter)
+    pipeline.registry.register(ModelSyncCollector(service))
+    return service
+
+
 async def _run(settings: Settings) -> None:
     pipeline = RelayPipeline(settings)
+    try:
+        updates = build_model_sync(settings, pipeline)
+    except (OSError, ValueError) as exc:
+        raise ModelSyncSetupError(f"modelsync.public_keys: {exc}") from exc
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    if updates is not None:
+        # Before the pipeline loads the configured model: the store's
+        # current model is the one that runs.
+        await asyncio.to_thread(updates.load_current, settings.filter_model)
     await pipeline.start()
+    if updates is not None:
+        updates.start()
     # Everything allocated so far (modules, boto3's service models: a few
     # hundred thousand objects) lives as long as the process: keep it out
     # of the cyclic collector, whose full passes over it stall the event
@@ -166,6 +203,9 @@ async def _run(settings: Settings) -> None:
         for sig in (signal.SIGTERM, signal.SIGINT):
             with contextlib.suppress(Exception):
                 loop.remove_signal_handler(sig)
+        if updates is not None:
+            # First, so that no swap starts while the pipeline drains.
+            await asyncio.to_thread(updates.stop)
         await pipeline.stop()
 
 
@@ -275,8 +315,62 @@ def print_status(
             line(f"  {labels['stage']}/{labels['reason']}", f"{value:.0f}")
     else:
         line("drops", "none")
+    _print_modelsync(metrics, line)
     exporters = metrics.get(p + "exporter_records_total", [])
     if exporters:
         print("exporters (records):", file=stream)
         for labels, value in sorted(exporters, key=lambda d: -d[1])[:20]:
             line(f"  {labels['exporter']}", f"{value:.0f}")
+
+
+def _print_modelsync(
+    metrics: dict[str, list[tuple[dict[str, str], float]]],
+    line: Any,
+) -> None:
+    """The model-update lines of ``relay status`` (none without the agent)."""
+    p = "sampleflow_relay_modelsync_"
+    info = metrics.get(p + "info", [])
+    if not info:
+        line("model updates", "off")
+        return
+
+    def total(name: str) -> float:
+        return sum(v for _, v in metrics.get(p + name, []))
+
+    labels = info[0][0]
+    state = "connected" if total("connected") else "not connected"
+    if not total("agent_running"):
+        state = "agent stopped"
+    line("model updates", f"{state} as {labels['thing']} to {labels['endpoint']}")
+    models = metrics.get(p + "model_info", [])
+    line(
+        "  update model",
+        " ".join((models[0][0]["model"], models[0][0]["version"]))
+        if models
+        else "none installed",
+    )
+    failed = [
+        (labels["reason"], value)
+        for labels, value in metrics.get(p + "jobs_failed_total", [])
+        if value > 0
+    ]
+    text = (
+        f"{total('jobs_started_total'):.0f} taken, "
+        f"{total('jobs_succeeded_total'):.0f} succeeded, "
+        f"{sum(v for _, v in failed):.0f} failed"
+    )
+    if failed:
+        text += " (" + ", ".join(f"{r} {v:.0f}" for r, v in failed) + ")"
+    if total("update_in_progress"):
+        text += ", one installing"
+    line("  update jobs", text)
+    line(
+        "  update downloads",
+        f"{total('downloads_total'):.0f} files, "
+        f"{total('download_bytes_total'):.0f} bytes",
+    )
+    line(
+        "  broker",
+        f"{total('reconnects_total'):.0f} reconnects, "
+        f"{total('connect_failures_total'):.0f} failed connects",
+    )

@@ -35,6 +35,7 @@ from typing import Any, ClassVar, Union, get_args, get_origin, get_type_hints
 from edge_agent.collect.udp import CollectorConfig
 from edge_agent.filter.model import default_model_manifest
 from edge_agent.flows.decoder import DecoderConfig
+from edge_agent.modelsync.config import ModelSyncConfig, ModelSyncConfigError
 from edge_agent.relay.partition import PARTITION_SCHEMES
 from edge_agent.ship.config import ShipperConfig, ShipperConfigError
 from edge_agent.spool import FULL_POLICIES
@@ -362,6 +363,17 @@ class MetricsSettings:
         _check_range("metrics.port", self.port, 0, 65535)
 
 
+#: ``[modelsync]``: the in-process model-update agent.  Its keys are the
+#: fields of :class:`~edge_agent.modelsync.config.ModelSyncConfig` (one
+#: definition, one validation) plus ``enabled``, except those the relay
+#: fills in: ``internal_networks`` (the filter's).  Defaults taken from
+#: the relay: ``thing_name`` = relay.relay_id, ``models_dir`` =
+#: <relay.state_dir>/models, ``canary_rows_path`` = the filter's.  The
+#: agent runs when the section (or a SAMPLEFLOW_MODELSYNC_* variable) is
+#: given, unless ``enabled = false``.
+MODELSYNC_SECTION = "modelsync"
+_MODELSYNC_FROM_RELAY = ("internal_networks",)
+
 SECTIONS: tuple[type, ...] = (
     RelaySettings,
     CollectorSettings,
@@ -390,6 +402,9 @@ class Settings:
     spool: SpoolSettings
     kinesis: KinesisSettings
     metrics: MetricsSettings
+    #: the model-update agent's settings (None: no ``[modelsync]``, or
+    #: ``enabled = false``)
+    modelsync: ModelSyncConfig | None = None
     sources: Mapping[str, str] = field(default_factory=dict, compare=False)
 
     def require_tenant(self) -> str:
@@ -556,12 +571,13 @@ def load_settings(
             raise ConfigError("--config", str(path), f"not valid TOML: {exc}") from None
 
     by_name = {cls.SECTION: cls for cls in SECTIONS}  # type: ignore[attr-defined]
+    known = (*by_name, MODELSYNC_SECTION)
     for section, table in file_values.items():
-        if section not in by_name:
+        if section not in known:
             raise ConfigError(
                 section,
                 "[table]",
-                f"unknown section; sections: {', '.join(by_name)}",
+                f"unknown section; sections: {', '.join(known)}",
                 file_label,
             )
         if not isinstance(table, dict):
@@ -572,7 +588,7 @@ def load_settings(
             continue
         rest = name[len(ENV_PREFIX) :].lower()
         section, _, key = rest.partition("_")
-        if section in by_name and key:
+        if section in known and key:
             env_values.setdefault(section, {})[key] = (value, f"env {name}")
 
     sources: dict[str, str] = {}
@@ -613,7 +629,99 @@ def load_settings(
             raise ConfigError(
                 exc.key, exc.value, exc.rule, _source_of(exc.key, sources)
             ) from None
-    return Settings(**built, sources=types.MappingProxyType(sources))
+    settings = Settings(**built, sources=types.MappingProxyType(sources))
+    modelsync = _load_modelsync(
+        settings,
+        file_values.get(MODELSYNC_SECTION, {}),
+        env_values.get(MODELSYNC_SECTION, {}),
+        file_label,
+        sources,
+    )
+    return dataclasses.replace(
+        settings, modelsync=modelsync, sources=types.MappingProxyType(sources)
+    )
+
+
+def _load_modelsync(
+    settings: Settings,
+    table: Mapping[str, Any],
+    from_env: Mapping[str, tuple[str, str]],
+    file_label: str,
+    sources: dict[str, str],
+) -> ModelSyncConfig | None:
+    """``[modelsync]`` as a :class:`ModelSyncConfig` (see MODELSYNC_SECTION);
+    its values are typed like every other section's, then validated by
+    ModelSyncConfig itself."""
+    section = MODELSYNC_SECTION
+    kinds: dict[str, Any] = {"enabled": bool}
+    kinds.update(
+        (k, v)
+        for k, v in _field_types(ModelSyncConfig).items()
+        if k not in _MODELSYNC_FROM_RELAY
+    )
+    for key in (*table, *from_env):
+        if key not in kinds:
+            source = from_env[key][1] if key in from_env else file_label
+            _refuse_credentials(f"{section}.{key}", None, source)
+            rule = f"unknown key; [{section}] has {', '.join(kinds)}"
+            if key in _MODELSYNC_FROM_RELAY:
+                rule = "set by the relay: [filter] internal_networks applies"
+            raise ConfigError(
+                f"{section}.{key}",
+                from_env[key][0] if key in from_env else table[key],
+                rule,
+                source,
+            )
+    values: dict[str, Any] = {}
+    for key, kind in kinds.items():
+        full = f"{section}.{key}"
+        if key in from_env:
+            raw, source = from_env[key]
+            values[key] = _with_source(full, source, _convert, full, raw, kind, True)
+        elif key in table:
+            source = file_label
+            values[key] = _with_source(
+                full, source, _convert, full, table[key], kind, False
+            )
+        else:
+            source = "default"
+        sources[full] = source
+    if "enabled" not in values and (table or from_env):
+        sources[f"{section}.enabled"] = f"default ([{section}] is configured)"
+    if not values.pop("enabled", bool(table) or bool(from_env)):
+        return None
+    if not settings.filter.enabled:
+        raise ConfigError(
+            f"{section}.enabled",
+            True,
+            "needs filter.enabled = true (updates swap the filter's model); "
+            "set modelsync.enabled = false or enable the filter",
+            sources[f"{section}.enabled"],
+        )
+    derived = {
+        "thing_name": (settings.relay.relay_id, "default (relay.relay_id)"),
+        "models_dir": (
+            settings.relay.state_dir / "models",
+            "default (<relay.state_dir>/models)",
+        ),
+        "canary_rows_path": (
+            settings.canary_rows_path,
+            "default (filter.canary_rows_path)",
+        ),
+    }
+    for key, (value, source) in derived.items():
+        if values.get(key) is None:
+            values[key] = value
+            sources[f"{section}.{key}"] = source
+    values["internal_networks"] = settings.filter.networks
+    sources[f"{section}.internal_networks"] = "filter.internal_networks"
+    try:
+        return ModelSyncConfig.from_mapping(values)
+    except ModelSyncConfigError as exc:
+        full = f"{section}.{exc.key}"
+        raise ConfigError(
+            full, exc.value, exc.rule, _source_of(full, sources)
+        ) from None
 
 
 def _source_of(key: str, sources: Mapping[str, str]) -> str:
@@ -653,6 +761,24 @@ def render_settings(settings: Settings) -> str:
             else:
                 lines.append(f"{f.name} = {_toml_value(value)}  # {source}")
         lines.append("")
+    lines.append(f"[{MODELSYNC_SECTION}]")
+    modelsync = settings.modelsync
+    enabled_source = settings.sources.get(f"{MODELSYNC_SECTION}.enabled", "default")
+    if modelsync is None:
+        lines.append(
+            f"enabled = false  # {enabled_source}: no model updates "
+            "(configure [modelsync] to take them through AWS IoT Jobs)"
+        )
+    else:
+        lines.append(f"enabled = true  # {enabled_source}")
+        for f in dataclasses.fields(modelsync):
+            value = getattr(modelsync, f.name)
+            source = settings.sources.get(f"{MODELSYNC_SECTION}.{f.name}", "default")
+            if value is None:
+                lines.append(f"# {f.name} is not set  # {source}")
+            else:
+                lines.append(f"{f.name} = {_toml_value(value)}  # {source}")
+    lines.append("")
     return "\n".join(lines)
 
 

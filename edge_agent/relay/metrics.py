@@ -37,6 +37,7 @@ from edge_agent.flows.counters import DecodeStats
 from edge_agent.flows.schema import address_text
 
 if TYPE_CHECKING:
+    from edge_agent.modelsync.service import ModelSyncService
     from edge_agent.relay.pipeline import RelayPipeline
 
 PREFIX = "sampleflow_relay_"
@@ -370,6 +371,89 @@ class RelayCollector(Collector):
             for reason, count in sorted(s.rejected.items()):
                 drops.add_metric(["spool", f"rejected_{reason}"], count)
         yield drops
+
+
+class ModelSyncCollector(Collector):
+    """Reads the in-process model-update agent's counters at every scrape.
+
+    Registered next to :class:`RelayCollector` when ``[modelsync]`` is
+    configured; families are named ``sampleflow_relay_modelsync_*``.
+    """
+
+    def __init__(self, service: ModelSyncService) -> None:
+        self.service = service
+
+    def collect(self) -> Iterator[Metric]:
+        """Yield every model-update family (called by prometheus_client)."""
+        s = self.service
+        c = s.counters
+        info = _gauge(
+            "modelsync_info",
+            "The IoT thing and broker the update agent uses (value 1).",
+            ["thing", "endpoint"],
+        )
+        info.add_metric(
+            [s.config.thing_name, f"{s.config.endpoint}:{s.config.port}"], 1
+        )
+        yield info
+        for name, doc, value in (
+            ("modelsync_connected", "1 while the MQTT connection is up.",
+             1 if s.connected else 0),
+            ("modelsync_agent_running", "1 while the agent thread runs.",
+             1 if s.alive else 0),
+            ("modelsync_update_in_progress",
+             "1 while a job execution is being installed.",
+             1 if s.agent.current_job else 0),
+        ):  # fmt: skip
+            gauge = _gauge(name, doc)
+            gauge.add_metric([], value)
+            yield gauge
+        model = _gauge(
+            "modelsync_model_info",
+            "The model the update agent last put in place (value 1).",
+            ["model", "version"],
+        )
+        running = s.installer.running
+        if running is not None:
+            model.add_metric(
+                [str(running.get("name", "")), str(running.get("version", ""))], 1
+            )
+        yield model
+        for name, doc, value in (
+            ("modelsync_jobs_started_total", "Job executions taken.", c.jobs_started),
+            ("modelsync_jobs_succeeded_total", "Executions installed (SUCCEEDED).",
+             c.jobs_succeeded),
+            ("modelsync_jobs_resumed_total", "Executions resumed after a restart.",
+             c.resumed),
+            ("modelsync_rolled_back_total",
+             "Installs undone because their job ended without them.",
+             c.rolled_back),
+            ("modelsync_downloads_total", "Files downloaded (manifests and models).",
+             c.downloads),
+            ("modelsync_download_bytes_total", "Bytes downloaded.",
+             c.downloaded_bytes),
+            ("modelsync_reconnects_total", "Broker connections resumed.",
+             c.reconnects),
+            ("modelsync_connect_failures_total", "Failed first connections.",
+             c.connect_failures),
+            ("modelsync_reports_failed_total",
+             "Status reports the broker refused.", c.reports_failed),
+            ("modelsync_requests_rejected_total",
+             "Other jobs requests the broker refused.", c.requests_rejected),
+            ("modelsync_cycle_errors_total",
+             "Unexpected errors in a work cycle (logged).", c.cycle_errors),
+        ):  # fmt: skip
+            counter = _counter(name, doc)
+            counter.add_metric([], value)
+            yield counter
+        failed = _counter(
+            "modelsync_jobs_failed_total",
+            "Executions refused (FAILED), by reason.",
+            ["reason"],
+        )
+        for reason, count in sorted(list(c.failures.items())):
+            failed.add_metric([reason], count)
+        yield failed
 
 
 class _QuietHandler(WSGIRequestHandler):
