@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import collections
 import csv
+import dataclasses
 import json
 import os
 import shutil
@@ -318,6 +319,57 @@ def test_status_prints_the_update_counters(
     out = Capture()
     print_status({}, out)  # type: ignore[arg-type]
     assert "model updates                off" in out.text
+
+
+def test_empty_models_folder_is_provisioned_with_the_configured_model(
+    tmp_path: Path,
+) -> None:
+    """A relay taking updates for the first time installs its configured
+    model (the shipped v1) as the store's first version and scores with it;
+    once the store has a current model that one wins over the configured
+    model; a configured model whose bytes are not its manifest's is not
+    provisioned (the store stays empty)."""
+    from edge_agent.modelsync import store as st  # noqa: PLC0415
+    from edge_agent.modelsync.service import ModelSyncService  # noqa: PLC0415
+
+    generate_keypair(tmp_path / "k.pem", tmp_path / "k.pub")
+    path = write_toml(
+        tmp_path / "r.toml",
+        BASE.format(state=tmp_path / "state")
+        + SECTION.replace("keys/model-signing.pub.pem", str(tmp_path / "k.pub")),
+    )
+    config = load_settings(path, {}).modelsync
+    assert config is not None
+    service = ModelSyncService(config, RelayFilter(["10.0.0.0/8"]))
+    current = service.load_current(rollout.GOOD_MANIFEST)
+    v1_entry = st.entry_name(V1["name"], V1["version"], V1["sha256"])
+    assert current is not None and current.entry == v1_entry
+    models = tmp_path / "state" / "models"
+    assert (models / "current").read_text().strip() == v1_entry
+    assert (models / "versions" / v1_entry / rollout.GOOD_MODEL.name).read_bytes() == (
+        rollout.GOOD_MODEL.read_bytes()
+    )
+    assert service.filter.model is not None
+    assert service.filter.model.version == rollout.version_of(V1)
+    assert list((models / "tmp").iterdir()) == []
+
+    v2_model, v2_manifest = rollout.write_model(
+        tmp_path / "v2", rollout.GOOD_MODEL.read_bytes(), version="1.1.0"
+    )
+    again = ModelSyncService(config, RelayFilter(["10.0.0.0/8"]))
+    current = again.load_current(v2_manifest)
+    assert current is not None and current.entry == v1_entry
+    assert again.filter.model is not None
+    assert again.filter.model.version == rollout.version_of(V1)
+
+    bad = tmp_path / "bad"
+    shutil.copytree(tmp_path / "v2", bad)
+    (bad / v2_model.name).write_bytes(rollout.GOOD_MODEL.read_bytes()[:-1] + b"x")
+    fresh = dataclasses.replace(config, models_dir=tmp_path / "fresh")
+    empty = ModelSyncService(fresh, RelayFilter(["10.0.0.0/8"]))
+    assert empty.load_current(bad / "manifest.json") is None
+    assert not (tmp_path / "fresh" / "current").exists()
+    assert empty.filter.model is None
 
 
 class Capture:
