@@ -274,6 +274,21 @@ def test_check_config_prints_the_effective_modelsync_settings(
     )
 
 
+def test_relay_run_refuses_an_unreadable_trusted_key(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`relay run` whose modelsync.public_keys names a missing file exits 2
+    before binding anything, naming the section and the file."""
+    path = write_toml(tmp_path / "r.toml", BASE.format(state=tmp_path) + SECTION)
+    missing = Path.cwd() / "keys" / "model-signing.pub.pem"
+    assert cli_main(["relay", "run", "--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert (
+        "sampleflow relay run: configuration error: [modelsync]: cannot read "
+        f"public key {missing}"
+    ) in err
+
+
 def test_status_prints_the_update_counters(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -86,7 +86,17 @@ class ModelSyncService:
         pipeline then loads the configured model itself).  Blocking: call it
         from a worker thread.
         """
-        current = self.runner.start()
+        try:
+            current = self.runner.start()
+        except (OSError, ModelRejectedError) as exc:
+            # The relay still runs (on the configured model); installs will
+            # report what is wrong with the folder.
+            log.error(
+                "modelsync_store_unusable",
+                models_dir=str(self.store.root),
+                error=str(exc),
+            )
+            return None
         if current is not None or configured is None:
             return current
         try:

@@ -163,8 +163,9 @@ def build_model_sync(
     settings: Settings, pipeline: RelayPipeline
 ) -> ModelSyncService | None:
     """The in-process update agent over the pipeline's filter, registered
-    in its metrics (None without ``[modelsync]``).  Raises ``OSError`` or
-    ``ValueError`` when a trusted key file cannot be read."""
+    in its metrics (None without ``[modelsync]``).  Raises ``ValueError``
+    naming the file when a trusted key cannot be read, ``OSError`` when
+    the models folder cannot be created."""
     if settings.modelsync is None or pipeline.filter is None:
         return None
     # Imported here: awsiotsdk is only loaded by relays that take updates.
@@ -180,7 +181,7 @@ async def _run(settings: Settings) -> None:
     try:
         updates = build_model_sync(settings, pipeline)
     except (OSError, ValueError) as exc:
-        raise ModelSyncSetupError(f"modelsync.public_keys: {exc}") from exc
+        raise ModelSyncSetupError(f"[modelsync]: {exc}") from exc
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
