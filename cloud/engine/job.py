@@ -4,17 +4,15 @@ host windows → scores → detections.
 One query reads the stream (:mod:`cloud.engine.kinesis`) and hands every
 micro-batch to :class:`MicroBatchProcessor` (``foreachBatch``), which:
 
-1. decodes the records on the executors and sums their flows' estimator
-   statistics per event-time window, record by record
-   (:func:`cloud.engine.transform.summarize_partition`, ``mapInArrow``);
-   one Spark job, no shuffle: only batch headers, window sums and
-   invalid-record rows reach the driver;
+1. fetches the records to the driver as they are (one Spark job, no
+   shuffle: one compressed relay batch per row, ``toArrow``) and decodes
+   each once (:func:`cloud.engine.transform.decode_records`);
 2. sets invalid records aside with shard and sequence number, and counts
    them by error kind (the stream goes on);
 3. drops duplicate relay batches: within the micro-batch the record with
    the lowest (shard, sequence number) wins, across micro-batches the
    store's ledger decides (:mod:`cloud.engine.store`);
-4. adds up the window sums of the accepted records per tenant and window,
+4. sums the accepted flows' estimator statistics per tenant and window,
    stores them keyed by micro-batch, closes windows behind the tenant's
    watermark, and writes the updated estimates to the sink;
 5. keeps the accepted flows per tenant in buckets on the driver
@@ -41,6 +39,7 @@ from typing import Any
 
 import botocore.exceptions
 import numpy as np
+import pyarrow as pa
 import structlog
 from pyspark import StorageLevel
 from pyspark.sql import DataFrame, SparkSession
@@ -48,7 +47,7 @@ from pyspark.sql.streaming import StreamingQuery
 
 from cloud.engine.analysis import AnalysisReport, FlowAnalysis
 from cloud.engine.config import EngineConfig
-from cloud.engine.estimates import STAT_FIELDS, z_for
+from cloud.engine.estimates import z_for
 from cloud.engine.kinesis import SOURCE_NAME
 from cloud.engine.metrics import (
     EngineCounters,
@@ -67,22 +66,16 @@ from cloud.engine.sinks import (
     estimate_windows,
 )
 from cloud.engine.spark import build_spark_session
-from cloud.engine.store import (
-    BatchClaim,
-    InvalidRecord,
-    SqliteStore,
-    WindowPartial,
-)
+from cloud.engine.store import BatchClaim, InvalidRecord, SqliteStore
 from cloud.engine.tenants import TenantBatch, TenantStateWriter
 from cloud.engine.transform import (
     FLOW_SCHEMA,
-    KIND_BATCH,
-    KIND_INVALID,
-    KIND_WINDOW,
-    SUMMARY_SCHEMA,
+    RECORD_COLUMNS,
+    DecodedRecord,
+    decode_records,
     flows_partition,
-    payload_flows,
-    summarize_partition,
+    sort_records,
+    window_partials,
 )
 from cloud.scoring_client import ScoringClient, ScoringClientConfig
 from cloud.store.detections import (
@@ -126,7 +119,8 @@ class BatchReport:
     unscored: int = 0  # host windows still pending after this micro-batch
     estimates_deferred: int = 0
     state_trouble: int = 0  # tenant state updates refused or failed
-    decode_ms: float = 0.0  # the Spark job: read, decode, window sums
+    fetch_ms: float = 0.0  # the Spark job: read the records to the driver
+    decode_ms: float = 0.0  # decoding them
     store_ms: float = 0.0  # dedup, partials, buckets, watermarks, sink
     features_ms: float = 0.0  # closing feature windows
     scoring_ms: float = 0.0  # model service and detection store
@@ -188,18 +182,15 @@ class MicroBatchProcessor:
         """Process one micro-batch; returns (and keeps) its report."""
         started = time.perf_counter()
         if self.flow_consumers:
-            # Read the source once for the summary and the flows.
+            # Read the source once for the records and the flows.
             df = df.persist(StorageLevel.MEMORY_AND_DISK)
         try:
-            summarize = partial(
-                summarize_partition,
-                size_ms=self.config.window_s * 1000,
-                slide_ms=self.config.slide_s * 1000,
-            )
-            rows = df.mapInArrow(summarize, SUMMARY_SCHEMA).collect()
-            decode_ms = (time.perf_counter() - started) * 1000
-            report, accepted, invalid = self._process_rows(rows, micro_batch)
-            report.decode_ms = decode_ms
+            # The records as they came (one per relay batch, compressed):
+            # Spark moves a few hundred blobs, not their flow rows.
+            records = df.select(*RECORD_COLUMNS).toArrow()
+            fetch_ms = (time.perf_counter() - started) * 1000
+            report, accepted, invalid = self._process_records(records, micro_batch)
+            report.fetch_ms = fetch_ms
             if self.flow_consumers and accepted:
                 t_flows = time.perf_counter()
                 flow_df = self.accepted_flows(df, accepted)
@@ -211,12 +202,14 @@ class MicroBatchProcessor:
                 df.unpersist()
         return self._finish(report, started, invalid)
 
-    def process_rows(self, rows: Sequence[Any], micro_batch: int) -> BatchReport:
-        """The driver's part of a micro-batch, on the collected summary rows
-        (:data:`SUMMARY_SCHEMA`); what :meth:`process` does after its Spark
-        job.  For benchmarks and tools that decode without Spark."""
+    def process_records(
+        self, records: pa.Table | pa.RecordBatch, micro_batch: int
+    ) -> BatchReport:
+        """The driver's part of a micro-batch, on its Kinesis records
+        (columns :data:`RECORD_COLUMNS`); what :meth:`process` does after
+        fetching them.  For benchmarks and tools that read without Spark."""
         started = time.perf_counter()
-        report, _, invalid = self._process_rows(rows, micro_batch)
+        report, _, invalid = self._process_records(records, micro_batch)
         return self._finish(report, started, invalid)
 
     def _finish(
@@ -226,19 +219,17 @@ class MicroBatchProcessor:
         self._count(report, invalid)
         return report
 
-    def _process_rows(
-        self, rows: Sequence[Any], micro_batch: int
+    def _process_records(
+        self, records: pa.Table | pa.RecordBatch, micro_batch: int
     ) -> tuple[BatchReport, frozenset[tuple[str, str]], list[InvalidRecord]]:
         wall_start = time.time()
         report = BatchReport(micro_batch)
+        t_decode = time.perf_counter()
+        valid, invalid = decode_records(records)
+        report.decode_ms = (time.perf_counter() - t_decode) * 1000
         t_store = time.perf_counter()
-        invalid = [
-            InvalidRecord(r.shard_id, r.sequence_number, r.error_kind, r.error)
-            for r in rows
-            if r.kind == KIND_INVALID
-        ]
-        report.records = len(invalid) + sum(1 for r in rows if r.kind == KIND_BATCH)
-        claims, record_counts = self._first_claims(rows, report)
+        report.records = len(valid) + len(invalid)
+        claims = self._first_claims(valid, report)
         if invalid:
             self.store.set_aside(micro_batch, invalid)
         owned = self.store.claim_batches(micro_batch, claims) if claims else set()
@@ -247,11 +238,17 @@ class MicroBatchProcessor:
         )
         report.batches_accepted = len(accepted)
         report.duplicates_across = len(claims) - len(accepted)
-        report.flows = sum(record_counts[key] for key in accepted)
-        flows, tenants = self._accepted_payloads(rows, accepted)
+        flows, tenants = self._accepted_flows(valid, accepted)
+        report.flows = sum(int(f.size) for f in flows.values())
         analysis = AnalysisReport()
         self.analysis.add(micro_batch, flows, analysis)
-        partials = self._partials(rows, accepted)
+        partials = [
+            p
+            for tenant, rows in sorted(flows.items())
+            for p in window_partials(
+                tenant, rows, self.config.window_s * 1000, self.config.slide_s * 1000
+            )
+        ]
         refused = self.store.add_partials(micro_batch, partials)
         report.late_partials = len(refused)
         latest: dict[str, int] = {}
@@ -314,36 +311,28 @@ class MicroBatchProcessor:
         report.scoring_ms = (time.perf_counter() - t_score) * 1000
         return done.model_versions
 
-    def _accepted_payloads(
-        self, rows: Sequence[Any], accepted: frozenset[tuple[str, str]]
+    def _accepted_flows(
+        self, valid: Sequence[DecodedRecord], accepted: frozenset[tuple[str, str]]
     ) -> tuple[dict[str, np.ndarray], dict[str, TenantBatch]]:
         """The accepted records' flows per tenant, and tenant figures."""
         parts: dict[str, list[np.ndarray]] = {}
         tenants: dict[str, TenantBatch] = {}
-        for r in rows:
-            if r.kind != KIND_BATCH or (r.shard_id, r.sequence_number) not in accepted:
+        for r in valid:
+            if r.key not in accepted:
                 continue
-            flows = payload_flows(r.payload)
             t = tenants.setdefault(r.tenant_id, TenantBatch())
-            t.add_relay(r.relay_id, int(r.created_ms or 0))
-            t.add_rows(r.relay_id, flows)
-            parts.setdefault(r.tenant_id, []).append(flows)
+            t.add_relay(r.relay_id, r.created_ms)
+            t.add_rows(r.relay_id, r.flows)
+            parts.setdefault(r.tenant_id, []).append(r.flows)
         return {k: np.concatenate(v) for k, v in parts.items()}, tenants
 
     def _first_claims(
-        self, rows: Sequence[Any], report: BatchReport
-    ) -> tuple[list[BatchClaim], dict[tuple[str, str], int]]:
-        """One claim per relay batch id: the lowest (shard, sequence) record;
-        and the flow count of every valid record."""
-        batches = sorted(
-            (r for r in rows if r.kind == KIND_BATCH),
-            key=lambda r: (r.shard_id, int(r.sequence_number)),
-        )
+        self, valid: Sequence[DecodedRecord], report: BatchReport
+    ) -> list[BatchClaim]:
+        """One claim per relay batch id: the lowest (shard, sequence) record."""
         claims: dict[str, BatchClaim] = {}
-        counts: dict[tuple[str, str], int] = {}
-        for r in batches:
-            counts[(r.shard_id, r.sequence_number)] = int(r.record_count)
-            self.counters.skipped_columns += int(r.skipped_columns or 0)
+        for r in sort_records(valid):
+            self.counters.skipped_columns += r.skipped_columns
             if r.batch_id in claims:
                 report.duplicates_in_batch += 1
                 continue
@@ -351,39 +340,11 @@ class MicroBatchProcessor:
                 batch_id=r.batch_id,
                 tenant_id=r.tenant_id,
                 relay_id=r.relay_id,
-                relay_seq=int(r.relay_seq),
+                relay_seq=r.relay_seq,
                 shard_id=r.shard_id,
                 sequence_number=r.sequence_number,
             )
-        return list(claims.values()), counts
-
-    def _partials(
-        self, rows: Sequence[Any], accepted: frozenset[tuple[str, str]]
-    ) -> list[WindowPartial]:
-        """Sum the window rows of the accepted records per (tenant, window)."""
-        sums: dict[tuple[str, int], dict[str, float]] = {}
-        ends: dict[tuple[str, int], int] = {}
-        for r in rows:
-            if r.kind != KIND_WINDOW or (r.shard_id, r.sequence_number) not in accepted:
-                continue
-            key = (r.tenant_id, int(r.w_start_ms))
-            ends[key] = int(r.w_end_ms)
-            acc = sums.setdefault(key, {"max_time_ms": float("-inf"), "flows": 0.0})
-            acc["max_time_ms"] = max(acc["max_time_ms"], float(r.w_max_time_ms))
-            acc["flows"] += float(r.w_flows)
-            for name in STAT_FIELDS:
-                acc[name] = acc.get(name, 0.0) + float(r[f"st_{name}"])
-        return [
-            WindowPartial(
-                tenant_id=tenant,
-                window_start_ms=start,
-                window_end_ms=ends[(tenant, start)],
-                max_time_ms=int(acc["max_time_ms"]),
-                flows=int(acc["flows"]),
-                stats={name: acc[name] for name in STAT_FIELDS},
-            )
-            for (tenant, start), acc in sorted(sums.items())
-        ]
+        return list(claims.values())
 
     def _count(self, report: BatchReport, invalid: list[InvalidRecord]) -> None:
         c = self.counters

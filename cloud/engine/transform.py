@@ -1,31 +1,39 @@
-"""Kinesis records → window sums and flow rows, inside Spark tasks.
+"""Kinesis records → decoded relay batches and window sums, on the driver;
+flow rows for consumers, inside Spark tasks.
 
-One Kinesis record is one relay batch (:mod:`edge_agent.wire`).  Two
-``mapInArrow`` functions read the source's rows:
+One Kinesis record is one relay batch (:mod:`edge_agent.wire`).  Spark
+moves the records as they are (shard, sequence number and the compressed
+data: ~10 bytes a flow); the driver fetches a micro-batch's records as one
+Arrow table (``DataFrame.toArrow``) and decodes each once
+(:func:`decode_records`):
 
-:func:`summarize_partition` yields :data:`SUMMARY_SCHEMA` rows of three
-kinds (column ``kind``):
+* a valid record becomes a :class:`DecodedRecord`: its header, for
+  duplicate detection (a relay delivers a batch at least once), and its
+  flows as :data:`PAYLOAD_DTYPE` rows (the columns the driver reads);
+* a record that does not decode becomes an
+  :class:`~cloud.engine.store.InvalidRecord` with its shard, sequence
+  number, error class and message.  Nothing raises: a bad record never
+  stops the stream.
 
-* :data:`KIND_BATCH` -- one per valid record: its header, for duplicate
-  detection (a relay delivers a batch at least once), and the record's
-  data itself (``payload``, still compressed: ~10 bytes a flow against 93
-  decoded) for the driver, which decodes the accepted ones again
-  (:func:`payload_flows`) for per-host features and network statistics;
-* :data:`KIND_WINDOW` -- per valid record and event-time window its flows
-  fall in: the summed estimator statistics of
-  :func:`cloud.engine.estimates.row_statistics` (the driver adds up those
-  of the records it accepts, so flows never leave the executors);
-* :data:`KIND_INVALID` -- one per record that does not decode, with its
-  shard, sequence number, error class and message.  Nothing raises: a bad
-  record never stops the stream.
+:func:`window_partials` then sums the estimator statistics
+(:func:`cloud.engine.estimates.row_statistics`) of the accepted records'
+flows per tenant and event-time window, in one numpy pass per tenant.
 
-:func:`flows_partition` yields the flow rows (:data:`FLOW_SCHEMA`) of the
-records the driver accepted, for consumers of individual flows (scoring).
+Why on the driver: every flow row reaches the driver anyway (features and
+network statistics are computed there), and decoding costs ~0.3 µs a
+flow; decoding on the executors as well meant a second decode, an extra
+Python worker hop and per-row Arrow conversions for the window sums,
+which cost more CPU than the decode itself.
+
+:func:`flows_partition` (``mapInArrow``) yields the flow rows
+(:data:`FLOW_SCHEMA`) of the records the driver accepted, for consumers of
+individual flows.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -34,8 +42,6 @@ import structlog
 from pyspark.sql.pandas.types import to_arrow_schema
 from pyspark.sql.types import (
     BinaryType,
-    ByteType,
-    DoubleType,
     FloatType,
     IntegerType,
     LongType,
@@ -45,14 +51,14 @@ from pyspark.sql.types import (
 )
 
 from cloud.engine.estimates import STAT_FIELDS, row_statistics
+from cloud.engine.store import InvalidRecord, WindowPartial
 from cloud.engine.windows import sum_by_window
 from edge_agent.wire import DecodedBatch, WireFormatError, decode_batch
 
 log = structlog.get_logger(__name__)
 
-KIND_BATCH = 1
-KIND_INVALID = 2
-KIND_WINDOW = 3
+#: The source columns the driver fetches for each micro-batch.
+RECORD_COLUMNS = ("shard_id", "sequence_number", "data")
 
 #: Flow columns of the wire format and their Spark types.  Spark has no
 #: unsigned types: u8 counters become long (a value over 2^63 - 1 makes the
@@ -90,32 +96,6 @@ _HEADER_FIELDS = [
     StructField("relay_seq", LongType(), True),
 ]
 
-SUMMARY_SCHEMA = StructType(
-    [
-        StructField("kind", ByteType(), False),
-        StructField("shard_id", StringType(), False),
-        StructField("sequence_number", StringType(), False),
-        *_HEADER_FIELDS,
-        # batch rows: the relay's aggregation window and row count
-        StructField("window_start_ms", LongType(), True),
-        StructField("window_end_ms", LongType(), True),
-        StructField("record_count", LongType(), True),
-        StructField("skipped_columns", IntegerType(), True),
-        StructField("created_ms", LongType(), True),
-        StructField("payload", BinaryType(), True),
-        # invalid rows
-        StructField("error_kind", StringType(), True),
-        StructField("error", StringType(), True),
-        # window rows: the engine's event-time window of the sums
-        StructField("w_start_ms", LongType(), True),
-        StructField("w_end_ms", LongType(), True),
-        StructField("w_max_time_ms", LongType(), True),
-        StructField("w_flows", DoubleType(), True),
-        *(StructField(f"st_{name}", DoubleType(), True) for name in STAT_FIELDS),
-    ]
-)
-"""What :func:`summarize_partition` yields; see the module docstring."""
-
 FLOW_SCHEMA = StructType(
     [
         StructField("shard_id", StringType(), False),
@@ -147,31 +127,120 @@ PAYLOAD_DTYPE = np.dtype(
 )
 
 
-def payload_of(batch: DecodedBatch) -> bytes:
-    """The batch's flows as :data:`PAYLOAD_DTYPE` bytes."""
+@dataclass(frozen=True)
+class DecodedRecord:
+    """A Kinesis record that is a valid relay batch."""
+
+    shard_id: str
+    sequence_number: str
+    tenant_id: str
+    relay_id: str
+    batch_id: str
+    relay_seq: int
+    created_ms: int  # when the relay encoded it, ms since the epoch
+    skipped_columns: int  # columns of a newer wire format this one skips
+    flows: np.ndarray  # PAYLOAD_DTYPE, ``record_count`` rows
+
+    @property
+    def key(self) -> tuple[str, str]:
+        """(shard, sequence number): where the record is in the stream."""
+        return (self.shard_id, self.sequence_number)
+
+
+def payload_of(batch: DecodedBatch) -> np.ndarray:
+    """The batch's flows as :data:`PAYLOAD_DTYPE` rows."""
     out = np.empty(batch.header.record_count, dtype=PAYLOAD_DTYPE)
     for name in PAYLOAD_DTYPE.names or ():
         out[name] = batch.columns[name]
-    return out.tobytes()
-
-
-def unpack_payload(data: bytes) -> np.ndarray:
-    """Inverse of :func:`payload_of` (a read-only view of ``data``)."""
-    return np.frombuffer(data, dtype=PAYLOAD_DTYPE)
-
-
-def payload_flows(data: bytes) -> np.ndarray:
-    """The :data:`PAYLOAD_DTYPE` flows of a record the executors found
-    valid (decoding it again costs ~0.3 µs a flow)."""
-    return np.frombuffer(payload_of(decode_batch(data)), dtype=PAYLOAD_DTYPE)
-
-
-_SUMMARY_ARROW = to_arrow_schema(SUMMARY_SCHEMA, timezone="UTC")
-_FLOW_ARROW = to_arrow_schema(FLOW_SCHEMA, timezone="UTC")
+    return out
 
 
 def _counter_overflow(batch: DecodedBatch) -> bool:
     return any(bool(np.any(batch.columns[name] > _INT64_MAX)) for name in _U64_COLUMNS)
+
+
+def _decode(shard: str, seq: str, data: bytes) -> DecodedBatch | InvalidRecord:
+    """Decode one record, or say why it is not a valid batch."""
+    try:
+        batch = decode_batch(data)
+    except WireFormatError as exc:
+        return InvalidRecord(shard, seq, type(exc).__name__, str(exc))
+    except Exception as exc:  # a decoder bug must not stop the stream
+        log.error(
+            "wire_decoder_bug", error=repr(exc), shard_id=shard, sequence_number=seq
+        )
+        return InvalidRecord(shard, seq, f"decoder_bug:{type(exc).__name__}", repr(exc))
+    if _counter_overflow(batch):
+        return InvalidRecord(
+            shard,
+            seq,
+            "counter_overflow",
+            "a byte or packet counter is over 2^63 - 1",
+        )
+    return batch
+
+
+def decode_records(
+    records: pa.Table | pa.RecordBatch,
+) -> tuple[list[DecodedRecord], list[InvalidRecord]]:
+    """Decode a micro-batch's records (columns :data:`RECORD_COLUMNS`), in
+    their order: the valid ones and the ones set aside."""
+    valid: list[DecodedRecord] = []
+    invalid: list[InvalidRecord] = []
+    for shard, seq, data in zip(
+        records.column("shard_id").to_pylist(),
+        records.column("sequence_number").to_pylist(),
+        records.column("data").to_pylist(),
+        strict=True,
+    ):
+        batch = _decode(shard, seq, data)
+        if isinstance(batch, InvalidRecord):
+            invalid.append(batch)
+            continue
+        h = batch.header
+        valid.append(
+            DecodedRecord(
+                shard_id=shard,
+                sequence_number=seq,
+                tenant_id=h.tenant_id,
+                relay_id=h.relay_id,
+                batch_id=str(h.batch_id),
+                relay_seq=int(h.seq),
+                created_ms=int(h.created_ms or 0),
+                skipped_columns=len(batch.skipped_columns),
+                flows=payload_of(batch),
+            )
+        )
+    return valid, invalid
+
+
+def window_partials(
+    tenant_id: str, flows: np.ndarray, size_ms: int, slide_ms: int
+) -> list[WindowPartial]:
+    """Per event-time window (``size_ms`` every ``slide_ms``, by
+    ``time_end``) the summed estimator statistics of one tenant's flows
+    (:data:`PAYLOAD_DTYPE`), ascending by window start."""
+    if flows.size == 0:
+        return []
+    values = row_statistics(flows["packets"], flows["bytes"], flows["sampling_rate"])
+    values["flows"] = flows["flow_count"]
+    starts, max_time, sums = sum_by_window(flows["time_end"], values, size_ms, slide_ms)
+    return [
+        WindowPartial(
+            tenant_id=tenant_id,
+            window_start_ms=start,
+            window_end_ms=start + size_ms,
+            max_time_ms=latest,
+            flows=round(total),
+            stats={name: float(sums[name][i]) for name in STAT_FIELDS},
+        )
+        for i, (start, latest, total) in enumerate(
+            zip(starts.tolist(), max_time.tolist(), sums["flows"].tolist(), strict=True)
+        )
+    ]
+
+
+_FLOW_ARROW = to_arrow_schema(FLOW_SCHEMA, timezone="UTC")
 
 
 def _column(name: str, values: np.ndarray, field: pa.Field) -> pa.Array:
@@ -182,107 +251,6 @@ def _column(name: str, values: np.ndarray, field: pa.Field) -> pa.Array:
         )
         return fixed.cast(field.type)
     return pa.array(values.astype(field.type.to_pandas_dtype(), copy=False))
-
-
-def _rows_batch(rows: list[dict[str, Any]], schema: pa.Schema) -> pa.RecordBatch:
-    arrays = [pa.array([r.get(f.name) for r in rows], f.type) for f in schema]
-    return pa.RecordBatch.from_arrays(arrays, schema=schema)
-
-
-def _decode(shard: str, seq: str, data: bytes) -> tuple[dict[str, Any], Any]:
-    """Decode one record: (batch or invalid row, DecodedBatch or None)."""
-    where = {"shard_id": shard, "sequence_number": seq}
-    try:
-        batch = decode_batch(data)
-    except WireFormatError as exc:
-        return {
-            "kind": KIND_INVALID,
-            "error_kind": type(exc).__name__,
-            "error": str(exc),
-            **where,
-        }, None
-    except Exception as exc:  # a decoder bug must not stop the stream
-        log.error("wire_decoder_bug", error=repr(exc), **where)
-        return {
-            "kind": KIND_INVALID,
-            "error_kind": f"decoder_bug:{type(exc).__name__}",
-            "error": repr(exc),
-            **where,
-        }, None
-    if _counter_overflow(batch):
-        return {
-            "kind": KIND_INVALID,
-            "error_kind": "counter_overflow",
-            "error": "a byte or packet counter is over 2^63 - 1",
-            **where,
-        }, None
-    h = batch.header
-    return {
-        "kind": KIND_BATCH,
-        **where,
-        "tenant_id": h.tenant_id,
-        "relay_id": h.relay_id,
-        "batch_id": str(h.batch_id),
-        "relay_seq": h.seq,
-        "window_start_ms": h.window_start_ms,
-        "window_end_ms": h.window_end_ms,
-        "record_count": h.record_count,
-        "skipped_columns": len(batch.skipped_columns),
-        "created_ms": h.created_ms,
-    }, batch
-
-
-def _window_rows(
-    header: dict[str, Any], batch: DecodedBatch, size_ms: int, slide_ms: int
-) -> list[dict[str, Any]]:
-    cols = batch.columns
-    values = row_statistics(cols["packets"], cols["bytes"], cols["sampling_rate"])
-    values["flows"] = cols["flow_count"]
-    starts, max_time, sums = sum_by_window(cols["time_end"], values, size_ms, slide_ms)
-    keep = {k: header[k] for k in ("shard_id", "sequence_number", "tenant_id")}
-    keep.update(relay_id=header["relay_id"], batch_id=header["batch_id"])
-    return [
-        {
-            **keep,
-            "kind": KIND_WINDOW,
-            "w_start_ms": int(starts[i]),
-            "w_end_ms": int(starts[i]) + size_ms,
-            "w_max_time_ms": int(max_time[i]),
-            "w_flows": float(sums["flows"][i]),
-            **{f"st_{name}": float(sums[name][i]) for name in STAT_FIELDS},
-        }
-        for i in range(len(starts))
-    ]
-
-
-def summarize_records(
-    rows: pa.RecordBatch, size_ms: int, slide_ms: int
-) -> pa.RecordBatch:
-    """Batch, window and invalid rows (:data:`SUMMARY_SCHEMA`) of one Arrow
-    batch of source rows, windows ``size_ms`` long every ``slide_ms``."""
-    out: list[dict[str, Any]] = []
-    for shard, seq, data in zip(
-        rows.column("shard_id").to_pylist(),
-        rows.column("sequence_number").to_pylist(),
-        rows.column("data").to_pylist(),
-        strict=True,
-    ):
-        meta, batch = _decode(shard, seq, data)
-        if batch is not None:
-            meta = {**meta, "payload": data}
-        out.append(meta)
-        if batch is not None and batch.header.record_count:
-            out.extend(_window_rows(meta, batch, size_ms, slide_ms))
-    return _rows_batch(out, _SUMMARY_ARROW)
-
-
-def summarize_partition(
-    batches: Iterator[pa.RecordBatch], size_ms: int, slide_ms: int
-) -> Iterator[pa.RecordBatch]:
-    """``mapInArrow`` function (bind the window with functools.partial)."""
-    for rows in batches:
-        if rows.num_rows:
-            yield summarize_records(rows, size_ms, slide_ms)
 
 
 def _flow_batch(header: dict[str, Any], batch: DecodedBatch) -> pa.RecordBatch:
@@ -322,6 +290,21 @@ def flows_partition(
         ):
             if (shard, seq) not in accepted:
                 continue
-            meta, batch = _decode(shard, seq, data)
-            if batch is not None and batch.header.record_count:
-                yield _flow_batch(meta, batch)
+            batch = _decode(shard, seq, data)
+            if isinstance(batch, InvalidRecord) or not batch.header.record_count:
+                continue
+            h = batch.header
+            header = {
+                "shard_id": shard,
+                "sequence_number": seq,
+                "tenant_id": h.tenant_id,
+                "relay_id": h.relay_id,
+                "batch_id": str(h.batch_id),
+                "relay_seq": h.seq,
+            }
+            yield _flow_batch(header, batch)
+
+
+def sort_records(records: Sequence[DecodedRecord]) -> list[DecodedRecord]:
+    """``records`` by (shard, sequence number as an integer): stream order."""
+    return sorted(records, key=lambda r: (r.shard_id, int(r.sequence_number)))
