@@ -76,6 +76,10 @@ class DecoderConfig:
     * ``max_template_fields``: fields per template; more are refused.
     * ``max_exporters``: exporters with counters/templates; past it,
       counters share one overflow entry and templates are refused.
+    * ``datagram_plans``: remember the v9/IPFIX datagram layouts an
+      exporter repeats and read such datagrams in bulk
+      (:mod:`edge_agent.flows.plans`); off, every datagram is walked set by
+      set.  The output and counters are the same either way.
     """
 
     default_sampling_rate: int = 0
@@ -86,6 +90,7 @@ class DecoderConfig:
     max_templates_per_exporter: int = 1024
     max_template_fields: int = 512
     max_exporters: int = 4096
+    datagram_plans: bool = True
 
     def __post_init__(self) -> None:
         _positive("default_sampling_rate", self.default_sampling_rate, 0)
@@ -147,6 +152,7 @@ class FlowDecoder:
             "stats": self.stats,
             "settle": self._settle,
             "max_template_fields": cfg.max_template_fields,
+            "plans": cfg.datagram_plans,
         }
         self._v9 = NetflowV9Decoder(**shared)
         self._ipfix = IpfixDecoder(**shared)
@@ -184,6 +190,8 @@ class FlowDecoder:
         """
         batch = RecordBatch()
         self._v5.bind(batch)
+        self._v9.bind(batch)
+        self._ipfix.bind(batch)
         stats = self.stats
         known = stats.by_exporter
         pending = self.pending

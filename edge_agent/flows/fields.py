@@ -1191,7 +1191,29 @@ class RecordBatch:
             except Exception:
                 self._failed(group.exporter, group.port, sum(group.counts))
                 failed.append((group.counts, group.starts))
-        return out
+        if len(out) < 2:
+            return out
+        # Groups of one layout, exporter and domain (several v5 runs or
+        # v9/IPFIX plans, a walker's group) are built as one: building
+        # costs a few dozen numpy calls per group whatever its size.
+        same: dict[tuple[Layout, bytes, int, int, int], list[PreparedGroup]] = {}
+        for part in out:
+            key = (part.layout, part.exporter, part.port, part.domain, part.proto)
+            same.setdefault(key, []).append(part)
+        if len(same) == len(out):
+            return out
+        merged: list[PreparedGroup] = []
+        for parts in same.values():
+            if len(parts) == 1:
+                merged.append(parts[0])
+                continue
+            try:
+                merged.append(_merge(parts))
+            except Exception:
+                for part in parts:
+                    self._failed(part.exporter, part.port, part.records)
+                    failed.append((part.counts, part.starts))
+        return merged
 
     def _build(self, sampler: SamplerLookup, override: OverrideLookup) -> np.ndarray:
         failed = list(self._holes)
@@ -1208,6 +1230,7 @@ class RecordBatch:
             and not packed
             and not failed
             and groups[0].records == self.total
+            and isinstance(_positions(groups[0]), slice)
         ):
             group = groups[0]
             try:
@@ -1250,6 +1273,42 @@ class RecordBatch:
 
 
 _RECORD_VOID = np.dtype(f"V{FLOW_DTYPE.itemsize}")
+
+
+def _merge(parts: list[PreparedGroup]) -> PreparedGroup:
+    """One group holding the records and runs of several of one key."""
+    first = parts[0]
+    columns: list[np.ndarray] = []
+    for i in range(len(first.columns)):
+        values = [part.columns[i] for part in parts]
+        if all(v.ndim == 0 for v in values) and len({int(v) for v in values}) == 1:
+            columns.append(values[0])
+            continue
+        columns.append(
+            np.concatenate(
+                [
+                    np.full(part.records, v, dtype=np.int64) if v.ndim == 0 else v
+                    for v, part in zip(values, parts, strict=True)
+                ]
+            )
+        )
+    dtype = first.layout.dtype
+    # Whole records through a void view: numpy copies structured records
+    # field by field.
+    whole = np.dtype(f"V{dtype.itemsize}")
+    return PreparedGroup(
+        layout=first.layout,
+        exporter=first.exporter,
+        port=first.port,
+        domain=first.domain,
+        proto=first.proto,
+        view=np.concatenate([part.view.view(whole) for part in parts]).view(dtype),
+        columns=columns,
+        counts=np.concatenate([np.asarray(p.counts, dtype=np.int64) for p in parts]),
+        starts=np.concatenate([np.asarray(p.starts, dtype=np.int64) for p in parts]),
+    )
+
+
 _scratch = threading.local()
 
 

@@ -28,7 +28,7 @@ from edge_agent.flows.netflow_v9 import (
     TemplatedDecoder,
 )
 from edge_agent.flows.schema import ExportProtocol
-from edge_agent.flows.templates import TemplateKey
+from edge_agent.flows.templates import Template, TemplateKey
 
 IPFIX_HEADER = struct.Struct(">HHIII")
 _U16 = struct.Struct(">H")
@@ -51,6 +51,26 @@ class IpfixDecoder(TemplatedDecoder):
     ) -> None:
         """Decode one IPFIX message (the version is already checked)."""
         size = len(payload)
+        plan_key = (exporter, port, size)
+        plan = self.plans.get(plan_key)
+        if plan is not None:
+            # A layout seen before: length, export time, sequence, then what
+            # the plan must find (domain, every set id and length).
+            values = plan.unpack(payload)
+            if (
+                values[3:] == plan.sig
+                and values[0] == size
+                and (
+                    plan.generation == self.templates.generation
+                    or self._holds(plan, plan_key)
+                )
+                and (not plan.resends or plan.resent(payload))
+            ):
+                self.sequences.check(
+                    plan.domain_key, values[2], plan.sequence_units, counters
+                )
+                self._queue(plan, payload, counters, batch)
+                return
         if size < 16:
             counters.errors["truncated_header"] += 1
             return
@@ -74,13 +94,22 @@ class IpfixDecoder(TemplatedDecoder):
         context: tuple[int, int, int, int, int] | None = None
         pos = 16
         records: int | None = 0
+        # What a plan of this layout needs (None once a set leaves the
+        # fast paths): (offset, length, set id, template, records) per set
+        # and the template sets as (body offset, bytes, set id).
+        sets: list[tuple[int, int, int, Template | None, int]] | None = (
+            [] if length == len(payload) else None
+        )
+        resends: list[tuple[int, bytes, int]] = []
         while size - pos >= 4:
             set_id, set_length = unpack_set(payload, pos)
             if set_length < 4:
                 counters.errors["set_too_short"] += 1
+                sets = None
                 break
             if set_length > size - pos:
                 counters.errors["set_beyond_message"] += 1
+                sets = None
                 break
             if set_id >= 256:
                 template = by_id.get(set_id)
@@ -102,7 +131,10 @@ class IpfixDecoder(TemplatedDecoder):
                             context,
                         )
                         counters.records += count
+                    if sets is not None:
+                        sets.append((pos, set_length, set_id, template, count))
                 else:
+                    sets = None
                     if export is None:
                         export = Export(
                             exporter,
@@ -142,12 +174,19 @@ class IpfixDecoder(TemplatedDecoder):
                     )
                     by_id = self.templates.by_domain.get(domain_key) or NO_TEMPLATES
                     context = None
+                if sets is not None:
+                    sets.append((pos, set_length, set_id, None, 0))
+                    resends.append((pos + 4, raw, set_id))
             else:
                 counters.errors["reserved_set_id"] += 1
+                sets = None
             pos += set_length
         if pos < size:
             counters.errors["trailing_bytes"] += 1
+            sets = None
         self.sequences.check(domain_key, seq, records, counters)
+        if sets:
+            self._remember_plan(exporter, port, domain, size, sets, resends)
 
     def _templates(
         self, body: memoryview, options: bool, export: Export

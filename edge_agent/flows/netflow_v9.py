@@ -38,6 +38,7 @@ import structlog
 from edge_agent.flows import fields as ie
 from edge_agent.flows.counters import DecodeStats, ExporterCounters
 from edge_agent.flows.fields import FieldSpec, RecordBatch, record_rates, sampler_ids
+from edge_agent.flows.plans import MAX_PLANS, DatagramPlan, flush_plan, make_plan
 from edge_agent.flows.sampling import SamplingTable
 from edge_agent.flows.schema import ExportProtocol, address_text
 from edge_agent.flows.sequence import SequenceTracker
@@ -125,6 +126,7 @@ class TemplatedDecoder:
         stats: DecodeStats,
         settle: Callable[[RecordBatch], None],
         max_template_fields: int,
+        plans: bool = True,
     ) -> None:
         self.templates = templates
         self.pending = pending
@@ -145,6 +147,141 @@ class TemplatedDecoder:
         self._template_sets: dict[
             tuple[SetKey, bytes], tuple[tuple[TemplateKey, Template], ...]
         ] = {}
+        #: bumped whenever ``init_times`` changes (plans look it up again)
+        self.init_generation = 0
+        #: datagram layouts seen before, by (exporter, port, size)
+        self.plans: dict[tuple[bytes, int, int], DatagramPlan] = {}
+        #: the last layout the general walk read cleanly, by the same key
+        self._candidates: dict[tuple[bytes, int, int], tuple[Any, ...]] = {}
+        #: plans with datagrams queued in the bound batch, with the
+        #: counters of their exporter
+        self._queued: list[tuple[DatagramPlan, ExporterCounters]] = []
+        self._batch: RecordBatch | None = None
+        self._planning = plans
+
+    # -- plans --------------------------------------------------------------
+
+    def bind(self, batch: RecordBatch) -> None:
+        """Queue planned datagrams into ``batch`` from now on (datagrams
+        queued for an earlier batch that was never built are dropped with
+        it)."""
+        for plan, _ in self._queued:
+            plan.clear()
+        self._queued = []
+        self._batch = batch
+        batch.on_settle(self._flush)
+
+    def _flush(self) -> None:
+        """Read every plan's queued datagrams into the bound batch."""
+        queued = self._queued
+        if not queued:
+            return
+        self._queued = []
+        batch = self._batch
+        assert batch is not None
+        for plan, counters in queued:
+            flush_plan(plan, self.PROTO, batch, counters)
+
+    def _holds(self, plan: DatagramPlan, key: tuple[bytes, int, int]) -> bool:
+        """The template cache changed since the plan was checked: whether
+        the plan still holds (if not it is forgotten)."""
+        if plan.current(self.templates.templates):
+            plan.generation = self.templates.generation
+            return True
+        del self.plans[key]
+        return False
+
+    def _queue(
+        self,
+        plan: DatagramPlan,
+        payload: bytes,
+        counters: ExporterCounters,
+        batch: RecordBatch,
+    ) -> None:
+        """Queue a datagram that matched its plan (the sequence number is
+        already accounted)."""
+        records = plan.records
+        counters.records += records
+        counters.templates_received += plan.templates_received
+        payloads = plan.payloads
+        if not payloads:
+            if plan.rate_generation != self.sampling.generation or (
+                plan.context_generation != self.init_generation
+            ):
+                self._look_up(plan)
+            plan.marks.append((0, plan.rate, plan.init))
+            self._queued.append((plan, counters))
+            if plan.deferred:
+                batch.deferred = True
+        elif plan.rate_generation != self.sampling.generation or (
+            plan.context_generation != self.init_generation
+        ):
+            before = (plan.rate, plan.init)
+            self._look_up(plan)
+            if (plan.rate, plan.init) != before:
+                plan.marks.append((len(payloads), plan.rate, plan.init))
+        payloads.append(payload)
+        plan.starts.append(batch.total)
+        batch.total += records
+
+    def _look_up(self, plan: DatagramPlan) -> None:
+        """The rate (and IPFIX init time) of the plan's data, as now."""
+        plan.rate_generation = self.sampling.generation
+        plan.context_generation = self.init_generation
+        plan.rate = self.sampling.lookup(plan.exporter, plan.domain, 0)
+        if self.PROTO == ExportProtocol.IPFIX:
+            plan.init = self.init_times.get((plan.exporter, plan.port, plan.domain), -1)
+
+    def _remember_plan(  # noqa: PLR0917 - once per datagram of a new layout
+        self,
+        exporter: bytes,
+        port: int,
+        domain: int,
+        size: int,
+        sets: list[tuple[int, int, int, Template | None, int]],
+        resends: list[tuple[int, bytes, int]],
+    ) -> None:
+        """Make a plan from a datagram the general walk read cleanly.
+
+        ``sets`` are (offset, length, set id, template or None, records);
+        ``resends`` the template sets as (body offset, body bytes, set id):
+        each must be one the decoder remembered as read cleanly, with its
+        templates still current, or no plan is made.
+        """
+        if not self._planning:
+            return
+        key = (exporter, port, size)
+        # A layout is planned the second time it comes in a row: one-off
+        # layouts (and two alternating on one key) cost only this check.
+        shape = (domain, *(item[:3] for item in sets))
+        if self._candidates.get(key) != shape:
+            if len(self._candidates) >= MAX_PLANS:
+                self._candidates.clear()
+            self._candidates[key] = shape
+            return
+        del self._candidates[key]
+        version = 9 if self.PROTO == ExportProtocol.NETFLOW_V9 else 10
+        defined: list[tuple[int, bytes, tuple[tuple[TemplateKey, Template], ...]]] = []
+        current = self.templates.templates.get
+        for offset, raw, set_id in resends:
+            seen = self._template_sets.get(
+                ((exporter, port, version, domain, set_id), raw)
+            )
+            if seen is None or any(current(k) is not t for k, t in seen):
+                return
+            defined.append((offset, raw, seen))
+        if len(self.plans) >= MAX_PLANS:
+            self.plans.clear()
+        self.plans[key] = make_plan(
+            proto=self.PROTO,
+            exporter=exporter,
+            port=port,
+            domain=domain,
+            size=size,
+            sets=sets,
+            resends=defined,
+            generation=self.templates.generation,
+        )
 
     # -- templates ----------------------------------------------------------
 
@@ -353,6 +490,8 @@ class TemplatedDecoder:
         elif init is not None:
             key = (exporter, port, domain)
             if key in self.init_times or len(self.init_times) < _MAX_INIT_TIMES:
+                if self.init_times.get(key) != init:
+                    self.init_generation += 1
                 self.init_times[key] = init
         for sid, rate in announced:
             if batch.deferred and self.sampling.changes(exporter, domain, sid, rate):
@@ -404,6 +543,25 @@ class NetflowV9Decoder(TemplatedDecoder):
     ) -> None:
         """Decode one v9 datagram (the version is already checked)."""
         size = len(payload)
+        plan_key = (exporter, port, size)
+        plan = self.plans.get(plan_key)
+        if plan is not None:
+            # A layout seen before: uptime, secs, sequence, then what the
+            # plan must find (source id, every set id and length).
+            values = plan.unpack(payload)
+            if (
+                values[3:] == plan.sig
+                and (
+                    plan.generation == self.templates.generation
+                    or self._holds(plan, plan_key)
+                )
+                and (not plan.resends or plan.resent(payload))
+            ):
+                self.sequences.check_v9(
+                    plan.domain_key, values[2], plan.sequence_units, counters
+                )
+                self._queue(plan, payload, counters, batch)
+                return
         if size < 20:
             counters.errors["truncated_header"] += 1
             return
@@ -419,9 +577,15 @@ class NetflowV9Decoder(TemplatedDecoder):
         pos = 20
         records = 0
         templates_before = counters.templates_received
+        # What a plan of this layout needs (None once a set leaves the
+        # fast paths): (offset, length, set id, template, records) per set
+        # and the template sets as (body offset, bytes, set id).
+        sets: list[tuple[int, int, int, Template | None, int]] | None = []
+        resends: list[tuple[int, bytes, int]] = []
         while size - pos >= 4:
             set_id, length = unpack_set(payload, pos)
             if length < 4:
+                sets = None
                 if not any(payload[pos:]):
                     pos = size  # zero fill up to a fixed datagram size
                     break
@@ -429,6 +593,7 @@ class NetflowV9Decoder(TemplatedDecoder):
                 break
             if length > size - pos:
                 counters.errors["set_beyond_datagram"] += 1
+                sets = None
                 break
             if set_id >= 256:
                 template = by_id.get(set_id)
@@ -450,7 +615,10 @@ class NetflowV9Decoder(TemplatedDecoder):
                         )
                         records += count
                         counters.records += count
+                    if sets is not None:
+                        sets.append((pos, length, set_id, template, count))
                 else:
+                    sets = None
                     if export is None:
                         export = Export(
                             exporter,
@@ -489,14 +657,22 @@ class NetflowV9Decoder(TemplatedDecoder):
                     )
                     by_id = self.templates.by_domain.get(domain_key) or NO_TEMPLATES
                     context = None
+                if sets is not None:
+                    sets.append((pos, length, set_id, None, 0))
+                    resends.append((pos + 4, raw, set_id))
             else:
                 counters.errors["reserved_set_id"] += 1
+                sets = None
             pos += length
-        if pos < size and any(payload[pos:]):
-            counters.errors["trailing_bytes"] += 1
+        if pos < size:
+            sets = None
+            if any(payload[pos:]):
+                counters.errors["trailing_bytes"] += 1
         # Exporters that number records count template records too.
         records += counters.templates_received - templates_before
         self.sequences.check_v9(domain_key, seq, records, counters)
+        if sets:
+            self._remember_plan(exporter, port, domain, size, sets, resends)
 
     def _templates(self, body: memoryview, export: Export) -> list[TemplateKey]:
         """Read a template set; return the keys of the templates it holds."""

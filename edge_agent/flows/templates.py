@@ -211,6 +211,9 @@ class TemplateCache:
         self.per_exporter: collections.Counter[tuple[bytes, int]] = (
             collections.Counter()
         )
+        #: bumped whenever a template is added, replaced or withdrawn: what
+        #: was looked up at generation g holds while it is still g
+        self.generation = 0
 
     def get(self, key: TemplateKey) -> Template | None:
         """Return the template for ``key``, or None."""
@@ -228,6 +231,7 @@ class TemplateCache:
                 return "template_limit"
             self.per_exporter[exporter] = count + 1
         self.templates[key] = template
+        self.generation += 1
         self.by_domain.setdefault(key[:4], {})[key[4]] = template
         return None
 
@@ -235,6 +239,7 @@ class TemplateCache:
         """Forget one template; return whether it was known."""
         if self.templates.pop(key, None) is None:
             return False
+        self.generation += 1
         exporter = (key[0], key[1])
         self.per_exporter[exporter] -= 1
         if self.per_exporter[exporter] <= 0:
