@@ -875,7 +875,7 @@ def test_exponential_rollout_reaches_every_running_relay(
     )
     # The second batch took both remaining relays at once: the rate had
     # doubled from 1 to 2 a minute once the first relay succeeded.
-    queued = sorted(e["queuedAt"] for e in executions())
+    queued = sorted(e["jobExecutionSummary"]["queuedAt"] for e in executions())
     assert len(queued) == 3
     assert queued[0] < queued[1] == queued[2]
     for relay in running:

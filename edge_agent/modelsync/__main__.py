@@ -11,7 +11,9 @@ The environment variable ``SAMPLEFLOW_MODELSYNC_PAUSE_AT`` (one of
 ``download``, ``before-pointer``, ``after-pointer``) makes the agent stop
 dead at that point of an install and write ``paused-at-POINT`` into the
 models folder: the crash tests use it to kill a relay at an exact point.
-It must not be set in production.
+It must not be set in production.  Only the standalone agent reads it:
+``sampleflow relay run`` would take it for a ``[modelsync]`` key and
+refuse to start, so the in-relay agent has no kill-point hook.
 """
 
 from __future__ import annotations
