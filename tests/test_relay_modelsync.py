@@ -266,6 +266,10 @@ def test_check_config_prints_the_effective_modelsync_settings(
     assert "port = 8883  # default" in section
     assert "reconnect_max_s = 60  # default" in section
     assert "# s3_region is not set  # default" in section
+    assert "# internal_networks = [" in section
+    # What it prints is a config file giving the same settings.
+    again = write_toml(tmp_path / "again.toml", out)
+    assert load_settings(again, {}).modelsync == load_settings(path, {}).modelsync
     bare = write_toml(tmp_path / "bare.toml", BASE.format(state=tmp_path))
     assert cli_main(["relay", "check-config", str(bare)]) == 0
     out = capsys.readouterr().out

@@ -774,7 +774,10 @@ def render_settings(settings: Settings) -> str:
         for f in dataclasses.fields(modelsync):
             value = getattr(modelsync, f.name)
             source = settings.sources.get(f"{MODELSYNC_SECTION}.{f.name}", "default")
-            if value is None:
+            if f.name in _MODELSYNC_FROM_RELAY:
+                # Shown, but commented out: not a key of this section.
+                lines.append(f"# {f.name} = {_toml_value(value)}  # {source}")
+            elif value is None:
                 lines.append(f"# {f.name} is not set  # {source}")
             else:
                 lines.append(f"{f.name} = {_toml_value(value)}  # {source}")
