@@ -921,3 +921,123 @@ def test_relay_keeps_relaying_while_the_broker_is_unreachable(
     batches = batches_of(fleet, stream, thing)
     assert sum(int(b.columns["flow_count"].sum()) for b in batches) == records_sent
     assert {b.header.model_version for b in batches} == {rollout.version_of(V1)}
+
+
+class StallingModelServer:
+    """HTTP server for one model file that sends its first kilobyte and then
+    stalls (a link gone quiet mid-download) until :meth:`open_up`."""
+
+    def __init__(self, body: bytes) -> None:
+        import http.server  # noqa: PLC0415
+
+        self.body = body
+        self.requested = threading.Event()
+        self.opened = threading.Event()
+        self.release = threading.Event()
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(outer.body)))
+                self.end_headers()
+                if outer.opened.is_set():
+                    self.wfile.write(outer.body)
+                    return
+                self.wfile.write(outer.body[:1024])
+                self.wfile.flush()
+                outer.requested.set()
+                outer.release.wait(120)  # the client is killed meanwhile
+
+            def log_message(self, format: str, *args: Any) -> None:
+                return
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_port}/model"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def open_up(self) -> None:
+        self.opened.set()
+        self.release.set()
+
+    def close(self) -> None:
+        self.release.set()
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.mark.integration
+def test_relay_run_killed_mid_download_finishes_the_update_after_restart(
+    fleet: rollout.Fleet,
+    stream: str,
+    tmp_path: Path,
+    running: list[RelayRun],
+) -> None:
+    """`relay run` SIGKILLed while the model download hangs half-way keeps
+    v1 as current with the update recorded as downloading and the execution
+    IN_PROGRESS; started again, it resumes the same execution (attempt 2),
+    installs v2 and reports SUCCEEDED, v1 kept as previous, no state file or
+    partial download left, the resume counted on /metrics."""
+    thing = "run-kill-1"
+    group = fleet.group("grp-run-kill")
+    config = relay_config(fleet, thing, (group,), stream)
+    models = config.parent / "models"
+    model, manifest = rollout.write_model(
+        tmp_path / "v2", rollout.GOOD_MODEL.read_bytes(), version="1.1.0"
+    )
+    # A signed document from a push to an empty group, with the model to be
+    # fetched from the stalling server instead of S3.
+    staged = fleet.push(model, manifest, fleet.group("grp-run-kill-staging"))
+    doc = json.loads(fleet.iot.get_job_document(jobId=staged)["document"])
+    fleet.cli("cancel", staged)
+    server = StallingModelServer(model.read_bytes())
+    try:
+        doc["download"]["model"] = {"url": server.url}
+        job = f"sfmodel-run-kill-{time.monotonic_ns() % 10**9}"
+        relay = RelayRun(config)
+        running.append(relay)
+        rollout.wait_until(
+            lambda: relay.value("modelsync_connected") == 1, "the agent to connect"
+        )
+        fleet.iot.create_job(
+            jobId=job,
+            targets=[
+                fleet.iot.describe_thing_group(thingGroupName=group)["thingGroupArn"]
+            ],
+            document=json.dumps(doc),
+            presignedUrlConfig={"roleArn": fleet.role_arn, "expiresInSec": 600},
+        )
+        rollout.wait_until(server.requested.is_set, "the model download to start")
+        relay.proc.send_signal(signal.SIGKILL)
+        relay.stop()
+        state = json.loads((models / "state.json").read_text())
+        assert (state["job_id"], state["phase"]) == (job, "downloading")
+        assert rollout.current_version(config.parent / "relay.json") == "1.0.0"
+        assert fleet.execution(job, thing)["status"] == "IN_PROGRESS"
+
+        server.open_up()
+        relay = RelayRun(config)
+        running.append(relay)
+        execution = fleet.wait_status(job, thing, {"SUCCEEDED", "FAILED"})
+    finally:
+        server.close()
+    details = execution["statusDetails"]["detailsMap"]
+    assert execution["status"] == "SUCCEEDED", details
+    assert (details["running_version"], details["attempts"]) == ("1.1.0", "2")
+    assert rollout.current_version(config.parent / "relay.json") == "1.1.0"
+    v1_entry = rollout.st.entry_name(V1["name"], V1["version"], V1["sha256"])
+    assert (models / "previous").read_text().strip() == v1_entry
+    rollout.wait_until(
+        lambda: not (models / "state.json").exists(), "the update to be forgotten"
+    )
+    assert list((models / "tmp").iterdir()) == []
+    metrics = relay.metrics()
+    assert metrics["sampleflow_relay_modelsync_jobs_resumed_total"] == [({}, 1.0)]
+    assert metrics["sampleflow_relay_modelsync_model_info"] == [
+        ({"model": V1["name"], "version": "1.1.0"}, 1.0)
+    ]
+    v2 = json.loads(manifest.read_text())
+    assert metrics["sampleflow_relay_filter_model_info"] == [
+        ({"version": rollout.version_of(v2)}, 1.0)
+    ]
