@@ -3,11 +3,14 @@ Kinesis size limits, and clear errors on bad input.
 
 Batches are built or taken apart here by hand with msgpack and zstandard
 following the spec, so the tests check the documented layout, not just
-that the encoder and decoder agree with each other.
+that the encoder and decoder agree with each other.  Writers default to
+version 2 (tests/test_wire_v2.py); these tests ask for version 1, which
+readers keep reading and writers keep writing on request.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 import uuid
@@ -40,6 +43,9 @@ from edge_agent.wire import (
 )
 from edge_agent.wire.dictionary import DICTIONARY_V1
 from tests.reference import read_csv, read_datagrams
+
+#: The version 1 writer.
+encode_v1 = functools.partial(encode_batches, format_major=1)
 
 FIELDS = HeaderFields("acme", "relay-7", 1_700_000_000_000, 1_700_000_010_000, "m-3")
 ROW = AGG_DTYPE.itemsize
@@ -134,7 +140,7 @@ def test_real_capture_rows_survive_a_round_trip(captures_dir: Path, name: str) -
     header the caller gave."""
     datagrams, _ = read_capture(captures_dir / name)
     rows = reduce_rows(to_aggregate_rows(FlowDecoder().decode_many(datagrams)))
-    [batch] = encode_batches(rows, FIELDS, seqs(), "192.0.2.1", now_ms=42)
+    [batch] = encode_v1(rows, FIELDS, seqs(), "192.0.2.1", now_ms=42)
     decoded = decode_batch(batch.data)
     assert np.array_equal(decoded.records(), rows)
     h = decoded.header
@@ -164,7 +170,7 @@ def test_any_rows_survive_a_round_trip(raw_rows: list[bytes], repeat: int) -> No
     rows = np.frombuffer(b"".join(raw_rows) * repeat, dtype=AGG_DTYPE).copy()
     rows["_kpad"] = np.void(bytes(7))
     rows["_vpad"] = np.void(bytes(2))
-    [batch] = encode_batches(rows, FIELDS, seqs(), "k")
+    [batch] = encode_v1(rows, FIELDS, seqs(), "k")
     assert decode_batch(batch.data).records().tobytes() == rows.tobytes()
 
 
@@ -172,19 +178,19 @@ def test_scores_column_round_trips() -> None:
     """Optional per-record scores travel as the float32 'score' column."""
     rows = rows_of(10)
     scores = np.linspace(0, 1, 10, dtype=np.float32)
-    [batch] = encode_batches(rows, FIELDS, seqs(), "k", scores=scores)
+    [batch] = encode_v1(rows, FIELDS, seqs(), "k", scores=scores)
     decoded = decode_batch(batch.data)
     assert np.array_equal(decoded.columns["score"], scores)
     assert (
         "score"
-        not in decode_batch(encode_batches(rows, FIELDS, seqs(), "k")[0].data).columns
+        not in decode_batch(encode_v1(rows, FIELDS, seqs(), "k")[0].data).columns
     )
 
 
 def test_empty_records_give_no_batch() -> None:
     """Nothing to ship, nothing encoded (and no seq consumed)."""
     counter = seqs(5)
-    assert encode_batches(np.zeros(0, AGG_DTYPE), FIELDS, counter, "k") == []
+    assert encode_v1(np.zeros(0, AGG_DTYPE), FIELDS, counter, "k") == []
     assert counter() == 5
 
 
@@ -195,7 +201,7 @@ def test_layout_matches_the_spec() -> None:
     """Preamble SFB + major 1, a zstd frame with its content size and a
     checksum, a msgpack map with the documented short keys."""
     rows = rows_of(3)
-    [batch] = encode_batches(rows, FIELDS, seqs(7), "192.0.2.1", now_ms=5)
+    [batch] = encode_v1(rows, FIELDS, seqs(7), "192.0.2.1", now_ms=5)
     params = zstandard.get_frame_parameters(batch.data[4:])
     assert params.content_size > 0
     assert params.has_checksum
@@ -223,7 +229,7 @@ def test_column_encodings_by_hand() -> None:
     rows["dst_addr"] = [
         np.void(address_bytes(a)) for a in ("2001:db8::1", "10.0.0.1", "::")
     ]
-    [batch] = encode_batches(rows, FIELDS, seqs(), "k")
+    [batch] = encode_v1(rows, FIELDS, seqs(), "k")
     cols = {entry[0]: entry for entry in body_of(batch.data)["c"]}
     assert cols[1] == [1, 2, bytes([0, 255, 15]), 1, -5]
     # bytes offsets 0, 1, 300 = 0x012C: low-byte plane then high-byte plane
@@ -242,7 +248,7 @@ def test_time_end_travels_as_a_duration() -> None:
     rows = np.zeros(3, dtype=AGG_DTYPE)
     rows["time_start"] = [1_700_000_000_000, 1_700_000_005_000, 1_700_000_000_100]
     rows["time_end"] = rows["time_start"] + [0, 300, 2]  # span 300 -> width 2
-    [batch] = encode_batches(rows, FIELDS, seqs(), "k")
+    [batch] = encode_v1(rows, FIELDS, seqs(), "k")
     cols = {entry[0]: entry for entry in body_of(batch.data)["c"]}
     assert cols[2] == [2, 4, bytes([0, 0x2C, 2, 0, 1, 0]), 2, 0, 1]
     assert decode_batch(batch.data).columns["time_end"].tolist() == (
@@ -293,7 +299,7 @@ def test_frame_without_the_dictionary_decodes_too() -> None:
 
 def test_dictionary_makes_small_batches_smaller() -> None:
     """With the v1 dictionary a one-row batch is smaller than without."""
-    [batch] = encode_batches(rows_of(1), FIELDS, seqs(), "k")
+    [batch] = encode_v1(rows_of(1), FIELDS, seqs(), "k")
     body = zstandard.ZstdDecompressor(dict_data=spec_dictionary()).decompress(
         batch.data[4:]
     )
@@ -322,7 +328,7 @@ def test_large_window_splits_under_the_record_limit() -> None:
     distinct ids; together they hold every row in order."""
     rows = rows_of(20_000)
     key = "p" * 200
-    batches = encode_batches(rows, FIELDS, seqs(50), key, max_record_bytes=60_000)
+    batches = encode_v1(rows, FIELDS, seqs(50), key, max_record_bytes=60_000)
     assert len(batches) > 3
     for i, batch in enumerate(batches):
         assert len(batch.data) + len(key) <= 60_000
@@ -339,7 +345,7 @@ def test_default_limit_is_one_mebibyte() -> None:
     """Random rows worth well over 1 MiB split into batches of at most
     1 MiB each, data plus partition key."""
     rows = rows_of(150_000, seed=2)
-    batches = encode_batches(rows, FIELDS, seqs(), "192.0.2.1")
+    batches = encode_v1(rows, FIELDS, seqs(), "192.0.2.1")
     assert len(batches) >= 2
     assert all(len(b.data) + 9 <= 1024 * 1024 for b in batches)
     assert KINESIS_MAX_RECORD_BYTES == 1024 * 1024
@@ -349,22 +355,22 @@ def test_default_limit_is_one_mebibyte() -> None:
 def test_a_record_too_big_for_any_batch_is_refused() -> None:
     """A limit below one record's size cannot be met: a clear error."""
     with pytest.raises(OversizedBatchError, match="does not fit"):
-        encode_batches(rows_of(4), FIELDS, seqs(), "k", max_record_bytes=100)
+        encode_v1(rows_of(4), FIELDS, seqs(), "k", max_record_bytes=100)
 
 
 @pytest.mark.parametrize("key", ["", "k" * 257])
 def test_partition_key_length_is_checked(key: str) -> None:
     """Partition keys must be 1 to 256 characters, as Kinesis requires."""
     with pytest.raises(WireFormatError, match="partition key"):
-        encode_batches(rows_of(1), FIELDS, seqs(), key)
+        encode_v1(rows_of(1), FIELDS, seqs(), key)
 
 
 def test_wrong_dtype_and_scores_are_refused() -> None:
     """Only AGG_DTYPE rows; scores must have one value per row."""
     with pytest.raises(WireFormatError, match="AGG_DTYPE"):
-        encode_batches(np.zeros(2, dtype="<u8"), FIELDS, seqs(), "k")
+        encode_v1(np.zeros(2, dtype="<u8"), FIELDS, seqs(), "k")
     with pytest.raises(WireFormatError, match="one value per record"):
-        encode_batches(rows_of(3), FIELDS, seqs(), "k", scores=np.zeros(2))
+        encode_v1(rows_of(3), FIELDS, seqs(), "k", scores=np.zeros(2))
 
 
 # --- bad input ---------------------------------------------------------------
@@ -379,21 +385,21 @@ def test_bad_magic_is_corrupt() -> None:
 
 
 def test_unknown_major_version_is_rejected_before_decompressing() -> None:
-    """Major version 2 is refused with its number, whatever follows."""
-    with pytest.raises(UnknownVersionError, match="major version 2"):
-        decode_batch(b"SFB\x02" + b"not even zstd")
+    """Major version 3 is refused with its number, whatever follows."""
+    with pytest.raises(UnknownVersionError, match="major version 3"):
+        decode_batch(b"SFB\x03" + b"not even zstd")
 
 
 def test_truncated_record_is_corrupt() -> None:
     """A record cut short fails decompression with a clear error."""
-    [batch] = encode_batches(rows_of(50), FIELDS, seqs(), "k")
+    [batch] = encode_v1(rows_of(50), FIELDS, seqs(), "k")
     with pytest.raises(CorruptBatchError, match="zstd"):
         decode_batch(batch.data[:-10])
 
 
 def test_flipped_byte_fails_the_checksum() -> None:
     """A corrupted byte inside the frame is caught (zstd checksum)."""
-    [batch] = encode_batches(rows_of(50), FIELDS, seqs(), "k")
+    [batch] = encode_v1(rows_of(50), FIELDS, seqs(), "k")
     damaged = bytearray(batch.data)
     damaged[len(damaged) // 2] ^= 0xFF
     with pytest.raises(CorruptBatchError):
@@ -402,7 +408,7 @@ def test_flipped_byte_fails_the_checksum() -> None:
 
 def test_trailing_bytes_are_corrupt() -> None:
     """Data after the frame is not silently ignored."""
-    [batch] = encode_batches(rows_of(5), FIELDS, seqs(), "k")
+    [batch] = encode_v1(rows_of(5), FIELDS, seqs(), "k")
     with pytest.raises(CorruptBatchError, match="zstd"):
         decode_batch(batch.data + b"\x00junk")
 

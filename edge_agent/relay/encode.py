@@ -11,6 +11,8 @@ relay ships.
 Without a filter (``filter.enabled = false``) every row is one group per
 exporter, unscored.  A filter that raises (a bug) is counted in
 :attr:`WindowEncoder.filter_errors` and the window goes out unfiltered.
+Batches are written in :data:`~edge_agent.wire.FORMAT_MAJOR` (2) unless
+``format_major`` says 1 (for as long as some reader knows only version 1).
 """
 
 from __future__ import annotations
@@ -26,7 +28,13 @@ from edge_agent.aggregate import AggregatedWindow
 from edge_agent.filter import HOST_SCORE_DTYPE, FilterResult, RelayFilter
 from edge_agent.relay.metrics import LogSampler
 from edge_agent.relay.partition import partition_key
-from edge_agent.wire import EncodedBatch, HeaderFields, WireFormatError, encode_batches
+from edge_agent.wire import (
+    FORMAT_MAJOR,
+    EncodedBatch,
+    HeaderFields,
+    WireFormatError,
+    encode_batches,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -49,7 +57,10 @@ class EncodedGroup:
 class WindowEncoder:
     """Filter and encode closed windows; see the module docstring.
 
-    ``partition_scheme`` is a :mod:`edge_agent.relay.partition` scheme.
+    ``partition_scheme`` is a :mod:`edge_agent.relay.partition` scheme;
+    ``format_major`` the wire format version to write (1 or 2);
+    ``encode`` the batch encoder (:func:`~edge_agent.wire.encode_batches`;
+    ``sampleflow bench wire`` passes one that also measures version 1).
     One thread calls :meth:`encode` at a time (the filter's contract).
     """
 
@@ -59,11 +70,16 @@ class WindowEncoder:
         relay_id: str,
         partition_scheme: str,
         relay_filter: RelayFilter | None,
+        *,
+        format_major: int = FORMAT_MAJOR,
+        encode: Callable[..., list[EncodedBatch]] = encode_batches,
     ) -> None:
         self.tenant_id = tenant_id
         self.relay_id = relay_id
         self.partition_scheme = partition_scheme
         self.filter = relay_filter
+        self.format_major = format_major
+        self._encode = encode
         #: windows the filter raised on (a bug), encoded unfiltered
         self.filter_errors = 0
         self._sampler = LogSampler()
@@ -139,12 +155,13 @@ class WindowEncoder:
                 self.partition_scheme, self.tenant_id, self.relay_id, exporter
             )
             try:
-                batches = encode_batches(
+                batches = self._encode(
                     rows[lo:hi],
                     fields,
                     next_seq,
                     key,
                     scores=None if scores is None else scores[lo:hi],
+                    format_major=self.format_major,
                 )
             except WireFormatError as exc:
                 yield EncodedGroup(express, exporter, hi - lo, [], exc)

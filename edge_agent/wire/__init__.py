@@ -1,13 +1,17 @@
-"""Batch wire format version 1, shared by the relay and the cloud.
+"""Batch wire format (version 2; version 1 still read), shared by the relay
+and the cloud.
 
 The relay calls :func:`encode_batches`; the cloud calls
-:func:`decode_batch`.  The specification is docs/wire-format.md.
+:func:`decode_batch`, which reads both versions into the same columns.
+The specification is docs/wire-format.md.
 """
 
 from edge_agent.wire.batch import (
     FORMAT_MAJOR,
     FORMAT_MINOR,
+    MAX_BATCH_ROWS,
     MAX_DECOMPRESSED_BYTES,
+    READ_MAJORS,
     BatchHeader,
     DecodedBatch,
     EncodedBatch,
@@ -39,7 +43,9 @@ __all__ = [
     "KINESIS_MAX_PARTITION_KEY_CHARS",
     "KINESIS_MAX_RECORDS_PER_PUT",
     "KINESIS_MAX_RECORD_BYTES",
+    "MAX_BATCH_ROWS",
     "MAX_DECOMPRESSED_BYTES",
+    "READ_MAJORS",
     "REQUIRED_COLUMNS",
     "BatchHeader",
     "CorruptBatchError",

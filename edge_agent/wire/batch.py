@@ -1,17 +1,23 @@
-"""Batch wire format version 1: one Kinesis record = one batch.
+"""Batch wire format (versions 1 and 2): one Kinesis record = one batch.
 
 Layout of a record's data (see docs/wire-format.md for the full spec)::
 
-    b"SFB" | major version (1 byte, = 1) | zstd frame of one msgpack map
+    b"SFB" | major version (1 byte) | zstd frame of one msgpack map
 
 The 4-byte preamble stays outside the compression so a reader rejects an
 unknown major version (which may change the compression too) before it
-decompresses anything.  The frame is compressed with the fixed v1
-dictionary (:mod:`edge_agent.wire.dictionary`).  The msgpack map holds the
-header fields under short keys and the columns under ``"c"`` (see
-:mod:`edge_agent.wire.columns`).  The zstd frame declares its decompressed
-size and carries a checksum; readers refuse frames over
-:data:`MAX_DECOMPRESSED_BYTES` before allocating.
+decompresses anything.  Version 1 frames are compressed with the fixed v1
+raw-content dictionary, version 2 frames with the trained v2 dictionary
+and without zstd's 4-byte magic number
+(:mod:`edge_agent.wire.dictionary`).  The msgpack map holds the header
+fields under short keys and the columns under ``"c"`` (version 1:
+:mod:`edge_agent.wire.columns`; version 2, rows sorted, all-zero columns
+named by ``"z"``: :mod:`edge_agent.wire.columns_v2`).  The zstd frame
+declares its decompressed size and carries a checksum; readers refuse
+frames over :data:`MAX_DECOMPRESSED_BYTES` before allocating.
+
+Writers write version 2 unless asked for version 1 (``format_major=1``),
+which they keep for as long as some reader only knows version 1.
 
 :func:`encode_batches` is the relay's side, :func:`decode_batch` the
 cloud's: the one function that turns a record back into columns.
@@ -39,7 +45,8 @@ from edge_agent.wire.columns import (
     decode_columns,
     encode_column,
 )
-from edge_agent.wire.dictionary import zstd_dictionary
+from edge_agent.wire.columns_v2 import decode_columns_v2, encode_columns_v2, sort_rows
+from edge_agent.wire.dictionary import zstd_dictionary, zstd_dictionary_v2
 from edge_agent.wire.errors import (
     CorruptBatchError,
     OversizedBatchError,
@@ -52,9 +59,17 @@ from edge_agent.wire.limits import (
 )
 
 MAGIC = b"SFB"
-FORMAT_MAJOR = 1
+#: The major version writers write by default, and the ones readers read.
+FORMAT_MAJOR = 2
+READ_MAJORS = (1, 2)
 FORMAT_MINOR = 0
 PREAMBLE = MAGIC + bytes([FORMAT_MAJOR])
+_PREAMBLES = {major: MAGIC + bytes([major]) for major in READ_MAJORS}
+
+#: Most rows in one version 2 batch (writers split above it, readers
+#: refuse more): it bounds what a reader allocates for a batch whose
+#: columns are all CONST or zero, about 30 MB of columns at this count.
+MAX_BATCH_ROWS = 262_144
 
 #: Largest decompressed msgpack body a reader accepts (and a writer makes).
 MAX_DECOMPRESSED_BYTES = 32 * 1024 * 1024
@@ -63,36 +78,56 @@ MAX_DECOMPRESSED_BYTES = 32 * 1024 * 1024
 #: within ~5% of level 19 at a small fraction of the CPU time, which
 #: matters on a small ARM gateway.
 ZSTD_LEVEL = 3
+#: The zstd magic number, which version 2 frames leave out (4 bytes a
+#: batch); the reader puts it back to read the frame header.
+_ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+
+#: Rows of the prefix from which the split of a big window is estimated.
+_SAMPLE_ROWS = 32_768
 
 #: Bytes kept free under the record limit for the header fields that are
 #: only known once the split is final (part numbers); they take < 10.
 _HEADER_SLACK = 64
 
-_DICTIONARY = zstd_dictionary()
+_DICTIONARIES = {1: zstd_dictionary(), 2: zstd_dictionary_v2()}
 # zstandard's (de)compressor objects must not be used by two threads at
 # once; the relay encodes in a worker thread and readers may use many.
 _local = threading.local()
 
 
-def _compress(data: bytes) -> bytes:
-    compressor = getattr(_local, "compressor", None)
+def _compress(data: bytes, major: int = FORMAT_MAJOR) -> bytes:
+    """One zstd frame of ``data``; version 2 without the magic number.
+
+    Made as an ordinary frame and cut, not with zstd's magicless format
+    parameter: that needs explicit compression parameters, which stop zstd
+    from fitting them to the input size (3% larger frames, measured).
+    """
+    compressors = getattr(_local, "compressors", None)
+    if compressors is None:
+        compressors = _local.compressors = {}
+    compressor = compressors.get(major)
     if compressor is None:
-        compressor = _local.compressor = zstandard.ZstdCompressor(
+        compressor = compressors[major] = zstandard.ZstdCompressor(
             level=ZSTD_LEVEL,
-            dict_data=_DICTIONARY,
+            dict_data=_DICTIONARIES[major],
             write_checksum=True,
             write_content_size=True,
             write_dict_id=False,
         )
     packed: bytes = compressor.compress(data)
-    return packed
+    return packed[len(_ZSTD_MAGIC) :] if major == 2 else packed
 
 
-def _decompress(frame: bytes) -> bytes:
-    decompressor = getattr(_local, "decompressor", None)
+def _decompress(frame: bytes, major: int) -> bytes:
+    """Inverse of :func:`_compress` (``frame`` with the magic put back for
+    version 2)."""
+    decompressors = getattr(_local, "decompressors", None)
+    if decompressors is None:
+        decompressors = _local.decompressors = {}
+    decompressor = decompressors.get(major)
     if decompressor is None:
-        decompressor = _local.decompressor = zstandard.ZstdDecompressor(
-            dict_data=_DICTIONARY
+        decompressor = decompressors[major] = zstandard.ZstdDecompressor(
+            dict_data=_DICTIONARIES[major]
         )
     raw: bytes = decompressor.decompress(frame, allow_extra_data=False)
     return raw
@@ -199,6 +234,7 @@ def encode_batches(
     scores: np.ndarray | None = None,
     max_record_bytes: int = KINESIS_MAX_RECORD_BYTES,
     now_ms: int | None = None,
+    format_major: int = FORMAT_MAJOR,
 ) -> list[EncodedBatch]:
     """Encode AGG_DTYPE ``records`` as one or more batches.
 
@@ -211,7 +247,10 @@ def encode_batches(
     ``Spool.next_seq``, which keeps seqs increasing across restarts), in
     batch order, once the split is final.  An empty ``records``
     gives no batch.  ``scores`` (float32, one per record) adds the
-    optional ``score`` column.
+    optional ``score`` column.  ``format_major`` 2 (the default) sorts
+    the rows by source and destination address (with their scores) and
+    splits above :data:`MAX_BATCH_ROWS` too; 1 writes version 1, rows in
+    the order given.
 
     Raises :class:`WireFormatError` for a bad argument (dtype, partition
     key, score length) and :class:`OversizedBatchError` if a single record
@@ -219,26 +258,39 @@ def encode_batches(
     """
     if records.dtype != AGG_DTYPE:
         raise WireFormatError(f"expected AGG_DTYPE records, got {records.dtype}")
+    if format_major not in READ_MAJORS:
+        raise WireFormatError(
+            f"format_major must be one of {READ_MAJORS}, got {format_major!r}"
+        )
     if not 1 <= len(partition_key) <= KINESIS_MAX_PARTITION_KEY_CHARS:
         raise WireFormatError(
             f"partition key must be 1 to {KINESIS_MAX_PARTITION_KEY_CHARS} "
             f"characters, got {len(partition_key)}"
         )
     n = int(records.shape[0])
-    columns = {name: np.ascontiguousarray(records[name]) for name in AGG_COLUMNS}
     if scores is not None:
-        columns["score"] = np.asarray(scores, dtype="<f4")
-        if columns["score"].shape != (n,):
+        scores = np.asarray(scores, dtype="<f4")
+        if scores.shape != (n,):
             raise WireFormatError(
-                f"scores must hold one value per record ({n}), "
-                f"got shape {columns['score'].shape}"
+                f"scores must hold one value per record ({n}), got shape {scores.shape}"
             )
     if n == 0:
         return []
+    columns = {name: np.ascontiguousarray(records[name]) for name in AGG_COLUMNS}
+    if scores is not None:
+        columns["score"] = scores
+    if format_major == 2:
+        # Column by column: measured 3-4x cheaper than gathering whole rows.
+        order = sort_rows(columns["src_addr"], columns["dst_addr"])
+        columns = {name: np.take(values, order) for name, values in columns.items()}
     writer = _BodyWriter(
-        fields, columns, time.time_ns() // 1_000_000 if now_ms is None else now_ms
+        fields,
+        columns,
+        time.time_ns() // 1_000_000 if now_ms is None else now_ms,
+        format_major,
     )
-    budget = max_record_bytes - len(partition_key.encode()) - len(PREAMBLE)
+    preamble = _PREAMBLES[format_major]
+    budget = max_record_bytes - len(partition_key.encode()) - len(preamble)
     ranges = writer.split(n, budget - _HEADER_SLACK)
     out = []
     for part, (lo, hi) in enumerate(ranges):
@@ -254,8 +306,9 @@ def encode_batches(
             part=part,
             parts=len(ranges),
             created_ms=writer.created_ms,
+            version=(format_major, FORMAT_MINOR),
         )
-        data = PREAMBLE + _compress(writer.body(lo, hi, header))
+        data = preamble + _compress(writer.body(lo, hi, header), format_major)
         batch = EncodedBatch(header, partition_key, data)
         if batch.record_bytes > max_record_bytes:  # the slack makes this unreachable
             raise OversizedBatchError(
@@ -276,11 +329,48 @@ class _BodyWriter:
     """Packs row ranges of one window's columns into msgpack bodies."""
 
     def __init__(
-        self, fields: HeaderFields, columns: dict[str, np.ndarray], created_ms: int
+        self,
+        fields: HeaderFields,
+        columns: dict[str, np.ndarray],
+        created_ms: int,
+        major: int = FORMAT_MAJOR,
     ) -> None:
         self.fields = fields
         self.columns = columns
         self.created_ms = created_ms
+        self.major = major
+        self.max_rows = MAX_BATCH_ROWS if major == 2 else None
+        # The split measures a range's body before the header is final;
+        # its column entries are kept for the batch that follows.
+        self._entries: dict[tuple[int, int], tuple[list[Any], int]] = {}
+
+    def entries(self, lo: int, hi: int) -> tuple[list[Any], int]:
+        """Column entries and zero bitmask of rows ``lo:hi`` (memoised)."""
+        key = (lo, hi)
+        cached = self._entries.get(key)
+        if cached is not None:
+            return cached
+        cols = self.columns
+        if self.major == 2:
+            cached = encode_columns_v2(
+                {name: values[lo:hi] for name, values in cols.items()}
+            )
+        else:
+            cached = (
+                [
+                    encode_column(
+                        name,
+                        values[lo:hi],
+                        cols[DELTA_REFERENCES[name]][lo:hi]
+                        if name in DELTA_REFERENCES
+                        else None,
+                    )
+                    for name, values in cols.items()
+                ],
+                0,
+            )
+        self._entries[key] = cached
+        return cached
 
     def body(self, lo: int, hi: int, header: BatchHeader | None = None) -> bytes:
         """The msgpack body of rows ``lo:hi``; placeholder ids without header.
@@ -290,11 +380,13 @@ class _BodyWriter:
         exporters.
         """
         f = self.fields
+        batch_id = (header.batch_id if header else uuid.UUID(int=0)).bytes
         body: dict[str, Any] = {
             "v": FORMAT_MINOR,
             "t": f.tenant_id,
             "r": f.relay_id,
-            "i": (header.batch_id if header else uuid.UUID(int=0)).bytes,
+            # v2: the id's 48-bit time is created_ms (w + e); the rest travels
+            "i": batch_id if self.major == 1 else batch_id[6:],
             "s": header.seq if header else 0,
             "w": f.window_start_ms,
             "l": f.window_end_ms - f.window_start_ms,
@@ -306,42 +398,50 @@ class _BodyWriter:
         parts = (header.part, header.parts) if header else (0, 2)
         if parts != (0, 1):
             body["p"] = list(parts)
-        cols = self.columns
-        body["c"] = [
-            encode_column(
-                name,
-                values[lo:hi],
-                cols[DELTA_REFERENCES[name]][lo:hi]
-                if name in DELTA_REFERENCES
-                else None,
-            )
-            for name, values in cols.items()
-        ]
+        entries, zero_mask = self.entries(lo, hi)
+        if zero_mask:
+            body["z"] = zero_mask
+        body["c"] = entries
         packed: bytes = msgpack.packb(body, use_bin_type=True)
         return packed
 
     def _size(self, lo: int, hi: int) -> tuple[int, int]:
         raw = self.body(lo, hi)
-        return len(raw), len(_compress(raw))
+        return len(raw), len(_compress(raw, self.major))
+
+    def _fits(self, lo: int, hi: int, budget: int, raw_budget: int) -> bool:
+        if self.max_rows is not None and hi - lo > self.max_rows:
+            return False
+        raw, packed = self._size(lo, hi)
+        return raw <= raw_budget and packed <= budget
 
     def split(self, n: int, budget: int) -> list[tuple[int, int]]:
-        """Row ranges covering ``0:n`` whose compressed bodies fit ``budget``
-        and whose bodies fit MAX_DECOMPRESSED_BYTES (both with slack)."""
+        """Row ranges covering ``0:n`` whose compressed bodies fit ``budget``,
+        whose bodies fit MAX_DECOMPRESSED_BYTES (both with slack) and, in
+        version 2, that hold at most MAX_BATCH_ROWS rows."""
         raw_budget = MAX_DECOMPRESSED_BYTES - _HEADER_SLACK
-        raw, packed = self._size(0, n)
-        if raw <= raw_budget and packed <= budget:
-            return [(0, n)]
-        # Estimate the number of pieces, aiming 10% under the tighter of the
-        # two limits, then verify each piece and halve the ones still over.
+        if n > 2 * _SAMPLE_ROWS:
+            # Big windows: extrapolate from a prefix rather than encoding
+            # all rows once only to learn that they must be split.
+            raw, packed = (x * n / _SAMPLE_ROWS for x in self._size(0, _SAMPLE_ROWS))
+            if max(packed / budget, raw / raw_budget) <= 0.9:
+                raw, packed = self._size(0, n)
+        else:
+            raw, packed = self._size(0, n)
         over = max(packed / budget, raw / raw_budget)
+        if self.max_rows is not None:
+            over = max(over, n / self.max_rows)
+        if over <= 1:
+            return [(0, n)]
+        # Estimate the number of pieces, aiming 10% under the tightest of
+        # the limits, then verify each piece and halve the ones still over.
         pieces = min(n, int(over / 0.9) + 1)
         bounds = np.linspace(0, n, pieces + 1).astype(int).tolist()
         ranges: list[tuple[int, int]] = []
         todo = [(lo, hi) for lo, hi in itertools.pairwise(bounds) if hi > lo]
         while todo:
             lo, hi = todo.pop(0)
-            raw, packed = self._size(lo, hi)
-            if raw <= raw_budget and packed <= budget:
+            if self._fits(lo, hi, budget, raw_budget):
                 ranges.append((lo, hi))
             elif hi - lo == 1:
                 raise OversizedBatchError(
@@ -360,14 +460,18 @@ def decode_batch(
 
     Raises (all :class:`WireFormatError`):
 
-    * :class:`UnknownVersionError` -- a major version other than 1;
+    * :class:`UnknownVersionError` -- a major version other than 1 or 2;
     * :class:`OversizedBatchError` -- the frame declares more than
-      ``max_decompressed`` bytes (checked before decompressing);
+      ``max_decompressed`` bytes (checked before decompressing), or a
+      version 2 header more than :data:`MAX_BATCH_ROWS` rows;
     * :class:`~edge_agent.wire.errors.TruncatedColumnsError` -- a column's
       data does not hold exactly the header's record count;
     * :class:`CorruptBatchError` -- anything else that is not a valid
       batch (bad magic, zstd or msgpack error, checksum mismatch, wrong
       header types, a required column missing).
+
+    Both versions give the same columns, canonical dtypes and header
+    fields; ``header.version`` says which one the batch was.
     """
     data = bytes(data)
     if len(data) < len(PREAMBLE) or data[:3] != MAGIC:
@@ -375,11 +479,18 @@ def decode_batch(
             f"not a sampleflow batch: expected magic {MAGIC!r}, got {data[:3]!r}"
         )
     major = data[3]
-    if major != FORMAT_MAJOR:
+    if major not in READ_MAJORS:
         raise UnknownVersionError(
-            f"batch format major version {major}; this reader knows {FORMAT_MAJOR}"
+            f"batch format major version {major}; this reader knows "
+            f"{', '.join(map(str, READ_MAJORS))}"
         )
     frame = data[len(PREAMBLE) :]
+    if major == 2:
+        if frame[:4] == _ZSTD_MAGIC:
+            raise CorruptBatchError(
+                "version 2 frames leave out the zstd magic number; this one has it"
+            )
+        frame = _ZSTD_MAGIC + frame
     try:
         declared = zstandard.frame_content_size(frame)
     except zstandard.ZstdError as exc:
@@ -392,7 +503,7 @@ def decode_batch(
             f"{max_decompressed} limit"
         )
     try:
-        raw = _decompress(frame)
+        raw = _decompress(frame, major)
     except zstandard.ZstdError as exc:
         raise CorruptBatchError(f"zstd decompression failed: {exc}") from exc
     try:
@@ -406,11 +517,27 @@ def decode_batch(
         raise CorruptBatchError(f"msgpack body does not parse: {exc}") from exc
     if not isinstance(body, dict):
         raise CorruptBatchError("batch body is not a msgpack map")
-    header = _read_header(body)
+    header = _read_header(body, major)
     entries = body.get("c")
     if not isinstance(entries, list):
         raise CorruptBatchError("batch has no column list ('c')")
-    columns, skipped = decode_columns(entries, header.record_count)
+    if major == 1:
+        columns, skipped = decode_columns(entries, header.record_count)
+    else:
+        if header.record_count > MAX_BATCH_ROWS:
+            raise OversizedBatchError(
+                f"batch declares {header.record_count} rows, over the "
+                f"{MAX_BATCH_ROWS} limit of version 2"
+            )
+        zero_mask = body.get("z", 0)
+        if not isinstance(zero_mask, int) or isinstance(zero_mask, bool):
+            raise CorruptBatchError(
+                f"header field 'z' (zero columns) must be an integer bitmask, "
+                f"got {zero_mask!r:.40}"
+            )
+        if zero_mask < 0:
+            raise CorruptBatchError(f"header field 'z' is negative: {zero_mask}")
+        columns, skipped = decode_columns_v2(entries, header.record_count, zero_mask)
     missing = REQUIRED_COLUMNS - columns.keys()
     if missing:
         raise CorruptBatchError(
@@ -419,7 +546,7 @@ def decode_batch(
     return DecodedBatch(header, columns, skipped)
 
 
-def _read_header(body: dict[str, Any]) -> BatchHeader:
+def _read_header(body: dict[str, Any], major: int = 1) -> BatchHeader:
     def get(key: str, kind: type, what: str, default: Any = None) -> Any:
         value = body.get(key, default)
         if not isinstance(value, kind) or isinstance(value, bool):
@@ -430,8 +557,11 @@ def _read_header(body: dict[str, Any]) -> BatchHeader:
 
     minor = get("v", int, "minor version")
     bid = get("i", bytes, "batch id")
-    if len(bid) != 16:
-        raise CorruptBatchError(f"header field 'i' must be 16 bytes, got {len(bid)}")
+    id_size = 16 if major == 1 else 10
+    if len(bid) != id_size:
+        raise CorruptBatchError(
+            f"header field 'i' must be {id_size} bytes, got {len(bid)}"
+        )
     count = get("n", int, "record count")
     if count < 0:
         raise CorruptBatchError(f"header field 'n' is negative: {count}")
@@ -446,6 +576,9 @@ def _read_header(body: dict[str, Any]) -> BatchHeader:
             f"header field 'p' must be [part, parts], got {part!r:.40}"
         )
     start = get("w", int, "window start")
+    created = start + get("e", int, "encoded at")
+    if major == 2:  # the UUIDv7's 48-bit time is the encoding time
+        bid = (created & ((1 << 48) - 1)).to_bytes(6, "big") + bid
     return BatchHeader(
         tenant_id=get("t", str, "tenant id"),
         relay_id=get("r", str, "relay id"),
@@ -457,6 +590,6 @@ def _read_header(body: dict[str, Any]) -> BatchHeader:
         model_version=model,
         part=part[0],
         parts=part[1],
-        created_ms=start + get("e", int, "encoded at"),
-        version=(FORMAT_MAJOR, minor),
+        created_ms=created,
+        version=(major, minor),
     )

@@ -1,4 +1,4 @@
-"""The zstd dictionary of batch format version 1 (fixed forever).
+"""The zstd dictionaries of batch format versions 1 and 2 (fixed forever).
 
 A batch of a quiet exporter holds a handful of rows, and most of its bytes
 are then the same in every batch: the header keys, the twenty column
@@ -13,9 +13,16 @@ These bytes ARE the format: a reader decompresses with exactly them.  They
 were produced once from template rows and are written out here instead of
 being generated, so no later change to the encoder can alter them; a test
 pins their SHA-256.  A different dictionary means a new major version.
+
+Version 2 uses a dictionary trained on version 2 bodies (16 KiB, content
+and entropy tables), shipped as the file ``dictionary_v2.zdict`` and
+checked against its pinned SHA-256 when this module is imported.
 """
 
 from __future__ import annotations
+
+import hashlib
+from importlib.resources import files
 
 import zstandard
 
@@ -51,4 +58,35 @@ def zstd_dictionary() -> zstandard.ZstdCompressionDict:
     """The v1 dictionary as a zstandard raw-content dictionary."""
     return zstandard.ZstdCompressionDict(
         DICTIONARY_V1, dict_type=zstandard.DICT_TYPE_RAWCONTENT
+    )
+
+
+#: SHA-256 of :data:`DICTIONARY_V2`, as given in docs/wire-format.md.
+DICTIONARY_V2_SHA256 = (
+    "846e6df718506025c08cd333eb4599146f502fcb451f8a9b81591f62a4dc410e"
+)
+
+
+def _load_v2() -> bytes:
+    data = (files("edge_agent.wire") / "dictionary_v2.zdict").read_bytes()
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != DICTIONARY_V2_SHA256:
+        raise RuntimeError(
+            f"edge_agent/wire/dictionary_v2.zdict has SHA-256 {digest}, not the "
+            f"{DICTIONARY_V2_SHA256} of format version 2: the package is damaged"
+        )
+    return data
+
+
+#: 16,384 bytes: a zstd dictionary (content and entropy tables) trained
+#: by zstd's cover trainer on version 2 bodies; see cloud/bench/
+#: wire_dictionary.py for the training data and docs/wire-format.md for
+#: what it takes off.  Read from dictionary_v2.zdict beside this module.
+DICTIONARY_V2 = _load_v2()
+
+
+def zstd_dictionary_v2() -> zstandard.ZstdCompressionDict:
+    """The v2 dictionary as a zstandard (trained, full) dictionary."""
+    return zstandard.ZstdCompressionDict(
+        DICTIONARY_V2, dict_type=zstandard.DICT_TYPE_FULLDICT
     )
