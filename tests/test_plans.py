@@ -241,3 +241,33 @@ def test_withdrawn_template_holds_later_data(count: int) -> None:
     assert counters.templates_withdrawn == 1
     assert counters.pending_held == 5
     assert decoder.pending.sets == 5
+
+
+@pytest.mark.parametrize("options_first", [True, False])
+def test_options_data_in_planned_datagrams(options_first: bool) -> None:
+    """Datagrams carrying options data (a rate) and data of one layout, the
+    rate 1-in-100 for 40 datagrams then 1-in-1000 for 40: with the options
+    set first a datagram's records take its own rate; with it last they
+    take the rate of the datagram before (the first datagram's: unknown)."""
+    options_template = _set(
+        1,
+        struct.pack(">HHH", 257, 4, 4)
+        + struct.pack(">HH", 1, 4)
+        + struct.pack(">HH", 34, 4),
+    )
+    datagrams = [_v9(0, _template(256, FIELDS_A), options_template)]
+    rates = [100] * 40 + [1000] * 40
+    for seq, rate in enumerate(rates, start=1):
+        options = _set(257, struct.pack(">II", 0, rate))
+        data = _set(256, _record_a(seq, 1, 6, 80) + _record_a(seq, 2, 6, 81))
+        sets = (options, data) if options_first else (data, options)
+        datagrams.append(_v9(seq, *sets))
+    decoder = FlowDecoder()
+    out = decoder.decode_many([(d, EXPORTER, PORT, 0) for d in datagrams])
+    applied = rates if options_first else [0, *rates[:-1]]
+    assert out["sampling_rate"].tolist() == [r for r in applied for _ in range(2)]
+    assert out["bytes"].tolist() == [s for s in range(1, 81) for _ in range(2)]
+    counters = decoder.stats.exporter(EXPORTER, PORT)
+    assert counters.options_records == 80
+    assert counters.records == 160
+    assert counters.sequence_gaps == 0

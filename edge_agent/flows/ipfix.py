@@ -53,24 +53,31 @@ class IpfixDecoder(TemplatedDecoder):
         size = len(payload)
         plan_key = (exporter, port, size)
         plan = self.plans.get(plan_key)
-        if plan is not None:
+        while plan is not None:
             # A layout seen before: length, export time, sequence, then what
             # the plan must find (domain, every set id and length).
             values = plan.unpack(payload)
+            if values[3:] != plan.sig:
+                plan = plan.next
+                continue
             if (
-                values[3:] == plan.sig
-                and values[0] == size
+                values[0] == size
                 and (
                     plan.generation == self.templates.generation
                     or self._holds(plan, plan_key)
                 )
                 and (not plan.resends or plan.resent(payload))
             ):
+                if plan.options_before:
+                    self._announce(plan.options_before, payload, counters, batch)
                 self.sequences.check(
                     plan.domain_key, values[2], plan.sequence_units, counters
                 )
                 self._queue(plan, payload, counters, batch)
+                if plan.options_after:
+                    self._announce(plan.options_after, payload, counters, batch)
                 return
+            break
         if size < 16:
             counters.errors["truncated_header"] += 1
             return
@@ -134,7 +141,17 @@ class IpfixDecoder(TemplatedDecoder):
                     if sets is not None:
                         sets.append((pos, set_length, set_id, template, count))
                 else:
-                    sets = None
+                    if (
+                        sets is not None
+                        and template is not None
+                        and template.is_options
+                        and not template.varlen
+                        and template.record_length
+                    ):
+                        count = (set_length - 4) // template.record_length
+                        sets.append((pos, set_length, set_id, template, count))
+                    else:
+                        sets = None
                     if export is None:
                         export = Export(
                             exporter,

@@ -38,7 +38,7 @@ import structlog
 from edge_agent.flows import fields as ie
 from edge_agent.flows.counters import DecodeStats, ExporterCounters
 from edge_agent.flows.fields import FieldSpec, RecordBatch, record_rates, sampler_ids
-from edge_agent.flows.plans import MAX_PLANS, DatagramPlan, flush_plan, make_plan
+from edge_agent.flows.plans import CHAIN, MAX_PLANS, DatagramPlan, flush_plan, make_plan
 from edge_agent.flows.sampling import SamplingTable
 from edge_agent.flows.schema import ExportProtocol, address_text
 from edge_agent.flows.sequence import SequenceTracker
@@ -184,11 +184,11 @@ class TemplatedDecoder:
 
     def _holds(self, plan: DatagramPlan, key: tuple[bytes, int, int]) -> bool:
         """The template cache changed since the plan was checked: whether
-        the plan still holds (if not it is forgotten)."""
+        the plan still holds (if not, the plans of its key are forgotten)."""
         if plan.current(self.templates.templates):
             plan.generation = self.templates.generation
             return True
-        del self.plans[key]
+        self.plans.pop(key, None)
         return False
 
     def _queue(
@@ -224,6 +224,26 @@ class TemplatedDecoder:
         plan.starts.append(batch.total)
         batch.total += records
 
+    def _announce(
+        self,
+        steps: tuple[tuple[Template, int, int], ...],
+        payload: bytes,
+        counters: ExporterCounters,
+        batch: RecordBatch,
+    ) -> None:
+        """Read a planned datagram's options sets as the general walk does."""
+        for template, offset, count in steps:
+            width = template.record_length
+            counters.options_records += count
+            self._options(
+                template,
+                payload[offset : offset + count * width],
+                count,
+                width,
+                counters,
+                batch,
+            )
+
     def _look_up(self, plan: DatagramPlan) -> None:
         """The rate (and IPFIX init time) of the plan's data, as now."""
         plan.rate_generation = self.sampling.generation
@@ -251,15 +271,16 @@ class TemplatedDecoder:
         if not self._planning:
             return
         key = (exporter, port, size)
-        # A layout is planned the second time it comes in a row: one-off
-        # layouts (and two alternating on one key) cost only this check.
+        # A layout is planned the second time it comes among the last few
+        # of its key: a one-off layout costs only this check.
         shape = (domain, *(item[:3] for item in sets))
-        if self._candidates.get(key) != shape:
+        seen_shapes = self._candidates.get(key)
+        if seen_shapes is None or shape not in seen_shapes:
             if len(self._candidates) >= MAX_PLANS:
                 self._candidates.clear()
-            self._candidates[key] = shape
+            self._candidates[key] = (shape, *(seen_shapes or ())[: CHAIN - 1])
             return
-        del self._candidates[key]
+        self._candidates[key] = tuple(s for s in seen_shapes if s != shape)
         version = 9 if self.PROTO == ExportProtocol.NETFLOW_V9 else 10
         defined: list[tuple[int, bytes, tuple[tuple[TemplateKey, Template], ...]]] = []
         current = self.templates.templates.get
@@ -272,7 +293,7 @@ class TemplatedDecoder:
             defined.append((offset, raw, seen))
         if len(self.plans) >= MAX_PLANS:
             self.plans.clear()
-        self.plans[key] = make_plan(
+        plan = make_plan(
             proto=self.PROTO,
             exporter=exporter,
             port=port,
@@ -282,6 +303,19 @@ class TemplatedDecoder:
             resends=defined,
             generation=self.templates.generation,
         )
+        if plan is None:
+            return
+        # Layouts of one size share the key: a short chain, newest first.
+        plan.next = self.plans.get(key)
+        self.plans[key] = plan
+        depth = 1
+        link = plan
+        while link.next is not None:
+            if depth == CHAIN:
+                link.next = None
+                break
+            link = link.next
+            depth += 1
 
     # -- templates ----------------------------------------------------------
 
@@ -442,7 +476,7 @@ class TemplatedDecoder:
         exporter, port, _, domain, _ = template.key
         if template.is_options:
             counters.options_records += count
-            self._options(template, region, count, width, export)
+            self._options(template, region, count, width, counters, batch)
             return count
         init_ms = context[3]
         if init_ms < 0 and self.PROTO == ExportProtocol.IPFIX:
@@ -462,20 +496,20 @@ class TemplatedDecoder:
         counters.records += count
         return count
 
-    def _options(
+    def _options(  # noqa: PLR0917 - the data path's own helper
         self,
         template: Template,
         region: bytes | memoryview,
         count: int,
         width: int,
-        export: Export,
+        counters: ExporterCounters,
+        batch: RecordBatch,
     ) -> None:
         """Learn sampling rates and system init time from options records.
 
         The records are read with numpy once per distinct content: a
         periodic re-send of the same bytes repeats what they announced.
         """
-        batch = export.batch
         if not width:
             return
         raw = bytes(region)
@@ -486,7 +520,7 @@ class TemplatedDecoder:
         _, init, invalid, announced = seen
         exporter, port, _, domain, _ = template.key
         if invalid:
-            export.counters.errors["system_init_time_invalid"] += 1
+            counters.errors["system_init_time_invalid"] += 1
         elif init is not None:
             key = (exporter, port, domain)
             if key in self.init_times or len(self.init_times) < _MAX_INIT_TIMES:
@@ -545,23 +579,27 @@ class NetflowV9Decoder(TemplatedDecoder):
         size = len(payload)
         plan_key = (exporter, port, size)
         plan = self.plans.get(plan_key)
-        if plan is not None:
+        while plan is not None:
             # A layout seen before: uptime, secs, sequence, then what the
             # plan must find (source id, every set id and length).
             values = plan.unpack(payload)
+            if values[3:] != plan.sig:
+                plan = plan.next
+                continue
             if (
-                values[3:] == plan.sig
-                and (
-                    plan.generation == self.templates.generation
-                    or self._holds(plan, plan_key)
-                )
-                and (not plan.resends or plan.resent(payload))
-            ):
+                plan.generation == self.templates.generation
+                or self._holds(plan, plan_key)
+            ) and (not plan.resends or plan.resent(payload)):
+                if plan.options_before:
+                    self._announce(plan.options_before, payload, counters, batch)
                 self.sequences.check_v9(
                     plan.domain_key, values[2], plan.sequence_units, counters
                 )
                 self._queue(plan, payload, counters, batch)
+                if plan.options_after:
+                    self._announce(plan.options_after, payload, counters, batch)
                 return
+            break
         if size < 20:
             counters.errors["truncated_header"] += 1
             return
@@ -618,7 +656,17 @@ class NetflowV9Decoder(TemplatedDecoder):
                     if sets is not None:
                         sets.append((pos, length, set_id, template, count))
                 else:
-                    sets = None
+                    if (
+                        sets is not None
+                        and template is not None
+                        and template.is_options
+                        and not template.varlen
+                        and template.record_length
+                    ):
+                        count = (length - 4) // template.record_length
+                        sets.append((pos, length, set_id, template, count))
+                    else:
+                        sets = None
                     if export is None:
                         export = Export(
                             exporter,

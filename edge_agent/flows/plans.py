@@ -15,8 +15,10 @@ their fixed columns and handed to the batch as one prepared group.
 
 A plan is made only from a datagram whose walk took nothing but the fast
 paths: fixed-length data templates already known, template sets read
-without an error (or re-sent).  Options data, held data, withdrawals,
-padding and errors leave the datagram to the general walk.  A plan holds
+without an error (or re-sent), fixed-length options data before or after
+all the data sets (read at once, in arrival order, as the general walk
+reads it).  Held data, withdrawals, padding and errors leave the datagram
+to the general walk.  A plan holds
 while the template cache's generation is unchanged, or while every
 template it names is still the one it was made with; the sampling rate
 (and IPFIX's systemInitTime) is looked up again when its table changed.
@@ -44,6 +46,8 @@ from edge_agent.flows.templates import Template, TemplateKey
 
 #: Plans kept per decoder; past the bound the table starts afresh.
 MAX_PLANS = 4096
+#: Most plans (layouts) kept per (exporter, port, datagram size).
+CHAIN = 4
 #: Plans with fewer queued datagrams than this are read datagram by
 #: datagram (the matrix pass costs a few dozen numpy calls whatever its
 #: size).
@@ -109,6 +113,9 @@ class DatagramPlan:
         "groups",
         "init",
         "marks",
+        "next",
+        "options_after",
+        "options_before",
         "payloads",
         "port",
         "rate",
@@ -143,6 +150,8 @@ class DatagramPlan:
         templates_received: int,
         generation: int,
         sequence_units: int,
+        options_before: tuple[tuple[Template, int, int], ...] = (),
+        options_after: tuple[tuple[Template, int, int], ...] = (),
     ) -> None:
         self.exporter = exporter
         self.port = port
@@ -157,6 +166,10 @@ class DatagramPlan:
         self.templates_received = templates_received
         self.generation = generation
         self.sequence_units = sequence_units
+        #: options sets (template, offset, records) read before / after the
+        #: data is queued, as the general walk reads them
+        self.options_before = options_before
+        self.options_after = options_after
         self.records = sum(step[2] for step in steps)
         groups: dict[int, PlanGroup] = {}
         for template, offset, count, prefix in steps:
@@ -183,6 +196,8 @@ class DatagramPlan:
         self.payloads: list[bytes] = []
         self.starts: list[int] = []
         self.marks: list[tuple[int, int, int]] = []
+        #: the next plan of the same key (another layout of that size)
+        self.next: DatagramPlan | None = None
 
     def current(self, templates: dict[TemplateKey, Template]) -> bool:
         """Whether every template the plan relies on is still the same."""
@@ -210,8 +225,9 @@ def make_plan(
     sets: list[tuple[int, int, int, Template | None, int]],
     resends: list[tuple[int, bytes, tuple[tuple[TemplateKey, Template], ...]]],
     generation: int,
-) -> DatagramPlan:
-    """A plan for a datagram whose walk took only the fast paths.
+) -> DatagramPlan | None:
+    """A plan for a datagram whose walk took only the fast paths (None if
+    its options sets come between data sets).
 
     ``sets`` lists every set as (offset, length, set id, template of a data
     set or None, records); ``resends`` the template sets as (body offset,
@@ -229,14 +245,27 @@ def make_plan(
         version = 10
     sig: list[int] = [domain]
     steps: list[DataStep] = []
+    before: list[tuple[Template, int, int]] = []
+    after: list[tuple[Template, int, int]] = []
     prefix = 0
+    options_records = 0
     for offset, length, set_id, template, count in sets:
         if offset > cursor:
             fmt.append(f"{offset - cursor}x")
         fmt.append("HH")
         cursor = offset + 4
         sig += (set_id, length)
-        if template is not None and count:
+        if template is None or not count:
+            continue
+        if template.is_options:
+            # Announcements apply to the data after them: a plan reads its
+            # data with one rate, so options sets must come before or
+            # after all of it.
+            (after if steps else before).append((template, offset + 4, count))
+            options_records += count
+        elif after:
+            return None
+        else:
             steps.append((template, offset + 4, count, prefix))
             prefix += count
     relied: dict[TemplateKey, Template] = {}
@@ -244,8 +273,8 @@ def make_plan(
     for _, _, defined in resends:
         received += len(defined)
         relied.update(defined)
-    for template, *_ in steps:
-        relied[template.key] = template
+    for used in [step[0] for step in steps] + [step[0] for step in before + after]:
+        relied[used.key] = used
     records = prefix
     return DatagramPlan(
         exporter=exporter,
@@ -261,9 +290,11 @@ def make_plan(
         templates_received=received,
         generation=generation,
         # v9 exporters that number records count template records too
-        sequence_units=records + received
+        sequence_units=records + options_records + received
         if proto == ExportProtocol.NETFLOW_V9
-        else records,
+        else records + options_records,
+        options_before=tuple(before),
+        options_after=tuple(after),
     )
 
 
