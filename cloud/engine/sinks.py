@@ -113,7 +113,11 @@ def estimate_windows(
 
 
 def _network_fields(stats: NetworkStats | None) -> dict[str, Any]:
-    return {} if stats is None else dataclasses.asdict(stats)
+    if stats is None:
+        return {}
+    # Shallow: asdict's deep copy of the talker dicts cost more than the
+    # estimate itself; the talkers are built fresh for each window anyway.
+    return {f.name: getattr(stats, f.name) for f in dataclasses.fields(stats)}
 
 
 class EstimateSink(Protocol):

@@ -125,14 +125,22 @@ def estimate_id(tenant_id: str, window_start_ms: int) -> str:
     return _key_hash(tenant_id, str(int(window_start_ms)))
 
 
+_V4_MAPPED_PREFIX = np.array([0] * 10 + [0xFF, 0xFF], dtype=np.uint8)
+
+
 def host_texts(hosts: np.ndarray) -> list[str]:
     """``V16`` (IPv4-mapped for IPv4) host addresses as text."""
     raw = np.ascontiguousarray(hosts).reshape(-1).view(np.uint8).reshape(-1, 16)
-    out: list[str] = []
-    for row in raw:
-        addr = ipaddress.IPv6Address(row.tobytes())
-        v4 = addr.ipv4_mapped
-        out.append(str(v4 if v4 is not None else addr))
+    mapped = (raw[:, :12] == _V4_MAPPED_PREFIX).all(axis=1)
+    out = [""] * raw.shape[0]
+    # IPv4 (nearly every host) formatted from its four bytes; the rest by
+    # ipaddress, which also gives IPv6 its canonical compressed form.
+    for i, (a, b, c, d) in zip(
+        np.flatnonzero(mapped).tolist(), raw[mapped, 12:].tolist(), strict=True
+    ):
+        out[i] = f"{a}.{b}.{c}.{d}"
+    for i in np.flatnonzero(~mapped).tolist():
+        out[i] = str(ipaddress.IPv6Address(raw[i].tobytes()))
     return out
 
 
@@ -174,32 +182,42 @@ def detections_from_scores(
             raise ValueError(f"{name} has {len(arr)} rows, hosts has {n}")
     if len(threat_classes) != n or len(model_versions) != n:
         raise ValueError("threat_classes and model_versions need one entry per row")
-    keep = np.flatnonzero(np.asarray(alerts, bool)) if only_alerts else np.arange(n)
-    losses = np.asarray(losses, np.float64)
+    alert = np.asarray(alerts, bool)
+    keep = np.flatnonzero(alert) if only_alerts else np.arange(n)
+    losses = np.asarray(losses, np.float64)[keep]
     order = np.argsort(-losses, axis=1, kind="stable")[:, :top_k]
-    out: list[Detection] = []
-    for i in keep.tolist():
-        out.append(
-            Detection(
-                tenant_id=tenant_id,
-                host=hosts[i],
-                window_start_ms=int(window_start_ms[i]),
-                window_end_ms=int(window_end_ms[i]),
-                score=float(scores[i]),
-                threat_class=str(threat_classes[i]),
-                alert=bool(alerts[i]),
-                model_version=str(model_versions[i]),
-                features={
-                    name: float(v)
-                    for name, v in zip(feature_names, feature_values[i], strict=True)
-                },
-                top_losses=[
-                    (loss_names[j], float(losses[i, j])) for j in order[i].tolist()
-                ],
-                detected_at=detected_at,
-            )
+    top_z = np.take_along_axis(losses, order, axis=1).tolist()
+    top_names = np.asarray(list(loss_names), dtype=object)[order].tolist()
+    values = np.asarray(feature_values, np.float64)[keep].tolist()
+    names = tuple(feature_names)
+    # Whole columns to Python at once: per-element numpy indexing would
+    # cost more than building the objects.
+    return [
+        Detection(
+            tenant_id,
+            hosts[i],
+            start,
+            end,
+            score,
+            str(threat_classes[i]),
+            is_alert,
+            str(model_versions[i]),
+            dict(zip(names, row, strict=True)),
+            list(zip(top_n, top_v, strict=True)),
+            detected_at,
         )
-    return out
+        for i, start, end, score, is_alert, row, top_n, top_v in zip(
+            keep.tolist(),
+            np.asarray(window_start_ms, np.int64)[keep].tolist(),
+            np.asarray(window_end_ms, np.int64)[keep].tolist(),
+            np.asarray(scores, np.float64)[keep].tolist(),
+            alert[keep].tolist(),
+            values,
+            top_names,
+            top_z,
+            strict=True,
+        )
+    ]
 
 
 def open_client(uri: str, timeout_s: float = 10.0) -> pymongo.MongoClient[Document]:
