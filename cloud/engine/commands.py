@@ -1,4 +1,4 @@
-"""``sampleflow engine run``: the engine's command line.
+"""``sampleflow engine run`` and ``engine status``: the engine's command line.
 
 Registered through the ``sampleflow.commands`` entry point group, so a
 relay-only install (no pyspark) simply lacks it; pyspark is imported when
@@ -13,9 +13,12 @@ CloudWatch behind ``--endpoint-url``; each takes ``none`` to turn it off.
 from __future__ import annotations
 
 import argparse
+import json
 import signal
 import sys
 import threading
+import urllib.error
+import urllib.request
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -23,6 +26,7 @@ from typing import Any
 import structlog
 
 from cloud.engine.defaults import (
+    DEFAULT_STATUS_PORT,
     DEFAULT_TENANT_NETWORKS,
     DETECTION_MODES,
     LOCAL_MODEL_SERVICE_URL,
@@ -37,7 +41,8 @@ log = structlog.get_logger(__name__)
 
 
 def register(subparsers: Any) -> None:
-    """Add ``engine`` (with ``run``) to the ``sampleflow`` parser."""
+    """Add ``engine`` (with ``run`` and ``status``) to the ``sampleflow``
+    parser."""
     engine = subparsers.add_parser(
         "engine", help="the cloud streaming engine (Spark Structured Streaming)"
     )
@@ -129,7 +134,37 @@ def register(subparsers: Any) -> None:
         choices=FORMATS,
         help=f"log format (default ${FORMAT_ENV} or console)",
     )
+    run.add_argument(
+        "--status-address",
+        default="127.0.0.1",
+        help="address of the /metrics and /healthz server (default 127.0.0.1)",
+    )
+    run.add_argument(
+        "--status-port",
+        type=_port_or_none,
+        default=DEFAULT_STATUS_PORT,
+        help=f"its port (default {DEFAULT_STATUS_PORT}; 0: any free; 'none': off)",
+    )
     run.set_defaults(func=run_command)
+    status = commands.add_parser(
+        "status",
+        help="print a running engine's health and last micro-batch",
+        description=(
+            "Read a running engine's /healthz and print it for a person.  "
+            "Exit 0 when the query runs, 1 when it does not or the engine "
+            "cannot be reached."
+        ),
+    )
+    status.add_argument(
+        "--url",
+        default=f"http://127.0.0.1:{DEFAULT_STATUS_PORT}",
+        help=f"the engine's status server (default http://127.0.0.1:"
+        f"{DEFAULT_STATUS_PORT})",
+    )
+    status.add_argument(
+        "--timeout", type=float, default=5.0, help="seconds to wait (default 5)"
+    )
+    status.set_defaults(func=status_command)
     _register_bench(subparsers)
     engine.set_defaults(func=lambda args: _help(engine))
 
@@ -225,6 +260,46 @@ def _add_output_arguments(run: argparse.ArgumentParser) -> None:
     )
 
 
+def _port_or_none(value: str) -> int | None:
+    if value.lower() in {"none", "off"}:
+        return None
+    try:
+        port = int(value)
+    except ValueError:
+        port = -1
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(
+            f"a port in 0..65535 or 'none' is required, got {value!r}"
+        )
+    return port
+
+
+def status_command(args: argparse.Namespace) -> int:
+    """``engine status``: fetch /healthz and print it, one field a line."""
+    url = args.url.rstrip("/") + "/healthz"
+    try:
+        with urllib.request.urlopen(url, timeout=args.timeout) as response:
+            body = response.read()
+    except urllib.error.HTTPError as exc:  # 503: answered, not healthy
+        body = exc.read()
+    except (urllib.error.URLError, OSError) as exc:
+        print(
+            f"sampleflow engine status: cannot read {url}: {exc} "
+            "(is the engine running, with --status-port?)",
+            file=sys.stderr,
+        )
+        return 1
+    try:
+        health = json.loads(body)
+    except ValueError:
+        print(f"sampleflow engine status: {url} did not answer JSON", file=sys.stderr)
+        return 1
+    width = max((len(k) for k in health), default=0)
+    for key, value in health.items():
+        print(f"{key:<{width}}  {'-' if value is None else value}")
+    return 0 if health.get("status") == "ok" else 1
+
+
 def _off(value: str | None) -> str | None:
     return None if value is None or value.lower() in {"", "none", "off"} else value
 
@@ -294,6 +369,8 @@ def run_command(args: argparse.Namespace) -> int:
             aws_endpoint_url=args.aws_endpoint_url,
             detections=args.detections,
             score_retry_s=args.score_retry,
+            status_address=args.status_address,
+            status_port=args.status_port,
         )
     except ConfigError as exc:
         log.error("engine_config_invalid", error=str(exc))

@@ -49,6 +49,8 @@ class EngineConfig:
     scored window.  ``score_retry_s``: wait after the model service or
     the detection store failed before trying again; ``mongo_timeout_s``
     bounds each store call (server selection, connect, operation).
+    ``status_port`` (None: off; 0: any free port) serves ``/metrics`` and
+    ``/healthz`` on ``status_address`` (:mod:`cloud.engine.health`).
     """
 
     stream_name: str
@@ -83,6 +85,8 @@ class EngineConfig:
     top_talkers: int = 10
     detections: str = "alerts"
     score_retry_s: float = 10.0
+    status_address: str = "127.0.0.1"
+    status_port: int | None = None
 
     def networks_for(self, tenant_id: str) -> InternalNetworks:
         """The tenant's internal networks, parsed (cached)."""
@@ -143,6 +147,11 @@ class EngineConfig:
             raise ConfigError(
                 "model_service_url must start with http:// or https://, got "
                 f"{self.model_service_url!r}"
+            )
+        if self.status_port is not None and not 0 <= self.status_port <= 65535:
+            raise ConfigError(
+                f"status_port must be in 0..65535 (0: any free port), got "
+                f"{self.status_port}"
             )
         if self.trigger_interval_s <= 0:
             raise ConfigError(

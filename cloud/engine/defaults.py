@@ -39,3 +39,5 @@ def tenant_networks(
 #: Where the local stack (cloud/local) runs the model service and the store.
 LOCAL_MODEL_SERVICE_URL = "http://127.0.0.1:8480"
 LOCAL_MONGO_URI = "mongodb://127.0.0.1:27017/?directConnection=true"
+#: The engine's /metrics and /healthz port (the relay's is 9464).
+DEFAULT_STATUS_PORT = 9466

@@ -48,6 +48,7 @@ from pyspark.sql.streaming import StreamingQuery
 from cloud.engine.analysis import AnalysisReport, FlowAnalysis
 from cloud.engine.config import EngineConfig
 from cloud.engine.estimates import z_for
+from cloud.engine.health import StatusPublisher, engine_health, status_registry
 from cloud.engine.kinesis import SOURCE_NAME
 from cloud.engine.metrics import (
     EngineCounters,
@@ -86,6 +87,7 @@ from cloud.store.detections import (
 )
 from cloud.store.metrics import CloudWatchPublisher
 from cloud.store.state import StateStoreError, TenantStateStore
+from edge_agent.relay.metrics import MetricsServer
 
 log = structlog.get_logger(__name__)
 
@@ -384,6 +386,17 @@ class Engine:
     listener: LagListener
     spark: SparkSession
     closers: list[Callable[[], None]] = field(default_factory=list)
+    #: What /metrics and /healthz show (also without a server).
+    status: StatusPublisher = field(default_factory=StatusPublisher)
+    #: The bound status server, if ``status_port`` asked for one.
+    status_server: MetricsServer | None = None
+
+    def query_state(self) -> tuple[bool, str | None]:
+        """(running, error text or None) of the streaming query."""
+        if self.query.isActive:
+            return True, None
+        error = self.query.exception()
+        return False, None if error is None else str(error)
 
     def close(self, drain_timeout_s: float = 120.0) -> None:
         """Stop the query if it runs (after the micro-batch in flight, if
@@ -396,6 +409,8 @@ class Engine:
             self.query.stop()
             self.processor.idle.wait(drain_timeout_s)
         self.spark.streams.removeListener(self.listener)
+        if self.status_server is not None:
+            self.status_server.stop()
         for close in self.closers:
             close()
         self.store.close()
@@ -529,17 +544,18 @@ def start_engine(
         )
     store = SqliteStore(config.resolved_state_path)
     out = build_outputs(config, store, sink, publisher)
+    status = StatusPublisher()
     processor = MicroBatchProcessor(
         config,
         store,
         out.sink,
-        out.publisher,
+        FanoutPublisher([out.publisher, status]),
         flow_consumers,
         scorer=out.scorer,
         tenant_state=out.tenant_state,
     )
     pruned = store.prune(int((time.time() - config.dedup_horizon_s) * 1000))
-    listener = LagListener(out.publisher, config.query_name)
+    listener = LagListener(processor.publisher, config.query_name)
     spark.streams.addListener(listener)
     reader = spark.readStream.format(SOURCE_NAME)
     for key, value in config.source_options().items():
@@ -567,4 +583,33 @@ def start_engine(
         tenant_state=config.state_table,
         metrics_namespace=config.metrics_namespace,
     )
-    return Engine(query, processor, store, listener, spark, out.closers)
+    engine = Engine(
+        query, processor, store, listener, spark, out.closers, status=status
+    )
+    if config.status_port is not None:
+        engine.status_server = _start_status_server(config, engine)
+    return engine
+
+
+def _start_status_server(config: EngineConfig, engine: Engine) -> MetricsServer | None:
+    """Serve /metrics and /healthz; a port in use is logged, not fatal (the
+    engine's work does not depend on being watched)."""
+    server = MetricsServer(
+        status_registry(engine.status, engine.query_state),
+        lambda: engine_health(engine.status, engine.query_state),
+        address=config.status_address,
+        port=int(config.status_port or 0),
+    )
+    try:
+        server.start()
+    except OSError as exc:
+        log.warning(
+            "engine_status_unavailable",
+            address=config.status_address,
+            port=config.status_port,
+            error=str(exc),
+            hint="choose another --status-port, or none",
+        )
+        return None
+    log.info("engine_status", url=f"http://{config.status_address}:{server.port}")
+    return server

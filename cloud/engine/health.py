@@ -1,0 +1,230 @@
+"""The engine's status on the driver: Prometheus ``/metrics`` and ``/healthz``.
+
+:class:`StatusPublisher` is one more :class:`~cloud.engine.metrics.
+MetricsPublisher`: it keeps the last micro-batch's report, running totals
+and the source's lag.  :class:`EngineCollector` turns them into metric
+families (prefix ``sampleflow_engine_``) and :func:`engine_health` into
+the ``/healthz`` answer; the HTTP server is the relay's
+(:class:`edge_agent.relay.metrics.MetricsServer`, one implementation).
+
+Healthy means the streaming query is running.  A quiet stream is healthy:
+a micro-batch only runs when records arrive, so the age of the last one
+is reported (``last_batch_age_s``) for an operator or an alert rule to
+judge, not turned into a verdict here.
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+PREFIX = "sampleflow_engine_"
+
+#: Report fields summed into ``<PREFIX><name>_total`` counters.
+_TOTALS: dict[str, str] = {
+    "records": "Kinesis records (relay batches) read",
+    "batches_accepted": "relay batches accepted (not duplicates, valid)",
+    "duplicates_in_batch": "duplicate relay batches within a micro-batch",
+    "duplicates_across": "duplicate relay batches across micro-batches",
+    "flows": "flow rows of accepted batches",
+    "windows_closed": "estimate windows closed (final)",
+    "late_partials": "window sums refused: their window had closed",
+    "late_feature_rows": "flow rows left out of closed feature windows",
+    "host_windows": "host feature rows of closed feature windows",
+    "scored": "host windows scored",
+    "detections": "detections written (or counted without a store)",
+    "scoring_rejected": "host windows the model service refused",
+    "scoring_unavailable": "micro-batches that found scoring or its store down",
+    "state_trouble": "tenant state updates refused or failed",
+}
+
+
+@dataclass
+class StatusSnapshot:
+    """A consistent copy of what :class:`StatusPublisher` holds."""
+
+    micro_batches: int
+    totals: dict[str, float]
+    invalid: dict[str, int]
+    last: dict[str, Any]  # the last micro-batch's report fields
+    last_micro_batch: int | None
+    last_batch_at: float | None  # time.time() when it finished
+    lag_ms: dict[str, int]  # MillisBehindLatest per shard
+
+
+@dataclass
+class StatusPublisher:
+    """Keeps what the status endpoint shows (thread-safe: micro-batches,
+    Spark's listener and HTTP requests run on different threads).
+    ``clock`` is time.time (seconds), replaceable in tests."""
+
+    clock: Callable[[], float] = time.time
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+    _micro_batches: int = 0
+    _totals: dict[str, float] = field(default_factory=dict)
+    _invalid: collections.Counter[str] = field(default_factory=collections.Counter)
+    _last: dict[str, Any] = field(default_factory=dict)
+    _last_micro_batch: int | None = None
+    _last_batch_at: float | None = None
+    _lag_ms: dict[str, int] = field(default_factory=dict)
+
+    def publish_batch(self, micro_batch: int, values: Mapping[str, Any]) -> None:
+        with self._lock:
+            self._micro_batches += 1
+            for name in _TOTALS:
+                added = float(values.get(name, 0) or 0)
+                self._totals[name] = self._totals.get(name, 0.0) + added
+            for kind, count in dict(values.get("invalid") or {}).items():
+                self._invalid[str(kind)] += int(count)
+            self._last = dict(values)
+            self._last_micro_batch = micro_batch
+            self._last_batch_at = self.clock()
+
+    def publish_lag(self, millis_behind_latest: Mapping[str, int]) -> None:
+        with self._lock:
+            self._lag_ms = {str(k): int(v) for k, v in millis_behind_latest.items()}
+
+    def snapshot(self) -> StatusSnapshot:
+        """The figures as of now."""
+        with self._lock:
+            return StatusSnapshot(
+                micro_batches=self._micro_batches,
+                totals=dict(self._totals),
+                invalid=dict(self._invalid),
+                last=dict(self._last),
+                last_micro_batch=self._last_micro_batch,
+                last_batch_at=self._last_batch_at,
+                lag_ms=dict(self._lag_ms),
+            )
+
+
+#: Answers (running, error text or None) about the streaming query.
+QueryState = Callable[[], tuple[bool, str | None]]
+
+
+def _gauge(name: str, doc: str, value: float | None = None) -> GaugeMetricFamily:
+    return GaugeMetricFamily(PREFIX + name, doc, value=value)
+
+
+class EngineCollector(Collector):
+    """The engine's metric families, read at every scrape."""
+
+    def __init__(self, status: StatusPublisher, query_state: QueryState) -> None:
+        self.status = status
+        self.query_state = query_state
+
+    def collect(self) -> Iterator[Metric]:
+        s = self.status.snapshot()
+        running, _ = self.query_state()
+        yield _gauge("up", "1 while the streaming query runs", float(running))
+        yield CounterMetricFamily(
+            PREFIX + "micro_batches",
+            "micro-batches processed since the engine started",
+            value=s.micro_batches,
+        )
+        for name, doc in _TOTALS.items():
+            yield CounterMetricFamily(
+                PREFIX + name,
+                doc + " since the engine started",
+                value=s.totals.get(name, 0),
+            )
+        invalid = CounterMetricFamily(
+            PREFIX + "invalid_records",
+            "Kinesis records set aside as invalid, by error kind",
+            labels=["kind"],
+        )
+        for kind, count in sorted(s.invalid.items()):
+            invalid.add_metric([kind], count)
+        yield invalid
+        if s.last_micro_batch is not None and s.last_batch_at is not None:
+            yield _gauge(
+                "last_micro_batch", "id of the last micro-batch", s.last_micro_batch
+            )
+            yield _gauge(
+                "last_micro_batch_timestamp_seconds",
+                "when the last micro-batch finished, s since the epoch",
+                s.last_batch_at,
+            )
+            yield _gauge(
+                "last_micro_batch_duration_seconds",
+                "running time of the last micro-batch, s",
+                float(s.last.get("total_ms", 0.0)) / 1000,
+            )
+            yield _gauge(
+                "last_micro_batch_records",
+                "Kinesis records (input rows) of the last micro-batch",
+                float(s.last.get("records", 0)),
+            )
+            yield _gauge(
+                "last_micro_batch_flows",
+                "accepted flow rows of the last micro-batch",
+                float(s.last.get("flows", 0)),
+            )
+            yield _gauge(
+                "unscored_host_windows",
+                "host windows pending scoring after the last micro-batch",
+                float(s.last.get("unscored", 0)),
+            )
+            yield _gauge(
+                "estimates_deferred",
+                "estimates kept in memory while the store is down",
+                float(s.last.get("estimates_deferred", 0)),
+            )
+        lag = GaugeMetricFamily(
+            PREFIX + "millis_behind_latest",
+            "how far the source's last read is behind the shard's tip, ms",
+            labels=["shard"],
+        )
+        for shard, ms in sorted(s.lag_ms.items()):
+            lag.add_metric([shard], ms)
+        yield lag
+
+
+def engine_health(
+    status: StatusPublisher, query_state: QueryState
+) -> tuple[bool, dict[str, Any]]:
+    """``/healthz``: healthy while the query runs; the details an operator
+    looks at first (see the module doc)."""
+    s = status.snapshot()
+    running, error = query_state()
+    details: dict[str, Any] = {
+        "query_running": running,
+        "micro_batches": s.micro_batches,
+        "last_micro_batch": s.last_micro_batch,
+        "last_batch_age_s": (
+            None
+            if s.last_batch_at is None
+            else round(status.clock() - s.last_batch_at, 3)
+        ),
+        "last_duration_s": (
+            None
+            if s.last_micro_batch is None
+            else float(s.last.get("total_ms", 0.0)) / 1000
+        ),
+        "last_records": s.last.get("records"),
+        "last_flows": s.last.get("flows"),
+        "max_millis_behind_latest": max(s.lag_ms.values(), default=None),
+        "unscored_host_windows": s.last.get("unscored"),
+        "invalid_records": sum(s.invalid.values()),
+        "scoring_unavailable": bool(s.last.get("scoring_unavailable", 0)),
+    }
+    if error is not None:
+        details["error"] = error
+    return running, details
+
+
+def status_registry(
+    status: StatusPublisher, query_state: QueryState
+) -> CollectorRegistry:
+    """A registry holding only the engine's families."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(EngineCollector(status, query_state))
+    return registry
