@@ -137,12 +137,16 @@ def sort_rows(src_addr: np.ndarray, dst_addr: np.ndarray) -> np.ndarray:
 # --- encoding -------------------------------------------------------------
 
 
-def _for_spec(u: np.ndarray, signed: bool) -> list[Any]:
-    """FOR of unsigned ``u``: base = the minimum (in the column's sign)."""
+def _for_spec(u: np.ndarray, signed: bool, lo: int, hi: int) -> list[Any]:
+    """FOR of unsigned ``u`` (``lo``/``hi`` its unsigned extremes): base =
+    the minimum in the column's sign."""
     size = u.dtype.itemsize
-    values = u.view(f"<i{size}") if signed else u
-    base = int(values.min())
-    span = int(values.max()) - base
+    if signed:
+        values = u.view(f"<i{size}")
+        base = int(values.min())
+        span = int(values.max()) - base
+    else:
+        base, span = lo, hi - lo
     offsets = u - u.dtype.type(base % (1 << (8 * size)))
     width = _width(span)
     return [Spec.FOR, _planes(offsets, width), width, base]
@@ -150,7 +154,7 @@ def _for_spec(u: np.ndarray, signed: bool) -> list[Any]:
 
 def _diff_spec(u: np.ndarray) -> list[Any] | None:
     """DIFF of unsigned ``u`` when it is non-decreasing, else None."""
-    if bool(np.any(u[1:] < u[:-1])):
+    if u.shape[0] > 1 and (u[0] > u[-1] or bool(np.any(u[1:] < u[:-1]))):
         return None
     steps = np.diff(u)
     width = _width(int(steps.max()) if steps.size else 0)
@@ -192,11 +196,16 @@ def _spec_size(spec: list[Any]) -> int:
     return size
 
 
-def _integer_spec(u: np.ndarray, signed: bool, try_dict: bool) -> list[Any]:
-    """The smallest of CONST, FOR, DIFF (and DICT if asked) for ``u``."""
-    if u.shape[0] == 1 or bool(np.all(u == u[0])):
+def _integer_spec(
+    u: np.ndarray, signed: bool, try_dict: bool, hi: int | None = None
+) -> list[Any]:
+    """The smallest of CONST, FOR, DIFF (and DICT if asked) for ``u``
+    (``hi``: its maximum, if known)."""
+    hi = int(u.max()) if hi is None else hi
+    lo = int(u.min())
+    if lo == hi:
         return [Spec.CONST, u[:1].tobytes()]
-    best = _for_spec(u, signed)
+    best = _for_spec(u, signed, lo, hi)
     for candidate in (_diff_spec(u), _dict_spec(u) if try_dict else None):
         if candidate is not None and _spec_size(candidate) < _spec_size(best):
             best = candidate
@@ -246,7 +255,8 @@ def encode_columns_v2(columns: dict[str, np.ndarray]) -> tuple[list[list[Any]], 
                 entries.append([cid, *_address_spec(values)])
             continue
         u = integer_view(name, values)
-        if not u.any():
+        hi = int(u.max())
+        if hi == 0:
             zero_mask |= 1 << cid
             continue
         signed = dtype.kind == "i"
@@ -256,13 +266,13 @@ def encode_columns_v2(columns: dict[str, np.ndarray]) -> tuple[list[list[Any]], 
             inner = _integer_spec(u - integer_view(ref_name, columns[ref_name]),
                                   signed, try_dict)  # fmt: skip
             # The plain values (times) are mostly distinct: no DICT for them.
-            plain = _integer_spec(u, signed, False)
+            plain = _integer_spec(u, signed, False, hi)
             if _spec_size(inner) <= _spec_size(plain):
                 entries.append([cid, Spec.DELTA, COLUMN_IDS[ref_name], inner])
             else:
                 entries.append([cid, *plain])
             continue
-        entries.append([cid, *_integer_spec(u, signed, try_dict)])
+        entries.append([cid, *_integer_spec(u, signed, try_dict, hi)])
     return entries, zero_mask
 
 
