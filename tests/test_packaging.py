@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import importlib.util
 import json
 import os
 import re
@@ -657,6 +658,16 @@ def test_dockerfile_copies_only_what_exists_and_is_in_the_context() -> None:
             path = source.rstrip("/")
             assert (ROOT / path).exists(), source
             assert _dockerignore_allows(path), source
+    # The image is built from the same sources as the Debian package, whose
+    # build the tests above run.
+    spec = importlib.util.spec_from_file_location(
+        "deb_build", PACKAGING / "deb" / "build.py"
+    )
+    assert spec is not None and spec.loader is not None
+    build = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(build)
+    sources = {s.rstrip("/") for c in copies for s in c.value[:-1]}
+    assert sources == {*build.SOURCES, "packaging/render_config.py"}
     assert not _dockerignore_allows("tests/test_packaging.py")
     assert not _dockerignore_allows("cloud/engine/store.py")
     assert not _dockerignore_allows("edge_agent/__pycache__")
