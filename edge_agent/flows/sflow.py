@@ -162,7 +162,10 @@ _VLAN_COUNTERS_NAMES = (
 )
 #: Counter records decoded into named values, by their data format word
 #: (enterprise << 12 | format; all three are enterprise 0).
-_COUNTER_LAYOUTS: dict[int, tuple[struct.Struct, tuple[str, ...]]] = {
+#: How a counter record is read: its struct and the names of its values.
+CounterLayout = tuple[struct.Struct, tuple[str, ...]]
+
+_COUNTER_LAYOUTS: dict[int, CounterLayout] = {
     1: (_GENERIC_IF, _GENERIC_IF_NAMES),
     2: (_ETHERNET_IF, _ETHERNET_IF_NAMES),
     5: (_VLAN_COUNTERS, _VLAN_COUNTERS_NAMES),
@@ -390,12 +393,15 @@ _UNKNOWN_DIRECTION = int(Direction.UNKNOWN)
 class CounterRecord(NamedTuple):
     """One counter record of an sFlow counter sample, kept as counters.
 
-    ``values`` holds the decoded counters of generic interface (format 1),
-    Ethernet (2) and VLAN (5) records, named after the sFlow v5 structure
-    fields in snake case (``if_in_octets``, ``dot3_stats_fcs_errors``...;
-    generic ``if_status`` bit 0 is admin up, bit 1 oper up): a read-only
-    mapping (:class:`CounterValues`) read from ``data`` on first use.  It is
-    empty for other formats, whose bytes are in ``data``.
+    :attr:`values` holds the decoded counters of generic interface (format
+    1), Ethernet (2) and VLAN (5) records, named after the sFlow v5
+    structure fields in snake case (``if_in_octets``,
+    ``dot3_stats_fcs_errors``...; generic ``if_status`` bit 0 is admin up,
+    bit 1 oper up): a read-only mapping (:class:`CounterValues`) read from
+    ``data`` when used.  It is empty for other formats, whose bytes are in
+    ``data``.  ``counter_layout`` is how ``data`` is read (None: not
+    decoded); most records are dropped unread, so no mapping is made for
+    them.
     """
 
     exporter: bytes  # UDP source, 16-byte column form
@@ -410,8 +416,14 @@ class CounterRecord(NamedTuple):
     source_id_index: int
     enterprise: int
     format: int
-    values: Mapping[str, int]
+    counter_layout: CounterLayout | None
     data: bytes
+
+    @property
+    def values(self) -> Mapping[str, int]:
+        """The decoded counters by name (empty if the format is not decoded)."""
+        layout = self.counter_layout
+        return NO_VALUES if layout is None else CounterValues(layout, self.data)
 
     @property
     def agent_text(self) -> str:
@@ -986,8 +998,7 @@ class SflowDecoder:
                 i += 2
             for q, end, enterprise, fmt, layout in records:
                 data = buf[q:end]
-                values = NO_VALUES if layout is None else CounterValues(layout, data)
-                append(new(CounterRecord, (*shared, enterprise, fmt, values, data)))
+                append(new(CounterRecord, (*shared, enterprise, fmt, layout, data)))
         counters.counter_samples += len(shape.samples)
         self.records_skipped += shape.skipped
         if shape.records > room:
@@ -1032,7 +1043,7 @@ class SflowDecoder:
         unpack_pair = _U32X2.unpack_from
         layouts = _COUNTER_LAYOUTS
         # The fields every record of this sample shares, in CounterRecord
-        # order, then per record: enterprise, format, values, data.
+        # order, then per record: enterprise, format, counter layout, data.
         shared = (*context, sequence, source_type, source_index)
         for _ in range(record_count):
             if q + 8 > end:
@@ -1046,12 +1057,10 @@ class SflowDecoder:
                 return
             data = buf[q:record_end]
             layout = layouts.get(record_format)
-            values: Mapping[str, int] = NO_VALUES
             if layout is not None:
-                if record_length >= layout[0].size:
-                    values = CounterValues(layout, data)
-                else:
+                if record_length < layout[0].size:
                     errors["sflow_bad_length"] += 1
+                    layout = None
             else:
                 self.records_skipped += 1
             if len(queue) == maxlen:
@@ -1059,7 +1068,7 @@ class SflowDecoder:
             append(
                 _new_tuple(
                     CounterRecord,
-                    (*shared, record_format >> 12, record_format & 0xFFF, values, data),
+                    (*shared, record_format >> 12, record_format & 0xFFF, layout, data),
                 )
             )
             q = (record_end + 3) & ~3
