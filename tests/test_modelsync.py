@@ -522,9 +522,12 @@ def test_swap_during_scoring_loses_no_record(
     seen: list[str | None] = []
     losses: list[int] = []
     stop = threading.Event()
+    #: batches to score at least (raised once the swap is done, so that one
+    #: batch surely starts after it: the one in flight may be on v1)
+    need = [3]
 
     def score() -> None:
-        while not stop.is_set() or len(seen) < 3:
+        while not stop.is_set() or len(seen) < need[0]:
             result = relay.filter.process(records)
             seen.append(result.model_version)
             losses.append(records.size - int(result.flow_count.sum()))
@@ -535,6 +538,7 @@ def test_swap_during_scoring_loses_no_record(
         while not seen and thread.is_alive():
             stop.wait(0.01)  # at least one batch on v1 first
         outcome = relay.runner.run("job-live", 1, doc)
+        need[0] = max(need[0], len(seen) + 2)
     finally:
         stop.set()
         thread.join(60)
