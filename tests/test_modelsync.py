@@ -191,7 +191,7 @@ def test_document_round_trips_and_bad_ones_name_the_key(
     are bad_document errors naming what is wrong."""
     doc = publish(web, signer, GOOD_MODEL.read_bytes())
     assert parse_document(doc).to_dict() == doc
-    cases = [
+    cases: list[tuple[dict[str, Any], str]] = [
         ({"size": 0}, "size"),
         ({"sha256": "xyz"}, "sha256"),
         ({"download": {"model": {}, "manifest": {}}}, "download.model"),
