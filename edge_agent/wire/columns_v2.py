@@ -224,16 +224,18 @@ def _address_spec(values: np.ndarray) -> list[Any]:
         # are, where zstd finds a repeated address as one 4-byte match.
         inner = _diff_spec(numbers)
         return [Spec.IPV4, inner or [Spec.RAW, octets.tobytes()]]
-    table, index = np.unique(values, return_inverse=True)
-    if table.shape[0] * 2 <= n:
-        width = _width(table.shape[0] - 1)
-        return [
-            Spec.DICT,
-            int(table.shape[0]),
-            [Spec.RAW, table.tobytes()],
-            _planes(index, width),
-            width,
-        ]
+    # Runs of equal addresses (the sorted source column: its distinct
+    # values) as a DICT of the runs' values; a sort-free O(n) pass.
+    starts = np.flatnonzero(np.any(raw[1:] != raw[:-1], axis=1)) + 1
+    runs = starts.shape[0] + 1
+    if runs * 2 <= n:
+        index = np.zeros(n, dtype=np.uint64)
+        index[starts] = 1
+        np.cumsum(index, out=index)
+        width = _width(runs - 1)
+        table = raw[np.concatenate(([0], starts))]
+        return [Spec.DICT, runs, [Spec.RAW, table.tobytes()], _planes(index, width),
+                width]  # fmt: skip
     return [Spec.RAW, raw.tobytes()]
 
 
