@@ -5,7 +5,8 @@ Operators publish a new model as an IoT job (``sampleflow models push``);
 downloads, verifies (size, SHA-256, Ed25519 signature of the manifest),
 canaries and installs it through a :class:`ModelInstaller`, keeping the
 previous model on disk, and the agent reports the execution SUCCEEDED or
-FAILED with the reason.  See docs/model-updates.md.
+FAILED with the reason.  :class:`ModelSyncService` hosts the agent in
+``sampleflow relay run``.  See docs/model-updates.md.
 """
 
 from edge_agent.modelsync.agent import JobsAgent
@@ -18,6 +19,7 @@ from edge_agent.modelsync.installer import (
     ModelInstaller,
 )
 from edge_agent.modelsync.runner import ModelSyncCounters, Outcome, UpdateRunner
+from edge_agent.modelsync.service import ModelSyncService
 from edge_agent.modelsync.store import InstalledModel, ModelStore, UpdateState
 
 __all__ = [
@@ -33,6 +35,7 @@ __all__ = [
     "ModelSyncConfig",
     "ModelSyncConfigError",
     "ModelSyncCounters",
+    "ModelSyncService",
     "Outcome",
     "Source",
     "UpdateRunner",
