@@ -161,11 +161,29 @@ def _diff_spec(u: np.ndarray) -> list[Any] | None:
     return [Spec.DIFF, _planes(steps, width), width, int(u[0])]
 
 
-def _dict_spec(u: np.ndarray) -> list[Any] | None:
-    """DICT of unsigned ``u`` (table DIFF-coded) if at most half the values
+def _diff_spec_signed(u: np.ndarray) -> list[Any] | None:
+    """DIFF of ``u`` when it is non-decreasing as signed integers."""
+    s = u.view(f"<i{u.dtype.itemsize}")
+    if u.shape[0] > 1 and bool(np.any(s[1:] < s[:-1])):
+        return None
+    steps = np.diff(u)  # modulo 2**bits: the signed steps, all >= 0
+    width = _width(int(steps.max()) if steps.size else 0)
+    return [Spec.DIFF, _planes(steps, width), width, int(s[0])]
+
+
+def _dict_spec(u: np.ndarray, signed: bool = False) -> list[Any] | None:
+    """DICT of unsigned ``u`` (table DIFF-coded, in the column's sign order
+    so that small negative values stay close) if at most half the values
     are distinct, else None."""
     n = u.shape[0]
-    if u.dtype.itemsize <= 2 and n >= 1024:
+    if signed:
+        s = u.view(f"<i{u.dtype.itemsize}")
+        table_s = np.unique(s)
+        if table_s.shape[0] * 2 > n:
+            return None
+        index = np.searchsorted(table_s, s)
+        table = table_s.view(u.dtype)
+    elif u.dtype.itemsize <= 2 and n >= 1024:
         # A presence table over the whole range: no sort.
         seen = np.zeros(1 << (8 * u.dtype.itemsize), dtype=bool)
         seen[u] = True
@@ -179,7 +197,7 @@ def _dict_spec(u: np.ndarray) -> list[Any] | None:
         if table.shape[0] * 2 > n:
             return None
         index = np.searchsorted(table, u)
-    inner = _diff_spec(table)
+    inner = _diff_spec_signed(table) if signed else _diff_spec(table)
     assert inner is not None  # np.unique sorts
     width = _width(table.shape[0] - 1)
     return [Spec.DICT, int(table.shape[0]), inner, _planes(index, width), width]
@@ -206,7 +224,7 @@ def _integer_spec(
     if lo == hi:
         return [Spec.CONST, u[:1].tobytes()]
     best = _for_spec(u, signed, lo, hi)
-    for candidate in (_diff_spec(u), _dict_spec(u) if try_dict else None):
+    for candidate in (_diff_spec(u), _dict_spec(u, signed) if try_dict else None):
         if candidate is not None and _spec_size(candidate) < _spec_size(best):
             best = candidate
     return best
