@@ -252,7 +252,8 @@ def encode_batches(
     Kinesis record limit by default) and its body in
     :data:`MAX_DECOMPRESSED_BYTES`: a window too large for one batch is
     split into consecutive row ranges (estimated from the encoded size of
-    the whole, then each part verified and halved again if needed).
+    the whole, or of its first rows for a big window, then each part
+    verified and halved again if needed).
     Each batch takes its sequence number from ``next_seq()`` (the spool's
     ``Spool.next_seq``, which keeps seqs increasing across restarts), in
     batch order, once the split is final.  An empty ``records``

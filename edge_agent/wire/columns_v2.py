@@ -30,9 +30,10 @@ bitmask names them.
 
 The encoder works on rows sorted by source and destination address
 (:func:`sort_rows`), so the source address column is non-decreasing and
-travels as ``DIFF``; ports and durations, which repeat a lot, are tried as
-``DICT``.  Decoding validates every spec against the record count before
-allocating, so a hostile entry raises :class:`CorruptBatchError` or
+travels as ``DIFF``; ports, durations and scores, which repeat a lot, are
+also tried as ``DICT``; docs/wire-format.md says what each choice saves.
+Decoding validates every spec against the record count before allocating,
+so a hostile entry raises :class:`CorruptBatchError` or
 :class:`TruncatedColumnsError` instead of allocating what it claims.
 """
 
