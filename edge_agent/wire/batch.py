@@ -546,6 +546,8 @@ def decode_batch(
     if not isinstance(entries, list):
         raise CorruptBatchError("batch has no column list ('c')")
     if major == 1:
+        # Known shortcoming: version 1 has no row bound, so a hostile v1
+        # body of CONST columns can declare rows enough to exhaust memory.
         columns, skipped = decode_columns(entries, header.record_count)
     else:
         if header.record_count > MAX_BATCH_ROWS:
