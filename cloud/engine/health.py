@@ -63,7 +63,7 @@ class StatusSnapshot:
 @dataclass
 class StatusPublisher:
     """Keeps what the status endpoint shows (thread-safe: micro-batches,
-    Spark's listener and HTTP requests run on different threads).
+    the lag poll and HTTP requests run on different threads).
     ``clock`` is time.time (seconds), replaceable in tests."""
 
     clock: Callable[[], float] = time.time

@@ -53,7 +53,7 @@ from cloud.engine.kinesis import SOURCE_NAME
 from cloud.engine.metrics import (
     EngineCounters,
     FanoutPublisher,
-    LagListener,
+    LagPoller,
     LogPublisher,
     MetricsPublisher,
 )
@@ -165,11 +165,15 @@ class MicroBatchProcessor:
         #: Set while no micro-batch is being processed.
         self.idle = threading.Event()
         self.idle.set()
+        #: Called after each micro-batch (the engine polls the lag there).
+        self.after_batch: Callable[[], None] | None = None
 
     def __call__(self, df: DataFrame, micro_batch: int) -> None:
         self.idle.clear()
         try:
             self.process(df, micro_batch)
+            if self.after_batch is not None:
+                self.after_batch()
         finally:
             self.idle.set()
 
@@ -383,7 +387,7 @@ class Engine:
     query: StreamingQuery
     processor: MicroBatchProcessor
     store: SqliteStore
-    listener: LagListener
+    lag: LagPoller
     spark: SparkSession
     closers: list[Callable[[], None]] = field(default_factory=list)
     #: What /metrics and /healthz show (also without a server).
@@ -400,7 +404,7 @@ class Engine:
 
     def close(self, drain_timeout_s: float = 120.0) -> None:
         """Stop the query if it runs (after the micro-batch in flight, if
-        any, within ``drain_timeout_s``), detach the listener, close the
+        any, within ``drain_timeout_s``), publish its last lag, close the
         stores.  A micro-batch cut short is replayed at the next start."""
         if self.query.isActive:
             # Stopping interrupts Spark's thread, not this process's
@@ -408,7 +412,7 @@ class Engine:
             self.processor.idle.wait(drain_timeout_s)
             self.query.stop()
             self.processor.idle.wait(drain_timeout_s)
-        self.spark.streams.removeListener(self.listener)
+        self.lag.poll(self.query)  # the last micro-batch's lag
         if self.status_server is not None:
             self.status_server.stop()
         for close in self.closers:
@@ -555,8 +559,7 @@ def start_engine(
         tenant_state=out.tenant_state,
     )
     pruned = store.prune(int((time.time() - config.dedup_horizon_s) * 1000))
-    listener = LagListener(processor.publisher, config.query_name)
-    spark.streams.addListener(listener)
+    lag = LagPoller(processor.publisher)
     reader = spark.readStream.format(SOURCE_NAME)
     for key, value in config.source_options().items():
         reader = reader.option(key, value)
@@ -583,9 +586,8 @@ def start_engine(
         tenant_state=config.state_table,
         metrics_namespace=config.metrics_namespace,
     )
-    engine = Engine(
-        query, processor, store, listener, spark, out.closers, status=status
-    )
+    processor.after_batch = partial(lag.poll, query)
+    engine = Engine(query, processor, store, lag, spark, out.closers, status=status)
     if config.status_port is not None:
         engine.status_server = _start_status_server(config, engine)
     return engine
