@@ -704,3 +704,81 @@ def test_dockerfile_is_a_relay_only_non_root_image() -> None:
     (env_values,) = [c.value for c in final if c.cmd == "ENV"]
     env = dict(zip(env_values[::2], env_values[1::2], strict=True))
     assert env["SAMPLEFLOW_METRICS_LISTEN_ADDRESS"] == "0.0.0.0"
+
+
+# -- the maintainer scripts, in a real dpkg -----------------------------------
+
+CHROOT_ENV = "SAMPLEFLOW_DEB_CHROOT"
+
+
+def _in_root(root: Path, script: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["chroot", root, "/bin/sh", "-c", script],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C"},
+    )
+
+
+def test_install_reinstall_remove_purge_in_a_debian_root(deb: BuiltDeb) -> None:
+    """In a minimal Debian root (opt-in: $SAMPLEFLOW_DEB_CHROOT, made with
+    debootstrap), dpkg installs the package (user, 0750 state folder,
+    byte-code, unit enabled, the real /usr/bin/sampleflow runs), a
+    reinstall keeps an edited relay.toml, remove leaves no file under /opt
+    but keeps settings and state, and purge deletes both."""
+    if not os.environ.get(CHROOT_ENV):
+        pytest.skip(
+            f"opt-in: set {CHROOT_ENV} to a Debian root made with 'debootstrap "
+            "--variant=minbase --include=python3.11,adduser,init-system-helpers "
+            "bookworm DIR' (needs root)"
+        )
+    root = Path(os.environ[CHROOT_ENV])
+    shutil.copy(deb.path, root / "tmp" / deb.path.name)
+    pkg = f"/tmp/{deb.path.name}"
+    _in_root(root, "dpkg -P sampleflow-relay")  # a run stopped half-way
+    step = _in_root(
+        root,
+        f"set -e; dpkg -i {pkg}; getent passwd sampleflow;"
+        " stat -c '%a %U' /var/lib/sampleflow;"
+        " find /opt/sampleflow-relay -name '*.pyc' | wc -l;"
+        " readlink /etc/systemd/system/multi-user.target.wants/"
+        "sampleflow-relay.service;"
+        " sampleflow relay check-config /etc/sampleflow/relay.toml",
+    )
+    assert step.returncode == 0, step.stderr
+    assert "sampleflow:x:" in step.stdout
+    assert "750 sampleflow" in step.stdout
+    pyc = re.search(r"^(\d+)$", step.stdout, re.M)
+    assert pyc is not None and int(pyc[1]) > 500  # the postinst compiled
+    assert "/lib/systemd/system/sampleflow-relay.service" in step.stdout
+    assert "[relay]\n# tenant_id is not set  # default" in step.stdout
+
+    step = _in_root(
+        root,
+        "set -e; sed -i 's/^# tenant_id = .*/tenant_id = \"acme\"/'"
+        f" /etc/sampleflow/relay.toml; dpkg -i {pkg};"
+        " sampleflow relay check-config /etc/sampleflow/relay.toml",
+    )
+    assert step.returncode == 0, step.stderr
+    assert 'tenant_id = "acme"  # file /etc/sampleflow/relay.toml' in step.stdout
+
+    step = _in_root(
+        root,
+        "set -e; dpkg -r sampleflow-relay; ! test -e /opt/sampleflow-relay;"
+        " ! test -e /usr/bin/sampleflow; test -d /var/lib/sampleflow;"
+        " ls /etc/sampleflow",
+    )
+    # Nothing is left under /opt (the prerm removed the byte-code).
+    assert step.returncode == 0, step.stderr
+    assert "relay.toml" in step.stdout
+
+    step = _in_root(
+        root,
+        "set -e; dpkg -P sampleflow-relay; ! test -e /etc/sampleflow;"
+        " ! test -e /var/lib/sampleflow; ! test -e /etc/default/sampleflow-relay;"
+        " getent passwd sampleflow",
+    )
+    assert step.returncode == 0, step.stderr
+    assert "sampleflow:x:" in step.stdout  # Debian keeps system users
