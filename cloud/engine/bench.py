@@ -4,18 +4,22 @@ Four measurements on synthetic relay batches (internal hosts in
 10.0.0.0/16 talking to external ones, 1:100 sampling, 10 s relay windows,
 spread over 30 minutes of event time):
 
-1. **In-process** (no Spark): the executors' decode step
-   (:func:`cloud.engine.transform.summarize_records`) and the driver's
-   micro-batch work (:meth:`MicroBatchProcessor.process_rows`: dedup,
-   estimates, network statistics, feature buckets and windows, scoring),
-   with the model in-process and over HTTP to a model service process.
-   Reported per CPU-second of this process (the per-core figure; the
-   model service's own CPU is given apart).
+1. **In-process** (no Spark): decoding the wire format
+   (:func:`cloud.engine.transform.decode_records`) and the driver's whole
+   micro-batch work (:meth:`MicroBatchProcessor.process_records`: decode,
+   dedup, estimates, network statistics, feature buckets and windows,
+   scoring) in micro-batches of about 200,000 rows, with the model
+   in-process and over HTTP to a model service process.  Reported per
+   CPU-second of this process (the model service's own CPU apart).
 2. **Spark, local mode**: the same batches on a local Kinesis (MiniStack),
-   the engine run with Trigger.AvailableNow: flow rows per second of
-   micro-batch time, and per CPU-second of the engine's processes (driver,
-   JVM, Python workers).
-3. **Micro-batch overhead**: micro-batches of one one-row record.
+   the engine run with Trigger.AvailableNow in micro-batches of about
+   200,000 rows, after a first full run that warms the JVM: flow rows per
+   second of micro-batch time, and per CPU-second of all the engine's
+   processes (driver, JVM, Python workers and source runner, model
+   service), over the whole query and over its micro-batches after the
+   first (the running engine, without the query's start).
+3. **Micro-batch overhead**: micro-batches of one one-row record (time,
+   and CPU of all the engine's processes per micro-batch).
 4. **Latency**: a feeder puts a batch every second with flows ending now;
    2 s trigger, 2 s windows and no lateness; the time from the put of the
    batch that closes a window to the window's detection in the store
@@ -49,7 +53,7 @@ import numpy as np
 import pyarrow as pa
 
 from cloud.engine.config import EngineConfig, tenant_networks
-from cloud.engine.job import MicroBatchProcessor, build_outputs
+from cloud.engine.job import MicroBatchProcessor, build_outputs, tune_gc
 from cloud.engine.sinks import MemorySink
 from cloud.engine.store import SqliteStore
 from cloud.engine.transform import decode_records
@@ -97,6 +101,7 @@ class BenchReport:
     rates: list[Rate] = field(default_factory=list)
     overhead_ms: list[float] = field(default_factory=list)
     trigger_ms: list[float] = field(default_factory=list)
+    overhead_cpu_s: list[float] = field(default_factory=list)  # per micro-batch
     latency_s: list[float] = field(default_factory=list)
 
 
@@ -168,7 +173,9 @@ def _proc_cpu_s(pid: int) -> float:
     except OSError:
         return 0.0
     fields = text.rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    # utime, stime and those of children already reaped (Spark's Python
+    # workers and source runner come and go under the JVM).
+    return sum(int(f) for f in fields[11:15]) / os.sysconf("SC_CLK_TCK")
 
 
 def _tree_cpu_s(root: int, exclude: set[int]) -> float:
@@ -420,6 +427,7 @@ def in_process(
         config, store, outputs.sink, outputs.publisher, scorer=scorer
     )
     per_mb = max(1, round(len(datas) * 200_000 / max(len(rows), 1)))
+    tune_gc()  # as start_engine does
     t0, c0 = time.perf_counter(), time.process_time()
     srv0 = _server_cpu(service_url)
     for i, lo in enumerate(range(0, len(datas), per_mb)):
@@ -451,6 +459,22 @@ class _QuietPublisher:
 
     def publish_lag(self, millis_behind_latest: Any) -> None:
         pass
+
+
+class _CpuSampler(_QuietPublisher):
+    """A publisher noting the CPU of the engine's processes (driver, JVM,
+    Python workers, model service) at the end of every micro-batch."""
+
+    def __init__(self, root: int, exclude: set[int]) -> None:
+        self.root = root
+        self.exclude = exclude
+        self.samples: list[tuple[int, float]] = []
+
+    def cpu(self) -> float:
+        return _tree_cpu_s(self.root, self.exclude)
+
+    def publish_batch(self, micro_batch: int, values: Any) -> None:
+        self.samples.append((micro_batch, self.cpu()))
 
 
 # -- 2-4. Spark -------------------------------------------------------------------
@@ -540,38 +564,60 @@ def spark_runs(
         "tenant_networks": tenant_networks({TENANT: ("10.0.0.0/8",)}),
         "score_retry_s": 0.0,
     }
-    exclude = {ministack.process.pid, store.process.pid, service.process.pid}
+    # The servers standing in for AWS are not the engine; the model
+    # service is (its CPU is counted).
+    exclude = {ministack.process.pid, store.process.pid}
 
-    # 2. Throughput (warm: a first run starts the Python workers).
-    warm = _stream(kinesis)
-    _put(kinesis, warm, datas[:5])
-    _run_available_now(
-        start_engine, spark, EngineConfig(warm, str(workdir / "warm"), **common)
-    )
-    stream = _stream(kinesis, shards=2)
-    _put(kinesis, stream, datas)
+    # 2. Throughput.  A first full run warms the JVM (its JIT compiles the
+    # Arrow and pickle paths for some seconds) and the Python workers.
+    warm = _stream(kinesis, shards=2)
+    _put(kinesis, warm, datas)
     # About 200,000 flow rows a micro-batch (2 s at the target rate); the
     # source gave each of the two shards about half of the record limit
     # and read one shard per round, hence twice the records.
     per_batch = max(2, round(2 * len(datas) * 200_000 / max(len(rows), 1)))
+    _run_available_now(
+        start_engine,
+        spark,
+        EngineConfig(
+            warm, str(workdir / "warm"), max_records_per_batch=per_batch, **common
+        ),
+    )
+    stream = _stream(kinesis, shards=2)
+    _put(kinesis, stream, datas)
     config = EngineConfig(
         stream, str(workdir / "throughput"), max_records_per_batch=per_batch, **common
     )
-    cpu0 = _tree_cpu_s(os.getpid(), exclude)
-    engine = _run_available_now(start_engine, spark, config)
-    cpu = _tree_cpu_s(os.getpid(), exclude) - cpu0
+    sampler = _CpuSampler(os.getpid(), exclude)
+    cpu0 = sampler.cpu()
+    engine = _run_available_now(start_engine, spark, config, publisher=sampler)
+    cpu = sampler.cpu() - cpu0
     busy = sum(r.total_ms for r in engine.processor.reports) / 1000
     flows = engine.processor.counters.flows
+    n_mb = len(engine.processor.reports)
+    note = f"{n_mb} micro-batches of <= {per_batch} records, 2 shards"
     report.rates.append(
         Rate(
-            "Spark local[2], HTTP scoring",
+            "Spark local[2], HTTP: whole query",
             flows,
             busy,
             cpu,
-            f"{len(engine.processor.reports)} micro-batches of <= {per_batch} "
-            "records, 2 shards; CPU of driver, JVM and workers",
+            note + "; query start and stop included",
         )
     )
+    if len(sampler.samples) >= 2:
+        (_, c_first), (_, c_last) = sampler.samples[0], sampler.samples[-1]
+        later = engine.processor.reports[1:]
+        report.rates.append(
+            Rate(
+                "Spark local[2], HTTP: running",
+                sum(r.flows for r in later),
+                sum(r.total_ms for r in later) / 1000,
+                c_last - c_first,
+                f"micro-batches 2-{n_mb}: from the end of the first to the end "
+                "of the last",
+            )
+        )
 
     # 3. Micro-batch overhead: one one-row record per micro-batch.
     tiny = _stream(kinesis)
@@ -579,8 +625,13 @@ def spark_runs(
     config = EngineConfig(
         tiny, str(workdir / "tiny"), max_records_per_batch=1, **common
     )
-    engine = _run_available_now(start_engine, spark, config)
+    sampler = _CpuSampler(os.getpid(), exclude)
+    engine = _run_available_now(start_engine, spark, config, publisher=sampler)
     report.overhead_ms = [r.total_ms for r in engine.processor.reports]
+    report.overhead_cpu_s = [
+        b - a
+        for (_, a), (_, b) in zip(sampler.samples, sampler.samples[1:], strict=False)
+    ]
     report.trigger_ms = [
         float(_field(p, "durationMs")["triggerExecution"])
         for p in engine.query.recentProgress
@@ -669,8 +720,10 @@ def _field(progress: Any, name: str) -> Any:
     return getattr(progress, name)
 
 
-def _run_available_now(start_engine: Any, spark: Any, config: EngineConfig) -> Any:
-    engine = start_engine(config, spark=spark, available_now=True)
+def _run_available_now(
+    start_engine: Any, spark: Any, config: EngineConfig, publisher: Any = None
+) -> Any:
+    engine = start_engine(config, spark=spark, available_now=True, publisher=publisher)
     engine.query.awaitTermination(timeout=1800)
     error = engine.query.exception()
     engine.close()
@@ -738,7 +791,8 @@ def print_report(report: BenchReport) -> None:
         print(
             f"micro-batch overhead (1 one-row record): foreachBatch median "
             f"{_pct(report.overhead_ms, 50):.0f} ms, trigger median "
-            f"{_pct(report.trigger_ms, 50):.0f} ms"
+            f"{_pct(report.trigger_ms, 50):.0f} ms, CPU median "
+            f"{_pct(report.overhead_cpu_s, 50):.2f} s a micro-batch (all processes)"
         )
     if report.latency_s:
         print(

@@ -60,7 +60,7 @@ class TenantBatch:
         packets = rows["packets"][known].astype(np.float64)
         self.sampled_packets += float(packets.sum())
         self.scaled_packets += float((packets * rows["sampling_rate"][known]).sum())
-        exporters, inverse = np.unique(rows["exporter"], return_inverse=True)
+        exporters, inverse = _unique_addresses(rows["exporter"])
         latest = np.full(exporters.size, np.iinfo(np.int64).min, dtype=np.int64)
         np.maximum.at(latest, inverse, rows["time_end"])
         for exporter, t in zip(exporters, latest.tolist(), strict=True):
@@ -73,6 +73,19 @@ class TenantBatch:
         if self.sampled_packets <= 0:
             return 0.0
         return self.scaled_packets / self.sampled_packets
+
+
+def _unique_addresses(addrs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Distinct ``V16`` addresses and each row's index into them; sorted on
+    the low 8 bytes alone when the high ones agree (IPv4-mapped), far
+    faster than sorting 16-byte voids."""
+    halves = np.ascontiguousarray(addrs).view(">u8").reshape(-1, 2)
+    if halves.size and bool((halves[:, 0] == halves[0, 0]).all()):
+        _, first, inverse = np.unique(
+            halves[:, 1], return_index=True, return_inverse=True
+        )
+        return addrs[first], inverse
+    return np.unique(addrs, return_inverse=True)
 
 
 class TenantStateWriter:
