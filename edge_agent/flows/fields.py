@@ -357,6 +357,12 @@ def _compile_plan(fields: dict[int, FieldRef]) -> BuildPlan:
     )
 
 
+def _all(values: np.ndarray) -> bool:
+    """Whether every value is non-zero (``ndarray.all`` costs a Python-level
+    call; this is the C count)."""
+    return int(np.count_nonzero(values)) == values.size
+
+
 def uint_column(view: np.ndarray, name: str, width: int) -> np.ndarray:
     """Return a field as uint64, whatever its (reduced-size) width."""
     col = view[name]
@@ -536,19 +542,19 @@ def _uptime_abs(
     ``base`` caches unix_secs*1000 - sysUptime for the block (shared by
     the start and the end).
     """
-    v = value.astype(np.int64)
+    v = value if value.dtype == np.int64 else value.astype(np.int64)
     if ctx.proto == ExportProtocol.IPFIX:
         # IPFIX has no uptime in its header: the base is the exporter's
         # systemInitTimeMilliseconds, from the record or from options data.
         valid = ctx.init_ms >= 0
-        return ctx.init_ms + v, None if valid.all() else valid
+        return ctx.init_ms + v, None if _all(valid) else valid
     if not base:
         base.append(ctx.unix_secs * 1000 - ctx.sysuptime_ms)
     ms = base[0] + v
     # sysUptime is a u32 that wraps every 49.7 days: a value more than 2^31
     # above the header's uptime was taken before the wrap.
     wrapped = (v - ctx.sysuptime_ms) > (1 << 31)
-    if wrapped.any():
+    if np.count_nonzero(wrapped):
         ms[wrapped] -= 1 << 32
     return ms, None
 
@@ -577,9 +583,13 @@ def _time(
         if ie in fields:
             raw = uint_column(view, *fields[ie])
             valid = raw != 0
-            return convert(raw), None if valid.all() else valid
+            return convert(raw), None if _all(valid) else valid
     if up_ie in fields:
-        return _uptime_abs(uint_column(view, *fields[up_ie]), ctx, base)
+        name, width = fields[up_ie]
+        col = view[name]
+        # One cast straight to int64 for a plain field.
+        raw = col.astype(np.int64) if col.ndim == 1 else uint_column(view, name, width)
+        return _uptime_abs(raw, ctx, base)
     if delta_ie in fields:
         us = uint_column(view, *fields[delta_ie]).astype(np.int64)
         return ctx.export_ms - us // 1000, None
@@ -907,7 +917,7 @@ def _times(
     if start is None and end is None and OBSERVATION_TIME_MILLISECONDS in fields:
         # Event exporters (NAT, firewall) stamp the event, not a flow.
         obs = uint_column(view, *fields[OBSERVATION_TIME_MILLISECONDS])
-        start, start_ok = obs.astype(np.int64), None if obs.all() else obs != 0
+        start, start_ok = obs.astype(np.int64), None if _all(obs) else obs != 0
         end, end_ok = start, start_ok
     out: list[_TimeColumn] = []
     if start is not None:
@@ -955,6 +965,7 @@ class _Group:
         "domain",
         "exporter",
         "layout",
+        "ordered",
         "port",
         "proto",
         "regions",
@@ -978,6 +989,8 @@ class _Group:
         self.counts: list[int] = []
         self.starts: list[int] = []
         self.context: list[tuple[int, int, int, int, int]] = []
+        #: False once a run was added at a position before the last one
+        self.ordered = True
 
     def prepare(self) -> PreparedGroup:
         """Join the regions and turn the contexts into per-record columns."""
@@ -1007,6 +1020,7 @@ class _Group:
             columns=columns,
             counts=self.counts,
             starts=self.starts,
+            ordered=self.ordered,
         )
 
 
@@ -1031,6 +1045,8 @@ class PreparedGroup:
     columns: list[np.ndarray]
     counts: Sequence[int] | np.ndarray
     starts: Sequence[int] | np.ndarray
+    #: False when the runs may be out of output order (a joined group)
+    ordered: bool = True
 
     @property
     def records(self) -> int:
@@ -1121,6 +1137,8 @@ class RecordBatch:
             self.groups[key] = group
             if SAMPLER_ID in layout.fields or SELECTOR_ID in layout.fields:
                 self.deferred = True
+        elif group.starts and start < group.starts[-1]:
+            group.ordered = False
         group.regions.append(region)
         group.counts.append(count)
         group.starts.append(start)
@@ -1193,16 +1211,20 @@ class RecordBatch:
                 failed.append((group.counts, group.starts))
         if len(out) < 2:
             return out
-        # Groups of one layout, exporter and domain (several v5 runs or
-        # v9/IPFIX plans, a walker's group) are built as one: building
-        # costs a few dozen numpy calls per group whatever its size.
+        # Small groups of one layout, exporter and domain (v9/IPFIX plans
+        # and a walker's group) are built as one: building costs a few
+        # dozen numpy calls per group whatever its size.  Large ones are
+        # built apart (joining them would cost more than it saves).
         same: dict[tuple[Layout, bytes, int, int, int], list[PreparedGroup]] = {}
+        merged: list[PreparedGroup] = []
         for part in out:
+            if part.records >= _MERGE_BELOW:
+                merged.append(part)
+                continue
             key = (part.layout, part.exporter, part.port, part.domain, part.proto)
             same.setdefault(key, []).append(part)
-        if len(same) == len(out):
+        if len(same) + len(merged) == len(out):
             return out
-        merged: list[PreparedGroup] = []
         for parts in same.values():
             if len(parts) == 1:
                 merged.append(parts[0])
@@ -1230,7 +1252,7 @@ class RecordBatch:
             and not packed
             and not failed
             and groups[0].records == self.total
-            and isinstance(_positions(groups[0]), slice)
+            and (groups[0].ordered or isinstance(_positions(groups[0]), slice))
         ):
             group = groups[0]
             try:
@@ -1273,6 +1295,10 @@ class RecordBatch:
 
 
 _RECORD_VOID = np.dtype(f"V{FLOW_DTYPE.itemsize}")
+#: Prepared groups with fewer records than this are joined with the others
+#: of their key before building (a guess at where a group's fixed building
+#: cost stops mattering).
+_MERGE_BELOW = 1024
 
 
 def _merge(parts: list[PreparedGroup]) -> PreparedGroup:
@@ -1306,6 +1332,7 @@ def _merge(parts: list[PreparedGroup]) -> PreparedGroup:
         columns=columns,
         counts=np.concatenate([np.asarray(p.counts, dtype=np.int64) for p in parts]),
         starts=np.concatenate([np.asarray(p.starts, dtype=np.int64) for p in parts]),
+        ordered=False,
     )
 
 
@@ -1347,7 +1374,7 @@ def _run_positions(
     starts = np.asarray(starts, dtype=np.int64)
     shift = starts - (np.cumsum(counts) - counts)
     total = int(counts.sum())
-    if len(shift) == 1 or (shift == shift[0]).all():
+    if len(shift) == 1 or _all(shift == shift[0]):
         # The runs follow one another: one slice.
         return slice(int(shift[0]), int(shift[0]) + total)
     return np.repeat(shift, counts) + np.arange(total)

@@ -386,10 +386,11 @@ class NetflowV5Decoder:
         sizes = np.fromiter(map(len, payloads), np.int64, n) // 24
         heads = np.cumsum(sizes) - sizes
         counts = (sizes - 1) >> 1
-        header = units[heads].view(_V5_HEADER_DTYPE)
+        # frombuffer, not .view(): numpy checks a structured view in Python.
+        header = np.frombuffer(units[heads], dtype=_V5_HEADER_DTYPE)
         seqs = header["seq"].astype(np.int64)
         stream = run.stream
-        chained = (seqs[1:] == ((seqs[:-1] + counts[:-1]) & _MASK)).all()
+        chained = not np.count_nonzero(seqs[1:] != ((seqs[:-1] + counts[:-1]) & _MASK))
         if chained and stream.expected == int(seqs[0]):
             stream.expected = int(seqs[-1] + counts[-1]) & _MASK
             stream.last_seq = int(seqs[-1])
@@ -400,7 +401,7 @@ class NetflowV5Decoder:
                 check(stream, seq, count, counters)
         body = np.ones(units.shape[0], dtype=bool)
         body[heads] = False
-        records = units[body].view(V5_LAYOUT.dtype)
+        records = np.frombuffer(units[body], dtype=V5_LAYOUT.dtype)
         secs = np.repeat(header["secs"].astype(np.int64), counts)
         if len(run.marks) == 1:
             rate = np.array(run.marks[0][1], dtype=np.int64)

@@ -90,7 +90,8 @@ class PlanGroup:
                 )
             self.set_counts = np.array([c for _, c in self.sets], dtype=np.int64)
         picked = np.ascontiguousarray(rows[:, self.columns])
-        return picked.reshape(-1).view(self.template.layout.dtype)
+        # frombuffer, not .view(): numpy checks a structured view in Python.
+        return np.frombuffer(picked, dtype=self.template.layout.dtype)
 
 
 class DatagramPlan:
