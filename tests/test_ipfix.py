@@ -222,6 +222,40 @@ def test_message_length_is_checked_against_the_datagram() -> None:
     assert counters(decoder).errors["message_length_too_small"] == 1
 
 
+def test_every_message_of_a_datagram_is_decoded() -> None:
+    """A datagram of three messages back to back (template and 2 records in
+    domain 7, 3 records in domain 7, 1 record in domain 9 with its own
+    template): all 6 records come out in order with their own domain, the
+    sequence numbers follow per domain, nothing is counted wrong; garbage
+    after the messages is counted, a message running past the datagram is
+    rejected after the ones before it are decoded."""
+    tmpl = ipfix_set(2, template(256, *BASIC))
+    first = message(tmpl, ipfix_set(256, basic_record(1) + basic_record(2)), seq=10)
+    second = message(
+        ipfix_set(256, basic_record(3) + basic_record(4) + basic_record(5)), seq=12
+    )
+    third = message(tmpl, ipfix_set(256, basic_record(6)), seq=0, domain=9)
+    decoder = FlowDecoder()
+    out = decode(decoder, first + second + third)
+    assert out["bytes"].tolist() == [1, 2, 3, 4, 5, 6]
+    assert out["domain"].tolist() == [7, 7, 7, 7, 7, 9]
+    c = counters(decoder)
+    assert c.records == 6
+    assert c.templates_received == 2
+    assert sum(c.errors.values()) == 0
+    assert c.sequence_gaps == 0
+    # The next datagram carries on both domains' sequences: 15 and 1.
+    follow = message(ipfix_set(256, basic_record(7)), seq=15) + message(
+        ipfix_set(256, basic_record(8)), seq=1, domain=9
+    )
+    assert decode(decoder, follow + b"\x01" * 20)["bytes"].tolist() == [7, 8]
+    assert c.sequence_gaps == 0
+    assert c.errors["datagram_longer_than_message"] == 1
+    cut = message(ipfix_set(256, basic_record(9)), seq=16)
+    assert decode(decoder, first + cut[:-1])["bytes"].tolist() == [1, 2]
+    assert c.errors["message_length_beyond_datagram"] == 1
+
+
 def test_bad_sets_are_counted() -> None:
     """Set lengths below 4 or beyond the message, reserved set ids and
     options templates without scope are counted by reason."""

@@ -1,13 +1,16 @@
 """IPFIX (RFC 7011) message walking.
 
-One message per UDP datagram.  The message length is checked strictly
-against the datagram: a message claiming more bytes than arrived is
-rejected (``message_length_beyond_datagram``), bytes after the message are
-ignored (``datagram_longer_than_message``).  Enterprise-specific fields are
-skipped by their length; variable-length fields use the 1-byte or 3-byte
-(255 + u16) length prefix.  A template record with field count 0 withdraws
-its template; template id 2 (set 2) or 3 (set 3) with count 0 withdraws
-every data or options template of the domain.
+A datagram usually holds one message; some exporters send several back to
+back, and each is decoded (its own header, sequence number and domain).
+Message lengths are checked strictly against the datagram: a message
+claiming more bytes than arrived is rejected
+(``message_length_beyond_datagram``), bytes after the last message that
+do not start another are ignored (``datagram_longer_than_message``).
+Enterprise-specific fields are skipped by their length; variable-length
+fields use the 1-byte or 3-byte (255 + u16) length prefix.  A template
+record with field count 0 withdraws its template; template id 2 (set 2)
+or 3 (set 3) with count 0 withdraws every data or options template of the
+domain.
 
 Error reasons beyond those of :mod:`edge_agent.flows.netflow_v9`:
 ``message_length_too_small``, ``message_length_beyond_datagram``,
@@ -33,6 +36,7 @@ from edge_agent.flows.templates import Template, TemplateKey
 IPFIX_HEADER = struct.Struct(">HHIII")
 _U16 = struct.Struct(">H")
 _U32 = struct.Struct(">I")
+_VERSION = b"\x00\x0a"
 
 
 class IpfixDecoder(TemplatedDecoder):
@@ -49,7 +53,7 @@ class IpfixDecoder(TemplatedDecoder):
         counters: ExporterCounters,
         batch: RecordBatch,
     ) -> None:
-        """Decode one IPFIX message (the version is already checked)."""
+        """Decode one IPFIX datagram (the version is already checked)."""
         size = len(payload)
         plan_key = (exporter, port, size)
         plan = self.plans.get(plan_key)
@@ -89,6 +93,11 @@ class IpfixDecoder(TemplatedDecoder):
             counters.errors["message_length_beyond_datagram"] += 1
             return
         if length < size:
+            if size - length >= 16 and payload[length : length + 2] == _VERSION:
+                self._walk_messages(
+                    payload, exporter, port, received_ms, counters, batch
+                )
+                return
             counters.errors["datagram_longer_than_message"] += 1
             size = length
         header = (export_time, -1, export_time * 1000, -1)
@@ -204,6 +213,41 @@ class IpfixDecoder(TemplatedDecoder):
         self.sequences.check(domain_key, seq, records, counters)
         if sets:
             self._remember_plan(exporter, port, domain, size, sets, resends)
+
+    def _walk_messages(  # noqa: PLR0917 - same arguments as walk
+        self,
+        payload: bytes,
+        exporter: bytes,
+        port: int,
+        received_ms: int,
+        counters: ExporterCounters,
+        batch: RecordBatch,
+    ) -> None:
+        """Decode a datagram of several messages, one after the other."""
+        size = len(payload)
+        offset = 0
+        while offset < size:
+            left = size - offset
+            if left < 16 or payload[offset : offset + 2] != _VERSION:
+                counters.errors["datagram_longer_than_message"] += 1
+                return
+            (length,) = _U16.unpack_from(payload, offset + 2)
+            if length < 16:
+                counters.errors["message_length_too_small"] += 1
+                return
+            if length > left:
+                counters.errors["message_length_beyond_datagram"] += 1
+                return
+            # Each message on its own is what walk() takes (and plans key).
+            self.walk(
+                payload[offset : offset + length],
+                exporter,
+                port,
+                received_ms,
+                counters,
+                batch,
+            )
+            offset += length
 
     def _templates(
         self, body: memoryview, options: bool, export: Export
