@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The demo in one command: creates (or reuses) the project's virtual
-# environment, installs the project with its cloud and dev extras from the
+# environment, installs the project with its cloud and local extras from the
 # package registries (the local servers MiniStack and SecantusDB come with
-# the dev extra), then runs `sampleflow demo`, which starts the local stack,
+# the local extra), then runs `sampleflow demo`, which starts the local stack,
 # replays CTU-13 scenario 6 through it, prints a report and stops the stack.
 # Extra arguments go to the demo (`bash scripts/demo.sh --minutes 20`).
 # Needs Python 3.11+ and Java 17+ (the Spark engine).
@@ -23,9 +23,9 @@ fi
 STAMP="$VENV/.sampleflow-demo-installed"
 WANT="$(sha256sum pyproject.toml | cut -d' ' -f1)"
 if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$WANT" ]; then
-    echo "demo: installing sampleflow[cloud,dev] into $VENV (first run: a few minutes)"
+    echo "demo: installing sampleflow[cloud,local] into $VENV (first run: a few minutes)"
     "$VENV/bin/python" -m pip install --quiet --upgrade pip
-    "$VENV/bin/python" -m pip install --quiet -e ".[cloud,dev]"
+    "$VENV/bin/python" -m pip install --quiet -e ".[cloud,local]"
     echo "$WANT" > "$STAMP"
 fi
 exec "$VENV/bin/sampleflow" demo "$@"

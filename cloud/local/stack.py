@@ -245,7 +245,9 @@ class LocalStack:
                 ministack_dir,
                 tuple(ministack_ports),
                 self._ministack_health,
-                None if _has_module("ministack") else "ministack is not installed",
+                None
+                if _has_module("ministack")
+                else "ministack is not installed (local extra)",
             ),
             Part(
                 "store",
@@ -269,7 +271,7 @@ class LocalStack:
                 self._store_health,
                 None
                 if _has_module("secantus") and _has_module("pymongo")
-                else "SecantusDB or pymongo is not installed (dev, cloud extras)",
+                else "SecantusDB or pymongo is not installed (local, cloud extras)",
             ),
             Part(
                 "model-service",
