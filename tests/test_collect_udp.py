@@ -181,6 +181,38 @@ def test_queue_full_drops_are_counted() -> None:
 
 
 @pytest.mark.integration
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_kernel_socket_buffer_drops_are_counted() -> None:
+    """Datagrams the kernel drops because the socket buffer is full (the
+    event loop blocked while 2,000 datagrams arrive into a tiny buffer) are
+    counted as socket_buffer_full: received + dropped == sent, exactly."""
+    sent = 2000
+
+    async def scenario() -> None:
+        config = CollectorConfig(
+            bind_addresses=("127.0.0.1",),
+            ports=(0,),
+            receive_buffer=4096,
+            max_queued_datagrams=sent,
+        )
+        collector = UdpCollector(config, lambda batch: None)
+        await collector.start()
+        (address,) = collector.listening
+        # The loop does not run while this sends: the kernel buffer fills.
+        send_all([b"\x00\x05" + bytes(998)] * sent, address)
+        await asyncio.sleep(0.2)
+        await wait_for(lambda: collector.stats.totals().datagrams > 0)
+        await collector.stop()
+        counters = collector.stats.ports[address[1]]
+        kernel = counters.dropped["socket_buffer_full"]
+        assert kernel > 0
+        assert counters.datagrams + kernel == sent
+        assert set(counters.dropped) == {"socket_buffer_full"}
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.integration
 def test_queue_byte_bound() -> None:
     """The byte bound drops too: 1000-byte datagrams under a 65535-byte cap
     keep 65 (65 * 1000 <= 65535 < 66 * 1000)."""

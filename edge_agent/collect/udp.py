@@ -12,6 +12,10 @@ datagram that would exceed either bound is dropped and counted under
 receive buffer: the collector asks for a large one (``receive_buffer``)
 so bursts and consumer pauses are absorbed there; if the kernel grants
 less, one warning names the sysctl to raise (``net.core.rmem_max``).
+Datagrams the kernel dropped because that buffer was full are read from
+``/proc/net/udp`` and ``/proc/net/udp6`` (the socket's ``drops`` column)
+about once a second and counted under ``socket_buffer_full``; on systems
+without those files they are not seen.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import collections
 import contextlib
 import inspect
 import ipaddress
+import os
 import socket
 import sys
 import time
@@ -116,7 +121,8 @@ class PortCounters:
     delivered: int = 0  # datagrams handed to the consumer
     #: datagrams dropped before the consumer, by reason: ``queue_full``
     #: (consumer too slow, bound reached), ``oversize`` (over 65535 bytes),
-    #: ``bad_source`` (source address not IPv4/IPv6)
+    #: ``bad_source`` (source address not IPv4/IPv6), ``socket_buffer_full``
+    #: (dropped by the kernel: the socket's receive buffer was full; Linux)
     dropped: collections.Counter[str] = field(default_factory=collections.Counter)
     #: errors the socket reported (ICMP errors, ...)
     receive_errors: int = 0
@@ -174,6 +180,40 @@ class _Listener:
     port: int
     stream: asyncio_dgram.DatagramStream
     counters: PortCounters
+    #: the socket's inode (its key in /proc/net/udp*)
+    inode: int = 0
+    #: datagrams the kernel dropped on this socket, as last read
+    kernel_drops: int = 0
+
+
+#: Where Linux lists UDP sockets with their drop counts.
+PROC_NET_UDP: tuple[str, ...] = ("/proc/net/udp", "/proc/net/udp6")
+#: Seconds between two reads of the kernel's drop counts.
+KERNEL_DROPS_INTERVAL_S = 1.0
+
+
+def kernel_udp_drops(paths: tuple[str, ...] = PROC_NET_UDP) -> dict[int, int]:
+    """Datagrams dropped per UDP socket inode, from Linux's /proc tables.
+
+    Each line after the header ends with ``... inode ref pointer drops``;
+    a missing or unreadable file contributes nothing.
+    """
+    drops: dict[int, int] = {}
+    for path in paths:
+        try:
+            with open(path, encoding="ascii") as table:
+                lines = table.readlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            parts = line.split()
+            if len(parts) < 13:
+                continue
+            try:
+                drops[int(parts[9])] = int(parts[-1])
+            except ValueError:
+                continue
+    return drops
 
 
 class UdpCollector:
@@ -221,8 +261,9 @@ class UdpCollector:
                     stream = await asyncio_dgram.from_socket(sock)
                     host, bound_port = sock.getsockname()[:2]
                     counters = self.stats.ports.setdefault(bound_port, PortCounters())
+                    inode = os.fstat(sock.fileno()).st_ino
                     self._listeners.append(
-                        _Listener(host, bound_port, stream, counters)
+                        _Listener(host, bound_port, stream, counters, inode)
                     )
                     self.listening.append((host, bound_port))
         except BaseException:
@@ -290,6 +331,7 @@ class UdpCollector:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._tasks.clear()
+        self.refresh_kernel_drops()  # the sockets' last counts, while open
         for listener in self._listeners:
             listener.stream.close()
         self._hand_over()
@@ -369,10 +411,44 @@ class UdpCollector:
             self._wakeup.set()
 
     async def _flush_periodically(self) -> None:
-        """Hand over partial batches so quiet exporters see low latency."""
+        """Hand over partial batches so quiet exporters see low latency;
+        read the kernel's drop counts about once a second."""
+        next_drops = time.monotonic() + KERNEL_DROPS_INTERVAL_S
         while True:
             await asyncio.sleep(self.config.batch_interval)
             self._hand_over()
+            if time.monotonic() >= next_drops:
+                next_drops = time.monotonic() + KERNEL_DROPS_INTERVAL_S
+                self.refresh_kernel_drops()
+
+    def refresh_kernel_drops(self) -> None:
+        """Count datagrams the kernel dropped on our sockets since they opened
+        (``dropped["socket_buffer_full"]`` per port); warn, rate-limited,
+        when the count grows."""
+        table = kernel_udp_drops()
+        if not table:
+            return
+        per_port: dict[int, int] = collections.defaultdict(int)
+        grown = False
+        for listener in self._listeners:
+            now = table.get(listener.inode, listener.kernel_drops)
+            grown = grown or now > listener.kernel_drops
+            listener.kernel_drops = now
+            per_port[listener.port] += now
+        for port, total in per_port.items():
+            if total:
+                self.stats.ports[port].dropped["socket_buffer_full"] = total
+        if grown:
+            suppressed = self._sampler.allow("socket_buffer_full")
+            if suppressed is not None:
+                log.warning(
+                    "socket_buffer_full",
+                    dropped={p: t for p, t in per_port.items() if t},
+                    receive_buffer=self.receive_buffer,
+                    hint="the relay cannot keep up or the buffer is small: "
+                    "raise collector.receive_buffer and net.core.rmem_max",
+                    suppressed=suppressed,
+                )
 
     async def _consume(self) -> None:
         """Run the consumer on each queued batch until stopped and drained."""
