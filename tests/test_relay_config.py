@@ -118,6 +118,17 @@ def test_environment_lists_tables_and_booleans() -> None:
         ({"SAMPLEFLOW_SPOOL_FULL_POLICY": "explode"},
          "must be one of drop_oldest, reject_new"),
         ({"SAMPLEFLOW_SPOOL_MAX_BYTES": "1000"}, "spool.max_bytes=1000"),
+        # One full Kinesis record (1 MiB) plus its spool file's 76 bytes
+        # (40 fixed, 36 of batch id) must fit: 65536 did not.
+        ({"SAMPLEFLOW_SPOOL_MAX_BYTES": "65536"},
+         "spool.max_bytes=65536 (from env SAMPLEFLOW_SPOOL_MAX_BYTES): "
+         "must be >= 1048652"),
+        ({"SAMPLEFLOW_COLLECTOR_PORTS": "23055,23055"},
+         "collector.ports=23055 (from env SAMPLEFLOW_COLLECTOR_PORTS): "
+         "is listed twice"),
+        ({"SAMPLEFLOW_COLLECTOR_LISTEN_ADDRESSES": "127.0.0.1,127.0.0.1"},
+         "collector.listen_addresses='127.0.0.1' (from env "
+         "SAMPLEFLOW_COLLECTOR_LISTEN_ADDRESSES): is listed twice"),
         ({"SAMPLEFLOW_DECODER_SAMPLING_OVERRIDES": "192.0.2.1=0"},
          "decoder.sampling_overrides.192.0.2.1=0"),
         ({"SAMPLEFLOW_DECODER_SAMPLING_OVERRIDES": "router=5"},
@@ -341,3 +352,37 @@ def test_filter_settings(tmp_path: Path) -> None:
     ):
         with pytest.raises(ConfigError, match=message):
             load_settings(None, env)
+
+
+def test_largest_batch_fits_the_smallest_spool(tmp_path: Path) -> None:
+    """spool.max_bytes at its minimum (1 MiB + 76 bytes) takes a batch of a
+    full 1 MiB Kinesis record with the longest batch id, from empty."""
+    from edge_agent.spool import Spool, SpooledBatch, SpoolFullError  # noqa: PLC0415
+
+    s = load_settings(None, {"SAMPLEFLOW_SPOOL_MAX_BYTES": str(1024 * 1024 + 76)})
+    key = "k" * 16
+    payload = b"x" * (1024 * 1024 - 16)
+    bid = "00000000-0000-0000-0000-000000000000"
+    with Spool(tmp_path / "spool", max_bytes=s.spool.max_bytes) as spool:
+        batch = SpooledBatch(bid, key, payload, spool.next_seq())
+        spool.append(batch)
+        assert [b.payload for b in spool.pending()] == [batch.payload]
+    # One byte less and the same batch no longer fits: the minimum is tight.
+    with pytest.raises(ConfigError):
+        load_settings(None, {"SAMPLEFLOW_SPOOL_MAX_BYTES": str(1024 * 1024 + 75)})
+    with Spool(tmp_path / "small", max_bytes=1024 * 1024 + 75) as spool:
+        seq = spool.next_seq()
+        with pytest.raises(SpoolFullError):
+            spool.append(SpooledBatch(bid, key, payload, seq))
+
+
+def test_check_config_refuses_a_repeated_port(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """relay check-config exits 2 for ports = [23055, 23055], naming the key
+    (relay run would fail later with "Address already in use")."""
+    path = write(tmp_path, "[collector]\nports = [23055, 23055]\n")
+    assert cli_main(["relay", "check-config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "collector.ports=23055" in err
+    assert "is listed twice" in err

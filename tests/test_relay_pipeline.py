@@ -36,7 +36,7 @@ from edge_agent.features import FEATURE_NAMES
 from edge_agent.flows.schema import address_bytes, address_text
 from edge_agent.modelsync.installer import rows_from_npz
 from edge_agent.relay.commands import print_status, read_metrics
-from edge_agent.relay.config import Settings, load_settings
+from edge_agent.relay.config import MIN_SPOOL_BYTES, Settings, load_settings
 from edge_agent.relay.partition import partition_key
 from edge_agent.relay.pipeline import RelayPipeline, split_by_exporter
 from edge_agent.spool import Spool
@@ -489,7 +489,7 @@ def test_full_spool_with_reject_new_counts_the_drop(tmp_path: Path) -> None:
     reason (batches and rows), not raised."""
     settings = relay_settings(
         tmp_path,
-        SAMPLEFLOW_SPOOL_MAX_BYTES=str(64 * 1024),
+        SAMPLEFLOW_SPOOL_MAX_BYTES=str(MIN_SPOOL_BYTES),
         SAMPLEFLOW_SPOOL_FULL_POLICY="reject_new",
         # Synthetic rows repeat keys, which the filter would roll up.
         SAMPLEFLOW_FILTER_ENABLED="false",
@@ -498,7 +498,9 @@ def test_full_spool_with_reject_new_counts_the_drop(tmp_path: Path) -> None:
     )
     pipeline = RelayPipeline(settings)
     rng = np.random.default_rng(5)
-    rows = np.zeros(20_000, dtype=AGG_DTYPE)
+    # Random ports and byte counts hardly compress: 400,000 rows take
+    # several full-size batches, more than the smallest spool holds.
+    rows = np.zeros(400_000, dtype=AGG_DTYPE)
     rows["exporter"] = np.void(address_bytes("192.0.2.1"))
     rows["src_port"] = rng.integers(0, 65536, rows.shape[0])
     rows["bytes"] = rng.integers(0, 2**40, rows.shape[0])
@@ -515,7 +517,7 @@ def test_full_spool_with_reject_new_counts_the_drop(tmp_path: Path) -> None:
     run(scenario)
     e = pipeline.encode_stats
     assert e.dropped["spool_full"] >= 1
-    assert e.spooled_rows + e.dropped_rows["spool_full"] == 20_000
+    assert e.spooled_rows + e.dropped_rows["spool_full"] == 400_000
 
 
 def test_split_by_exporter_keeps_runs() -> None:

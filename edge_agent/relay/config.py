@@ -27,6 +27,7 @@ import re
 import socket
 import tomllib
 import types
+import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +40,8 @@ from edge_agent.modelsync.config import ModelSyncConfig, ModelSyncConfigError
 from edge_agent.relay.partition import PARTITION_SCHEMES
 from edge_agent.ship.config import ShipperConfig, ShipperConfigError
 from edge_agent.spool import FULL_POLICIES
+from edge_agent.spool import fileformat as spool_fileformat
+from edge_agent.wire.limits import KINESIS_MAX_RECORD_BYTES
 
 ENV_PREFIX = "SAMPLEFLOW_"
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -76,6 +79,16 @@ def _check_range(key: str, value: float, low: float, high: float | None) -> None
     if value < low or (high is not None and value > high):
         bound = f"{low} to {high}" if high is not None else f">= {low}"
         raise ConfigError(key, value, f"must be {bound}")
+
+
+def _check_unique(key: str, values: list[Any]) -> None:
+    seen: set[Any] = set()
+    for value in values:
+        if value in seen:
+            raise ConfigError(
+                key, value, "is listed twice; each may appear once (it binds a socket)"
+            )
+        seen.add(value)
 
 
 def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
@@ -142,6 +155,10 @@ class CollectorSettings:
             raise ConfigError("collector.ports", self.ports, "list one or more")
         for port in self.ports:
             _check_range("collector.ports", port, 0, 65535)
+        # Each (address, port) is one socket: a repeated one cannot bind.
+        # Port 0 asks for a free port each time, so it may repeat.
+        _check_unique("collector.ports", [p for p in self.ports if p != 0])
+        _check_unique("collector.listen_addresses", list(self.listen_addresses))
         _check_range("collector.rcvbuf_bytes", self.rcvbuf_bytes, 1, None)
         _check_range(
             "collector.max_queued_datagrams", self.max_queued_datagrams, 1, None
@@ -281,6 +298,17 @@ class FilterSettings:
         return (*private, *(n for n in self.internal_networks if n not in private))
 
 
+#: Smallest ``spool.max_bytes``: the largest batch the encoder emits (data
+#: plus partition key up to the Kinesis record limit) in its spool file (the
+#: file's fixed overhead plus the batch id, a 36-character UUID).  Below it
+#: a full-size batch is dropped as spool_full even from an empty spool.
+MIN_SPOOL_BYTES = (
+    KINESIS_MAX_RECORD_BYTES
+    + spool_fileformat.OVERHEAD_BYTES
+    + len(str(uuid.UUID(int=0)))
+)
+
+
 @dataclass(frozen=True)
 class SpoolSettings:
     """``[spool]``: the on-disk queue between encoder and shipper."""
@@ -294,7 +322,15 @@ class SpoolSettings:
     full_policy: str = "drop_oldest"
 
     def __post_init__(self) -> None:
-        _check_range("spool.max_bytes", self.max_bytes, 64 * 1024, None)
+        if self.max_bytes < MIN_SPOOL_BYTES:
+            raise ConfigError(
+                "spool.max_bytes",
+                self.max_bytes,
+                f"must be >= {MIN_SPOOL_BYTES}: the spool must hold the largest "
+                f"batch the encoder writes (a {KINESIS_MAX_RECORD_BYTES}-byte "
+                f"Kinesis record in a spool file of "
+                f"{MIN_SPOOL_BYTES - KINESIS_MAX_RECORD_BYTES} bytes more)",
+            )
         _check_choice("spool.full_policy", self.full_policy, FULL_POLICIES)
 
 
