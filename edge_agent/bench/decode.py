@@ -314,6 +314,8 @@ class Measurement:
     best_cpu_seconds_per_round: float = 0.0
     #: sequence gaps our decoder counted per round (the captures' own)
     sequence_gaps_per_round: int = 0
+    #: our decode errors per round by reason
+    error_reasons: dict[str, int] = field(default_factory=dict)
 
     @property
     def records_per_second(self) -> float:
@@ -368,6 +370,7 @@ class _Runner:
     datagrams_per_round: int
     counter_samples: Callable[[], int] = lambda: 0
     sequence_gaps: Callable[[], int] = lambda: 0
+    error_reasons: Callable[[], dict[str, int]] = dict
     wall: list[float] = field(default_factory=list)
     cpu: list[float] = field(default_factory=list)
     records: int = 0
@@ -391,6 +394,7 @@ class _Runner:
             counter_samples_per_round=self.counter_samples(),
             best_cpu_seconds_per_round=min(self.cpu),
             sequence_gaps_per_round=self.sequence_gaps(),
+            error_reasons=self.error_reasons(),
         )
 
 
@@ -432,9 +436,10 @@ def prepare_ours(
 
     decode_many = decoder.decode_many
     counter_samples = sequence_gaps = 0
+    reasons: dict[str, int] = {}
 
     def run_round() -> tuple[int, int]:
-        nonlocal counter_samples, sequence_gaps
+        nonlocal counter_samples, sequence_gaps, reasons
         before = decoder.stats.totals()
         records = 0
         for chunk in chunks:
@@ -442,6 +447,7 @@ def prepare_ours(
         after = decoder.stats.totals()
         counter_samples = after.counter_samples - before.counter_samples
         sequence_gaps = after.sequence_gaps - before.sequence_gaps
+        reasons = dict(after.errors - before.errors)
         errors = sum(after.errors.values()) - sum(before.errors.values())
         return records, errors
 
@@ -451,6 +457,7 @@ def prepare_ours(
         factor * sum(len(s.datagrams) for s in streams),
         counter_samples=lambda: counter_samples,
         sequence_gaps=lambda: sequence_gaps,
+        error_reasons=lambda: reasons,
     )
 
 
@@ -621,7 +628,20 @@ def print_report(results: Sequence[ProtocolResult], stream: TextIO) -> None:
                 "second in all"
             )
         if r.ours is not None and r.ours.errors_per_round:
-            notes.append(f"our decode errors per round: {r.ours.errors_per_round}")
+            reasons = ", ".join(
+                f"{reason} {count}"
+                for reason, count in sorted(r.ours.error_reasons.items())
+            )
+            # Every reason but decoder_bug is a fault of the input.
+            whose = (
+                "decoder_bug is ours"
+                if "decoder_bug" in r.ours.error_reasons
+                else "faults of the captures' own bytes"
+            )
+            notes.append(
+                f"our decode errors per round: {r.ours.errors_per_round}"
+                + (f" ({reasons}; {whose})" if reasons else "")
+            )
         if r.ours is not None and r.ours.sequence_gaps_per_round:
             notes.append(
                 f"sequence gaps per round: {r.ours.sequence_gaps_per_round} "

@@ -193,13 +193,15 @@ class NetflowV5Decoder:
         # changes keeps the per-datagram cost low.
         self._announced: dict[tuple[bytes, int], int] = {}
         #: runs of the bound batch, by (exporter, port)
-        self._runs: dict[tuple[bytes, int], _Run] = {}
+        #: (the front door reads it for the batch's hot path: a run is
+        #: taken out or the dict emptied, never replaced, while bound)
+        self.runs: dict[tuple[bytes, int], _Run] = {}
         self._batch: RecordBatch | None = None
 
     def bind(self, batch: RecordBatch) -> None:
         """Queue into ``batch`` from now on (runs of an earlier batch that
         was never built are dropped with it)."""
-        self._runs = {}
+        self.runs = {}
         self._batch = batch
         batch.on_settle(self._flush)
 
@@ -214,7 +216,7 @@ class NetflowV5Decoder:
 
         The version is already checked; ``batch`` is the bound one.
         """
-        run = self._runs.get(key)
+        run = self.runs.get(key)
         if run is None or run.tail != payload[20:24]:
             self._start(payload, key, counters, batch)
             return
@@ -239,7 +241,7 @@ class NetflowV5Decoder:
         batch: RecordBatch,
     ) -> None:
         """Start a run with a datagram whose header tail is new."""
-        old = self._runs.pop(key, None)
+        old = self.runs.pop(key, None)
         if old is not None:
             # Its sequence numbers come before this datagram's.
             self._flush_run(old, batch)
@@ -259,7 +261,7 @@ class NetflowV5Decoder:
                 else:
                     # Every datagram announces again: no run.
                     tail = None
-                for other in self._runs.values():
+                for other in self.runs.values():
                     if other.domain == domain and other.exporter == exporter:
                         # Another port of this exporter announced its own
                         # interval: its next datagram announces again.
@@ -280,7 +282,7 @@ class NetflowV5Decoder:
             rate=rate,
             generation=self.sampling.generation,
         )
-        self._runs[key] = run
+        self.runs[key] = run
         count = payload[2] << 8 | payload[3]
         if count * 48 + 24 != size:
             count = self._irregular(run, size, count)
@@ -310,13 +312,14 @@ class NetflowV5Decoder:
 
     def _flush(self) -> None:
         """Read every queued run into the bound batch (it is settling)."""
-        runs = self._runs
-        if not runs:
+        if not self.runs:
             return
-        self._runs = {}
+        # Emptied in place: the front door holds the dict for its batch.
+        runs = list(self.runs.values())
+        self.runs.clear()
         batch = self._batch
         assert batch is not None
-        for run in runs.values():
+        for run in runs:
             self._flush_run(run, batch)
 
     def _flush_run(self, run: _Run, batch: RecordBatch) -> None:
