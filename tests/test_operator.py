@@ -153,6 +153,66 @@ def test_keygen_writes_a_private_key_only_the_owner_reads(tmp_path: Path) -> Non
     assert private.read_bytes() == before
 
 
+def test_keygen_into_a_missing_folder_writes_nothing(tmp_path: Path) -> None:
+    """keygen whose public key's folder does not exist exits 1 naming that
+    folder, and leaves no private key behind (no half pair)."""
+    private = tmp_path / "k.pem"
+    code, _, err = run(
+        "models",
+        "keygen",
+        "--private",
+        str(private),
+        "--public",
+        str(tmp_path / "missing" / "k.pub.pem"),
+    )
+    assert code == 1
+    assert err.startswith("sampleflow models keygen: error: ")
+    assert f"folder {tmp_path / 'missing'} does not exist" in err
+    assert not private.exists()
+
+
+def test_push_names_a_missing_model_before_the_presign_role(tmp_path: Path) -> None:
+    """push of a model file that does not exist, without --presign-role-arn,
+    names the missing file (not the role) and exits 1."""
+    missing = tmp_path / "none.tflite"
+    code, _, err = run(
+        "models",
+        "push",
+        str(missing),
+        str(MANIFEST),
+        "--group",
+        "g",
+        "--bucket",
+        "b",
+        "--key",
+        str(tmp_path / "k.pem"),
+        "--endpoint-url",
+        "http://127.0.0.1:1",
+    )
+    assert code == 1
+    assert f"no model file {missing}" in err
+    assert "presign" not in err
+
+
+@pytest.mark.parametrize(
+    "action", [["status", "j"], ["cancel", "j"], ["rollback", "--group", "g"]]
+)
+def test_unreachable_endpoint_is_one_line_naming_the_url(
+    action: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """status, cancel and rollback against a closed port (127.0.0.1:1) exit
+    1 with one line naming the endpoint URL, no traceback."""
+    for name, value in DUMMY_AWS_ENV.items():
+        monkeypatch.setenv(name, value)
+    code, _, err = run(
+        "models", *action, "--endpoint-url", "http://127.0.0.1:1", "--region", REGION
+    )
+    assert code == 1
+    assert err.startswith(f"sampleflow models {action[0]}: error: ")
+    assert "http://127.0.0.1:1/" in err
+    assert "Traceback" not in err and err.count("\n") == 1
+
+
 # -- against MiniStack ----------------------------------------------------------
 
 

@@ -18,6 +18,11 @@ from pathlib import Path
 from typing import Any
 
 import boto3
+from botocore.exceptions import (
+    BotoCoreError,
+    EndpointConnectionError,
+    NoCredentialsError,
+)
 
 from cloud.operator.keys import generate_keypair, load_private_key
 from cloud.operator.ops import JobStatus, ModelOps, ModelOpsError
@@ -165,8 +170,20 @@ def _rollout(args: argparse.Namespace) -> RolloutSettings:
     )
 
 
-def _fail(message: str) -> int:
-    print(f"error: {message}", file=sys.stderr)
+def _aws_error(exc: BotoCoreError) -> str:
+    """What went wrong talking to AWS, with the knob to turn."""
+    if isinstance(exc, NoCredentialsError):
+        return (
+            f"{exc} (set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE)"
+        )
+    if isinstance(exc, EndpointConnectionError):
+        return f"{exc} (check --endpoint-url and --region)"
+    return str(exc)
+
+
+def _fail(message: str, args: argparse.Namespace) -> int:
+    action = getattr(args, "models_action", None) or ""
+    print(f"sampleflow models {action}: error: {message}", file=sys.stderr)
     return 1
 
 
@@ -174,14 +191,19 @@ def run_keygen(args: argparse.Namespace) -> int:
     """``models keygen``."""
     try:
         kid = generate_keypair(args.private, args.public)
-    except FileExistsError as exc:
-        return _fail(str(exc))
+    except OSError as exc:
+        return _fail(str(exc), args)
     print(f"key id {kid}: private {args.private}, public {args.public}")
     return 0
 
 
 def run_push(args: argparse.Namespace) -> int:
     """``models push``."""
+    # The model files before the key and the AWS settings: they are what
+    # the command is about (ModelOps.push reads them first too).
+    for what, path in (("model", args.model), ("manifest", args.manifest)):
+        if not Path(path).is_file():
+            return _fail(f"no {what} file {path}", args)
     try:
         result = _ops(args).push(
             args.model,
@@ -198,7 +220,9 @@ def run_push(args: argparse.Namespace) -> int:
             description=args.description,
         )
     except (ModelOpsError, RolloutSettingsError, ValueError, OSError) as exc:
-        return _fail(str(exc))
+        return _fail(str(exc), args)
+    except BotoCoreError as exc:
+        return _fail(_aws_error(exc), args)
     print(result.job_id)
     return 0
 
@@ -226,7 +250,9 @@ def run_status(args: argparse.Namespace) -> int:
     try:
         status = _ops(args).status(args.job_id)
     except ModelOpsError as exc:
-        return _fail(str(exc))
+        return _fail(str(exc), args)
+    except BotoCoreError as exc:
+        return _fail(_aws_error(exc), args)
     if args.json:
         print(json.dumps(status.to_dict(), indent=2))
     else:
@@ -239,7 +265,9 @@ def run_cancel(args: argparse.Namespace) -> int:
     try:
         _ops(args).cancel(args.job_id, force=args.force, comment=args.comment)
     except ModelOpsError as exc:
-        return _fail(str(exc))
+        return _fail(str(exc), args)
+    except BotoCoreError as exc:
+        return _fail(_aws_error(exc), args)
     print(f"canceled {args.job_id}")
     return 0
 
@@ -254,6 +282,8 @@ def run_rollback(args: argparse.Namespace) -> int:
             rollout=_rollout(args),
         )
     except (ModelOpsError, RolloutSettingsError) as exc:
-        return _fail(str(exc))
+        return _fail(str(exc), args)
+    except BotoCoreError as exc:
+        return _fail(_aws_error(exc), args)
     print(f"{job_id} (version {version})")
     return 0

@@ -20,10 +20,20 @@ from edge_agent.modelsync.verify import key_id
 
 
 def generate_keypair(private_path: Path, public_path: Path) -> str:
-    """Write a new key pair; returns its key id.  Never overwrites a file."""
+    """Write a new key pair; returns its key id.  Never overwrites a file.
+
+    Raises ``FileExistsError`` when either file exists and
+    ``FileNotFoundError`` when either folder does not, before writing
+    anything (no half-written pair).
+    """
     for path in (private_path, public_path):
         if Path(path).exists():
             raise FileExistsError(f"{path} exists; refusing to overwrite a key")
+        if not Path(path).absolute().parent.is_dir():
+            raise FileNotFoundError(
+                f"cannot write {path}: folder {Path(path).absolute().parent} "
+                "does not exist"
+            )
     key = Ed25519PrivateKey.generate()
     private_pem = key.private_bytes(
         serialization.Encoding.PEM,

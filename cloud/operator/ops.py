@@ -127,6 +127,15 @@ def job_id_for(model: str, version: str, now: float | None = None) -> str:
     return (JOB_PREFIX + body)[: 64 - len(tail)] + tail
 
 
+def _read_file(what: str, path: Path) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise ModelOpsError(
+            f"cannot read the {what} file {path}: {exc.strerror or exc}"
+        ) from exc
+
+
 class ModelOps:
     """Operator actions over boto3 ``iot`` and ``s3`` clients."""
 
@@ -161,14 +170,20 @@ class ModelOps:
         continuous: bool = False,
         description: str | None = None,
     ) -> PushResult:
-        """Upload, sign and create the job (see the module doc)."""
+        """Upload, sign and create the job (see the module doc).
+
+        Raises :class:`ModelOpsError` naming the file when the model or the
+        manifest cannot be read (checked before any other setting).
+        """
+        # The files first: a missing model is the mistake to report, not
+        # the rollout settings.
+        manifest_bytes = _read_file("manifest", manifest_path)
+        model_bytes = _read_file("model", model_path)
         if not s3_direct and not presign_role_arn:
             raise ModelOpsError(
                 "presigned downloads need presign_role_arn (an IAM role AWS IoT may "
                 "assume to read the bucket); or use s3_direct"
             )
-        manifest_bytes = Path(manifest_path).read_bytes()
-        model_bytes = Path(model_path).read_bytes()
         try:
             manifest = json.loads(manifest_bytes)
             name, version = str(manifest["name"]), str(manifest["version"])
