@@ -16,7 +16,7 @@ import pytest
 from cloud.engine import hostwindows, network
 from cloud.engine.config import ConfigError, EngineConfig, tenant_networks
 from cloud.engine.sinks import DeferringSink, MemorySink, WindowEstimate
-from cloud.engine.store import HostWindowSet, SqliteStore
+from cloud.engine.store import Bucket, HostWindowSet, SqliteStore
 from cloud.engine.tenants import TenantBatch
 from cloud.engine.transform import PAYLOAD_DTYPE
 from cloud.store.detections import StoreUnavailableError
@@ -184,6 +184,28 @@ def test_estimates_wait_for_the_store_and_keep_the_latest() -> None:
     sink.write([_estimate(120_000)])
     assert set(store.inner.latest) == {("t", 0), ("t", 60_000), ("t", 120_000)}
     assert sink.pending == {}
+
+
+def test_bucket_blobs_read_back_alike_from_memory_and_disk(tmp_path: Path) -> None:
+    """Bucket blobs come back in (bucket start, micro-batch) order with the
+    bytes written, whether kept in memory, pushed out of its bound (64
+    bytes here) or read by a new store on the same file; dropped buckets
+    are gone from both."""
+    path = tmp_path / "state.sqlite"
+    store = SqliteStore(path, blob_cache_bytes=64)
+    blobs = {(0, 1): b"a" * 40, (0, 2): b"b" * 40, (60_000, 1): b"c" * 10}
+    for (start, mb), data in blobs.items():
+        store.put_buckets("k", mb, [Bucket("t", start, 1, 0.0, data)])
+    want = [b"a" * 40, b"b" * 40, b"c" * 10]  # the first pushed out by the others
+    assert store.bucket_data("k", "t", 0, 120_000) == want
+    assert store.bucket_data("k", "t", 60_000, 120_000) == [b"c" * 10]
+    again = SqliteStore(path)
+    assert again.bucket_data("k", "t", 0, 120_000) == want
+    store.drop_buckets("k", "t", 60_000)
+    assert store.bucket_data("k", "t", 0, 120_000) == [b"c" * 10]
+    assert again.bucket_data("k", "t", 0, 120_000) == [b"c" * 10]
+    store.close()
+    again.close()
 
 
 def test_tenant_figures_by_hand() -> None:

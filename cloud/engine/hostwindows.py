@@ -8,9 +8,8 @@ are the special case slide = window).  Windows must match the model's
 ``window_s`` (300 s for the shipped models) for the scores to mean
 anything.
 
-Where the work runs: on the driver.  Executors decode and check the
-records; the driver decodes the accepted ones again (cheap next to the
-features) into ``PAYLOAD_DTYPE`` rows and keeps, per tenant, *bucket*
+Where the work runs: on the driver, which decodes the records (cheap
+next to the features) into ``PAYLOAD_DTYPE`` rows and keeps, per tenant, *bucket*
 (``gcd(window, slide)`` long) and micro-batch, the rows compacted on what
 the features read (source, destination, destination port, protocol, TCP
 flags, rate: bytes, packets and flow counts summed, which changes no

@@ -34,9 +34,10 @@ older than the horizon would pass again.
 
 from __future__ import annotations
 
+import collections
 import sqlite3
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -229,11 +230,55 @@ CREATE TABLE IF NOT EXISTS invalid_records (
 """
 
 
-class SqliteStore:
-    """:class:`EngineStore` in one SQLite file (driver-local)."""
+#: Bucket blobs kept in memory as well, at most (bytes).
+BLOB_CACHE_BYTES = 256 * 1024 * 1024
 
-    def __init__(self, path: Path | str) -> None:
+_BlobKey = tuple[str, str, int, int]  # kind, tenant, bucket start, micro-batch
+
+
+class _BlobCache:
+    """The bucket blobs this process wrote, newest kept, up to ``limit``
+    bytes: a window reads each of its buckets back several times (a 300 s
+    feature window every 60 s reads a bucket five times), and reading
+    megabytes of blobs from SQLite cost more than computing on them.
+    SQLite stays the record; a blob not here is read from it."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.size = 0
+        self._blobs: collections.OrderedDict[_BlobKey, bytes] = (
+            collections.OrderedDict()
+        )
+
+    def put(self, key: _BlobKey, data: bytes) -> None:
+        old = self._blobs.pop(key, None)
+        if old is not None:
+            self.size -= len(old)
+        if len(data) > self.limit:
+            return
+        self._blobs[key] = data
+        self.size += len(data)
+        while self.size > self.limit:
+            _, dropped = self._blobs.popitem(last=False)  # the oldest
+            self.size -= len(dropped)
+
+    def get(self, key: _BlobKey) -> bytes | None:
+        return self._blobs.get(key)
+
+    def drop(self, which: Callable[[_BlobKey], bool]) -> None:
+        for key in [k for k in self._blobs if which(k)]:
+            self.size -= len(self._blobs.pop(key))
+
+
+class SqliteStore:
+    """:class:`EngineStore` in one SQLite file (driver-local); bucket blobs
+    are also kept in memory up to ``blob_cache_bytes``."""
+
+    def __init__(
+        self, path: Path | str, blob_cache_bytes: int = BLOB_CACHE_BYTES
+    ) -> None:
         self.path = Path(path)
+        self._blobs = _BlobCache(blob_cache_bytes)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         # Spark calls foreachBatch on a py4j callback thread, not the creator's.
         self._db = sqlite3.connect(
@@ -460,18 +505,32 @@ class SqliteStore:
                     for b in buckets
                 ],
             )
+        for b in buckets:
+            self._blobs.put((kind, b.tenant_id, b.bucket_start_ms, micro_batch), b.data)
 
     def bucket_data(
         self, kind: str, tenant_id: str, start_ms: int, end_ms: int
     ) -> list[bytes]:
         """Blobs of the tenant's buckets starting in ``[start_ms, end_ms)``."""
-        rows = self._db.execute(
-            "SELECT data FROM buckets WHERE kind = ? AND tenant_id = ? AND "
-            "bucket_start_ms >= ? AND bucket_start_ms < ? "
+        keys = self._db.execute(
+            "SELECT bucket_start_ms, micro_batch FROM buckets WHERE kind = ? AND "
+            "tenant_id = ? AND bucket_start_ms >= ? AND bucket_start_ms < ? "
             "ORDER BY bucket_start_ms, micro_batch",
             (kind, tenant_id, start_ms, end_ms),
         ).fetchall()
-        return [bytes(r[0]) for r in rows]
+        out: list[bytes] = []
+        for start, micro_batch in keys:
+            key = (kind, tenant_id, int(start), int(micro_batch))
+            data = self._blobs.get(key)
+            if data is None:  # written before a restart, or pushed out
+                (raw,) = self._db.execute(
+                    "SELECT data FROM buckets WHERE kind = ? AND tenant_id = ? "
+                    "AND bucket_start_ms = ? AND micro_batch = ?",
+                    key,
+                ).fetchone()
+                data = bytes(raw)
+            out.append(data)
+        return out
 
     def bucket_values(
         self, kind: str, keys: Iterable[tuple[str, int]], length_ms: int
@@ -505,6 +564,9 @@ class SqliteStore:
                 "bucket_start_ms < ?",
                 (kind, tenant_id, before_ms),
             )
+        self._blobs.drop(
+            lambda k: k[0] == kind and k[1] == tenant_id and k[2] < before_ms
+        )
         return int(cursor.rowcount)
 
     def closed_feature_windows(self, tenant_id: str) -> set[int]:
