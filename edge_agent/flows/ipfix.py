@@ -74,9 +74,16 @@ class IpfixDecoder(TemplatedDecoder):
             ):
                 if plan.options_before:
                     self._announce(plan.options_before, payload, counters, batch)
-                self.sequences.check(
-                    plan.domain_key, values[2], plan.sequence_units, counters
-                )
+                # SequenceTracker.check's in-order case in line.
+                seq = values[2]
+                stream = self.sequences.streams.get(plan.domain_key)
+                if stream is not None and stream.expected == seq:
+                    stream.expected = (seq + plan.sequence_units) & 0xFFFFFFFF
+                    stream.last_seq = seq
+                else:
+                    self.sequences.check(
+                        plan.domain_key, seq, plan.sequence_units, counters
+                    )
                 self._queue(plan, payload, counters, batch)
                 if plan.options_after:
                     self._announce(plan.options_after, payload, counters, batch)

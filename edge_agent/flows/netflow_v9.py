@@ -592,9 +592,19 @@ class NetflowV9Decoder(TemplatedDecoder):
             ) and (not plan.resends or plan.resent(payload)):
                 if plan.options_before:
                     self._announce(plan.options_before, payload, counters, batch)
-                self.sequences.check_v9(
-                    plan.domain_key, values[2], plan.sequence_units, counters
-                )
+                # SequenceTracker.check_v9's in-order case in line.
+                seq = values[2]
+                units = plan.sequence_units
+                stream = self.sequences.streams.get(plan.domain_key)
+                if stream is not None and stream.expected == seq:
+                    if stream.last_records > 1:
+                        stream.votes = stream.vote_gaps = stream.vote_lost = 0
+                    step = units if stream.by_records else 1
+                    stream.expected = (seq + step) & 0xFFFFFFFF
+                    stream.last_seq = seq
+                    stream.last_records = units
+                else:
+                    self.sequences.check_v9(plan.domain_key, seq, units, counters)
                 self._queue(plan, payload, counters, batch)
                 if plan.options_after:
                     self._announce(plan.options_after, payload, counters, batch)
