@@ -1,0 +1,379 @@
+"""User and environment mistakes give one line on stderr, not a traceback.
+
+Each test runs the real command line (``python -m edge_agent.cli``, what the
+``sampleflow`` script runs) as a subprocess: the behaviour under test is the
+process's exit code and what it prints.  A message is
+``sampleflow <command>: error: <what>``; exit 1 for a runtime failure, 2 for
+a usage error; ``SAMPLEFLOW_DEBUG=1`` or ``--debug`` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import http.server
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.servers import DUMMY_AWS_ENV
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+SAMPLEFLOW = [sys.executable, "-m", "edge_agent.cli"]
+#: The command line with some modules made unimportable, as on an install
+#: without them: ``sys.modules[name] = None`` is Python's documented way to
+#: make ``import name`` raise ModuleNotFoundError.  First argument: the
+#: comma-separated module names.
+WITHOUT_MODULES = [
+    sys.executable,
+    "-c",
+    "import sys\n"
+    "for name in sys.argv.pop(1).split(','):\n"
+    "    sys.modules[name] = None\n"
+    "from edge_agent.cli import main\n"
+    "sys.exit(main())\n",
+]
+TIMEOUT_S = 120
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """The test's environment without SAMPLEFLOW_* settings, plus ``extra``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SAMPLEFLOW_")}
+    env.update(extra)
+    return env
+
+
+def sampleflow(
+    *args: str, env: dict[str, str] | None = None, cwd: Path | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*SAMPLEFLOW, *args],
+        capture_output=True,
+        check=False,
+        text=True,
+        timeout=TIMEOUT_S,
+        env=env or clean_env(),
+        cwd=cwd or PROJECT_ROOT,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+def assert_one_line(result: subprocess.CompletedProcess[str], prefix: str) -> str:
+    """The error is one stderr line starting with ``prefix``; returns it."""
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith(prefix), result.stderr
+    return lines[0]
+
+
+@pytest.fixture
+def taken_port() -> Iterator[int]:
+    """A loopback TCP port held by a listening socket for the test."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        yield int(sock.getsockname()[1])
+
+
+# -- the top-level net -------------------------------------------------------
+
+
+def test_unwritable_output_is_one_line_and_debug_shows_the_traceback(
+    tmp_path: Path,
+) -> None:
+    """An OSError no command handles (openapi --out into a missing folder)
+    is one line naming the file, exit 1; SAMPLEFLOW_DEBUG=1 and --debug show
+    the traceback instead."""
+    out = tmp_path / "missing" / "openapi.json"
+    result = sampleflow("model-service", "openapi", "--out", str(out))
+    assert result.returncode == 1
+    line = assert_one_line(result, "sampleflow model-service openapi: error: ")
+    assert str(out) in line and "No such file or directory" in line
+    for run in (
+        sampleflow(
+            "model-service",
+            "openapi",
+            "--out",
+            str(out),
+            env=clean_env(SAMPLEFLOW_DEBUG="1"),
+        ),
+        sampleflow("--debug", "model-service", "openapi", "--out", str(out)),
+    ):
+        assert run.returncode == 1
+        assert "Traceback" in run.stderr and "FileNotFoundError" in run.stderr
+
+
+@pytest.mark.parametrize(
+    ("missing", "args", "command"),
+    [
+        ("uvicorn", ["model-service", "run", "--port", "0"], "model-service run"),
+        ("pyarrow", ["engine", "run", "--stream", "s", "--checkpoint", "c"],
+         "engine run"),
+        ("pyarrow", ["bench", "engine"], "bench engine"),
+        ("pydantic_core", ["bench", "model-service"], "bench model-service"),
+    ],
+)  # fmt: skip
+def test_missing_cloud_extra_is_named_with_the_install_command(
+    tmp_path: Path, missing: str, args: list[str], command: str
+) -> None:
+    """A cloud command whose dependency is not installed (a relay-only
+    install) says to install the cloud extra and names the module, exit 1."""
+    result = subprocess.run(
+        [*WITHOUT_MODULES, missing, *args],
+        capture_output=True,
+        check=False,
+        text=True,
+        timeout=TIMEOUT_S,
+        env=clean_env(),
+        cwd=tmp_path,
+        stdin=subprocess.DEVNULL,
+    )
+    assert result.returncode == 1, result.stderr
+    line = assert_one_line(result, f"sampleflow {command}: error: ")
+    assert "pip install 'sampleflow[cloud]'" in line
+    assert f"module {missing} is not installed" in line
+
+
+class _HeldMetrics(http.server.BaseHTTPRequestHandler):
+    """Answers /metrics only once ``release`` is set."""
+
+    release = threading.Event()
+
+    def do_GET(self) -> None:
+        self.release.wait(TIMEOUT_S)
+        body = b"sampleflow_relay_uptime_seconds 5.0\n"
+        self.send_response(200)
+        self.send_header("Content-Type", "text/plain; version=0.0.4")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+def test_status_into_a_closed_pipe_exits_quietly() -> None:
+    """relay status whose stdout reader has gone (``| head``) exits 1 with
+    nothing on stderr.  The metrics server answers only after the test has
+    closed its end of the pipe, so the write always meets a closed pipe."""
+    _HeldMetrics.release.clear()
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _HeldMetrics)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        proc = subprocess.Popen(
+            [
+                *SAMPLEFLOW,
+                "relay",
+                "status",
+                "--url",
+                f"http://127.0.0.1:{server.server_address[1]}",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            stdin=subprocess.DEVNULL,
+            env=clean_env(),
+            cwd=PROJECT_ROOT,
+        )
+        assert proc.stdout is not None and proc.stderr is not None
+        proc.stdout.close()
+        _HeldMetrics.release.set()
+        err = proc.stderr.read().decode()
+        proc.stderr.close()
+        assert proc.wait(TIMEOUT_S) == 1
+        assert err == ""
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+# -- errors fixed where they arise -----------------------------------------------
+
+
+def test_status_with_a_url_that_is_not_one() -> None:
+    """relay status --url notaurl is a usage error (2) naming the URL."""
+    result = sampleflow("relay", "status", "--url", "notaurl")
+    assert result.returncode == 2
+    line = assert_one_line(result, "sampleflow relay status: error: ")
+    assert "'notaurl'" in line and "http://" in line
+
+
+def test_keygen_into_a_missing_folder() -> None:
+    """models keygen --private /nonexistent/dir/x.pem: one line naming the
+    folder, exit 1."""
+    result = sampleflow(
+        "models",
+        "keygen",
+        "--private",
+        "/nonexistent/dir/x.pem",
+        "--public",
+        "/nonexistent/dir/p.pem",
+    )
+    assert result.returncode == 1
+    line = assert_one_line(result, "sampleflow models keygen: error: ")
+    assert "/nonexistent/dir does not exist" in line
+
+
+def test_models_status_against_a_closed_port() -> None:
+    """models status --endpoint-url http://127.0.0.1:1: one line naming the
+    URL, exit 1."""
+    result = sampleflow(
+        "models",
+        "status",
+        "job-1",
+        "--endpoint-url",
+        "http://127.0.0.1:1",
+        "--region",
+        "us-east-1",
+        env=clean_env(**DUMMY_AWS_ENV),
+    )
+    assert result.returncode == 1
+    line = assert_one_line(result, "sampleflow models status: error: ")
+    assert "http://127.0.0.1:1/jobs/job-1" in line
+
+
+def test_evaluate_a_missing_manifest() -> None:
+    """models evaluate /nonexistent.json: one line naming the file, exit 1."""
+    result = sampleflow("models", "evaluate", "/nonexistent.json")
+    assert result.returncode == 1
+    line = assert_one_line(result, "sampleflow models evaluate: error: ")
+    assert "/nonexistent.json" in line
+
+
+def test_evaluate_without_the_dataset_says_how_to_name_it(tmp_path: Path) -> None:
+    """models evaluate of a shipped model with the CTU-13 folder absent
+    names the folder searched and the --data option, exit 1."""
+    manifest = PROJECT_ROOT / "models" / "relay-ctu13s6-r100-w300.manifest.json"
+    result = sampleflow(
+        "models",
+        "evaluate",
+        str(manifest),
+        env=clean_env(SAMPLEFLOW_CTU13_DIR=str(tmp_path)),
+    )
+    assert result.returncode == 1
+    line = assert_one_line(result, "sampleflow models evaluate: error: ")
+    assert str(tmp_path) in line and "--data" in line
+
+
+def test_model_service_port_out_of_range() -> None:
+    """model-service run --port 70000 is a usage error (2) giving the range."""
+    result = sampleflow("model-service", "run", "--port", "70000")
+    assert result.returncode == 2
+    assert "port must be 0 to 65535, got 70000" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_model_service_port_in_use_fails_before_starting(taken_port: int) -> None:
+    """model-service run on a port another socket holds exits 1 naming the
+    address, without first logging that it started."""
+    result = sampleflow("model-service", "run", "--port", str(taken_port))
+    assert result.returncode == 1
+    line = assert_one_line(result, "sampleflow model-service run: error: ")
+    assert f"cannot listen on 127.0.0.1:{taken_port}: Address already in use" in line
+    assert "model_service_started" not in result.stdout + result.stderr
+
+
+def test_engine_run_refuses_a_mongo_uri_of_another_scheme() -> None:
+    """engine run --mongo-uri foo://x is a usage error (2) naming the URI,
+    before Spark starts."""
+    result = sampleflow(
+        "engine", "run", "--stream", "s", "--checkpoint", "c", "--mongo-uri", "foo://x"
+    )
+    assert result.returncode == 2
+    assert "'foo://x' is not a mongodb:// or mongodb+srv:// URI" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("content", [None, "{}", "{not json"])
+def test_modelsync_agent_with_a_bad_config(tmp_path: Path, content: str | None) -> None:
+    """python -m edge_agent.modelsync run --config FILE with FILE missing,
+    empty of settings or not JSON: one line naming the file, exit 2."""
+    config = tmp_path / "modelsync.json"
+    if content is not None:
+        config.write_text(content)
+    result = subprocess.run(
+        [sys.executable, "-m", "edge_agent.modelsync", "run", "--config", str(config)],
+        capture_output=True,
+        check=False,
+        text=True,
+        timeout=TIMEOUT_S,
+        env=clean_env(),
+        cwd=PROJECT_ROOT,
+        stdin=subprocess.DEVNULL,
+    )
+    assert result.returncode == 2
+    line = assert_one_line(result, "python -m edge_agent.modelsync run: error: ")
+    assert str(config) in line
+    if content == "{}":
+        assert "modelsync.thing_name=None: is required" in line
+
+
+# -- relay start-up ----------------------------------------------------------
+
+
+def relay_env(tmp_path: Path, **settings: str) -> dict[str, str]:
+    """A relay that binds only loopback and ships nowhere reachable."""
+    return clean_env(
+        **DUMMY_AWS_ENV,
+        SAMPLEFLOW_RELAY_TENANT_ID="acme",
+        SAMPLEFLOW_RELAY_STATE_DIR=str(tmp_path / "state"),
+        SAMPLEFLOW_RELAY_LOG_FORMAT="json",
+        SAMPLEFLOW_COLLECTOR_LISTEN_ADDRESSES="127.0.0.1",
+        SAMPLEFLOW_COLLECTOR_PORTS="0",
+        SAMPLEFLOW_FILTER_ENABLED="false",
+        SAMPLEFLOW_KINESIS_REGION="us-east-1",
+        SAMPLEFLOW_KINESIS_ENDPOINT_URL="http://127.0.0.1:9",
+        **settings,
+    )
+
+
+def relay_error(result: subprocess.CompletedProcess[str]) -> str:
+    """The relay's own error line (the JSON log lines aside)."""
+    assert "Traceback" not in result.stderr, result.stderr
+    plain = [
+        line
+        for line in result.stderr.splitlines()
+        if line.startswith("sampleflow relay run")
+    ]
+    assert len(plain) == 1, result.stderr
+    logged = [json.loads(x) for x in result.stderr.splitlines() if x.startswith("{")]
+    assert [e["event"] for e in logged if e["level"] == "error"] == ["relay_failed"]
+    return plain[0]
+
+
+def test_relay_metrics_port_in_use_names_the_setting(
+    tmp_path: Path, taken_port: int
+) -> None:
+    """relay run with metrics.port held by another socket exits 1 saying
+    metrics.port=N on ADDRESS is in use."""
+    result = sampleflow(
+        "relay",
+        "run",
+        env=relay_env(tmp_path, SAMPLEFLOW_METRICS_PORT=str(taken_port)),
+    )
+    assert result.returncode == 1
+    line = relay_error(result)
+    assert f"metrics.port={taken_port} on 127.0.0.1 is in use" in line
+
+
+def test_relay_spool_dir_that_is_a_file_names_the_setting(tmp_path: Path) -> None:
+    """relay run with spool.dir naming a file exits 1 saying that it is a
+    file, not a directory."""
+    spool = tmp_path / "spool"
+    spool.write_text("not a folder\n")
+    result = sampleflow(
+        "relay",
+        "run",
+        env=relay_env(
+            tmp_path, SAMPLEFLOW_SPOOL_DIR=str(spool), SAMPLEFLOW_METRICS_PORT="0"
+        ),
+    )
+    assert result.returncode == 1
+    line = relay_error(result)
+    assert f"spool.dir='{spool}': {spool} is a file, not a directory" in line
