@@ -14,6 +14,7 @@ import logging
 import signal
 import sys
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections import defaultdict
 from pathlib import Path
@@ -215,6 +216,14 @@ async def _run(settings: Settings) -> None:
 
 def _metrics_url(args: argparse.Namespace) -> str | None:
     if args.url:
+        parts = urllib.parse.urlsplit(str(args.url))
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            print(
+                f"sampleflow relay status: error: --url {args.url!r} is not an "
+                "http:// or https:// URL (e.g. http://127.0.0.1:9108)",
+                file=sys.stderr,
+            )
+            return None
         return str(args.url).rstrip("/") + (
             "" if str(args.url).rstrip("/").endswith("/metrics") else "/metrics"
         )
