@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import os
 import time
 from collections.abc import Callable
@@ -193,9 +194,20 @@ class RelayPipeline:
         self._queue = asyncio.Queue(ENCODE_QUEUE_WINDOWS)
         try:
             await self._load_model()
-            self.spool = await asyncio.to_thread(
-                Spool, s.spool_dir, s.spool.max_bytes, s.spool.full_policy
-            )
+            try:
+                self.spool = await asyncio.to_thread(
+                    Spool, s.spool_dir, s.spool.max_bytes, s.spool.full_policy
+                )
+            except (FileExistsError, NotADirectoryError) as exc:
+                # mkdir's own message names neither the setting nor why.
+                what = (
+                    f"{exc.filename} is a file"
+                    if isinstance(exc, FileExistsError)
+                    else f"a folder on the path {exc.filename} is a file"
+                )
+                raise OSError(
+                    f"spool.dir={str(s.spool_dir)!r}: {what}, not a directory"
+                ) from exc
             self.shipper = KinesisShipper(
                 self.spool, s.kinesis.shipper_config(), self._client_factory
             )
@@ -204,7 +216,20 @@ class RelayPipeline:
             self._tasks["tick"] = asyncio.create_task(self._tick_loop())
             await self.collector.start()
             if self.metrics is not None:
-                self.metrics.start()
+                try:
+                    self.metrics.start()
+                except OSError as exc:
+                    in_use = exc.errno == errno.EADDRINUSE
+                    raise OSError(
+                        f"metrics.port={s.metrics.port} on "
+                        f"{s.metrics.listen_address} "
+                        + (
+                            "is in use"
+                            if in_use
+                            else f"cannot be bound: {exc.strerror}"
+                        )
+                        + " (set metrics.port, or metrics.enabled = false)"
+                    ) from exc
         except BaseException:
             await self._close(drain=False)
             raise
