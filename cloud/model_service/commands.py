@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import socket
 import sys
 from pathlib import Path
 from typing import Any
@@ -47,7 +48,7 @@ def register(subparsers: Subparsers[argparse.ArgumentParser]) -> None:
     _add_source_arguments(run)
     run.add_argument("--host", default="127.0.0.1", help="listen address")
     run.add_argument(
-        "--port", type=int, default=8480, help="listen port (default 8480)"
+        "--port", type=_port, default=8480, help="listen port (default 8480)"
     )
     run.set_defaults(func=run_service)
 
@@ -118,6 +119,41 @@ def config_from_args(args: argparse.Namespace) -> ServiceConfig:
     )
 
 
+def _port(text: str) -> int:
+    """A TCP port, 0 (any free one) to 65535."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"port must be 0 to 65535, got {port}")
+    return port
+
+
+def listen_socket(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to ``host``:``port`` (not listening yet).
+
+    Bound before the models load and the app starts, so that a port in use
+    is an error at once, not after a "started" log line.  Raises
+    ``OSError`` whose message names the address.
+    """
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM
+        )[0]
+    except socket.gaierror as exc:
+        raise OSError(f"--host {host!r}: {exc.strerror}") from exc
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(address)
+    except OSError as exc:
+        sock.close()
+        raise OSError(f"cannot listen on {host}:{port}: {exc.strerror}") from exc
+    sock.set_inheritable(True)
+    return sock
+
+
 def _help(parser: argparse.ArgumentParser) -> int:
     parser.print_help()
     return 2
@@ -134,15 +170,24 @@ def run_service(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"sampleflow model-service: {exc}", file=sys.stderr)
         return 2
-    app = create_app(config.registry(), max_rows=config.max_rows)
-    uvicorn.run(
-        app,
-        host=args.host,
-        port=args.port,
-        log_level="warning",
-        access_log=False,
-        workers=1,
-    )
+    try:
+        sock = listen_socket(args.host, args.port)
+    except OSError as exc:
+        print(f"sampleflow model-service run: error: {exc}", file=sys.stderr)
+        return 1
+    with sock:
+        app = create_app(config.registry(), max_rows=config.max_rows)
+        server = uvicorn.Server(
+            uvicorn.Config(
+                app,
+                host=args.host,
+                port=args.port,
+                log_level="warning",
+                access_log=False,
+                workers=1,
+            )
+        )
+        server.run(sockets=[sock])
     return 0
 
 
