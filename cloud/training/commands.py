@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -164,6 +165,11 @@ def _rate_list(text: str) -> list[int]:
     return rates
 
 
+def _fail(action: str, message: str) -> int:
+    print(f"sampleflow models {action}: error: {message}", file=sys.stderr)
+    return 1
+
+
 def run_train(args: argparse.Namespace) -> int:
     """``models train``: see the parser description."""
     from cloud.training.autoencoder import (  # noqa: PLC0415 - needs TF
@@ -203,20 +209,29 @@ def run_train(args: argparse.Namespace) -> int:
 
 def run_evaluate(args: argparse.Namespace) -> int:
     """``models evaluate``: see the parser description."""
+    from cloud.training import cicids, ctu13  # noqa: PLC0415
     from cloud.training.evaluate import evaluate_models  # noqa: PLC0415
     from cloud.training.report import markdown_tables  # noqa: PLC0415
     from cloud.training.train import json_safe  # noqa: PLC0415
+    from edge_agent.filter.model import ModelLoadError  # noqa: PLC0415
 
     rates: list[int | None] = list(args.rates) if args.rates else [args.rate]
-    results = evaluate_models(
-        args.manifest,
-        rates,
-        seed=args.seed,
-        n_seeds=args.seeds,
-        period=args.period,
-        dataset=args.dataset,
-        dataset_dir=args.data,
-    )
+    try:
+        results = evaluate_models(
+            args.manifest,
+            rates,
+            seed=args.seed,
+            n_seeds=args.seeds,
+            period=args.period,
+            dataset=args.dataset,
+            dataset_dir=args.data,
+        )
+    except ModelLoadError as exc:
+        return _fail("evaluate", str(exc))
+    except ctu13.DatasetNotFoundError as exc:
+        return _fail("evaluate", f"{exc} (pass --data FOLDER or set {ctu13.ENV_DIR})")
+    except cicids.DatasetNotFoundError as exc:
+        return _fail("evaluate", f"{exc} (pass --data FOLDER or set {cicids.ENV_DIR})")
     payload: Any = results[0] if len(results) == 1 else results
     text = json.dumps(json_safe(payload), indent=2, allow_nan=False)
     if args.json is not None:
