@@ -118,10 +118,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     local.add_argument("model", type=Path)
     local.add_argument("manifest", type=Path)
     args = parser.parse_args(argv)
-    config = ModelSyncConfig.load(args.config)
+    prog = f"{parser.prog} {args.command}"
+    try:
+        config = ModelSyncConfig.load(args.config)
+    except OSError as exc:
+        print(
+            f"{prog}: error: cannot read --config {args.config}: {exc.strerror or exc}",
+            file=sys.stderr,
+        )
+        return 2
+    except ValueError as exc:
+        # ModelSyncConfigError names the key; a JSON or TOML syntax error
+        # says where in the file.
+        print(f"{prog}: error: --config {args.config}: {exc}", file=sys.stderr)
+        return 2
     if args.command == "run":
         return _run(config)
-    return _install_local(config, args.model, args.manifest)
+    try:
+        return _install_local(config, args.model, args.manifest)
+    except OSError as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":
