@@ -215,6 +215,7 @@ def _add_output_arguments(run: argparse.ArgumentParser) -> None:
     )
     run.add_argument(
         "--mongo-uri",
+        type=_mongo_uri,
         default=LOCAL_MONGO_URI,
         help="MongoDB/DocumentDB URI for detections and estimates "
         f"(default {LOCAL_MONGO_URI})" + off,
@@ -302,6 +303,16 @@ def status_command(args: argparse.Namespace) -> int:
 
 def _off(value: str | None) -> str | None:
     return None if value is None or value.lower() in {"", "none", "off"} else value
+
+
+def _mongo_uri(text: str) -> str:
+    """``--mongo-uri``: off, or a URI of a scheme pymongo takes (it checks
+    the rest when the engine connects)."""
+    if _off(text) is None or text.startswith(("mongodb://", "mongodb+srv://")):
+        return text
+    raise argparse.ArgumentTypeError(
+        f"{text!r} is not a mongodb:// or mongodb+srv:// URI (or 'none')"
+    )
 
 
 def _networks(args: argparse.Namespace) -> tuple[tuple[str, tuple[str, ...]], ...]:
