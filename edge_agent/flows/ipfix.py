@@ -84,7 +84,22 @@ class IpfixDecoder(TemplatedDecoder):
                     self.sequences.check(
                         plan.domain_key, seq, plan.sequence_units, counters
                     )
-                self._queue(plan, payload, counters, batch)
+                payloads = plan.payloads
+                if (
+                    payloads
+                    and plan.rate_generation == self.sampling.generation
+                    and plan.context_generation == self.init_generation
+                ):
+                    # _queue's usual case in line: more of a plan already
+                    # queued, rate and init time unchanged.
+                    planned = plan.records
+                    counters.records += planned
+                    counters.templates_received += plan.templates_received
+                    payloads.append(payload)
+                    plan.starts.append(batch.total)
+                    batch.total += planned
+                else:
+                    self._queue(plan, payload, counters, batch)
                 if plan.options_after:
                     self._announce(plan.options_after, payload, counters, batch)
                 return

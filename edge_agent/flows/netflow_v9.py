@@ -605,7 +605,22 @@ class NetflowV9Decoder(TemplatedDecoder):
                     stream.last_records = units
                 else:
                     self.sequences.check_v9(plan.domain_key, seq, units, counters)
-                self._queue(plan, payload, counters, batch)
+                payloads = plan.payloads
+                if (
+                    payloads
+                    and plan.rate_generation == self.sampling.generation
+                    and plan.context_generation == self.init_generation
+                ):
+                    # _queue's usual case in line: more of a plan already
+                    # queued, rate and init time unchanged.
+                    records = plan.records
+                    counters.records += records
+                    counters.templates_received += plan.templates_received
+                    payloads.append(payload)
+                    plan.starts.append(batch.total)
+                    batch.total += records
+                else:
+                    self._queue(plan, payload, counters, batch)
                 if plan.options_after:
                     self._announce(plan.options_after, payload, counters, batch)
                 return
