@@ -33,7 +33,7 @@ import pytest
 
 from cloud.local.capture import choose_shift_ms
 from cloud.local.results import micro_batches, totals_from_windows, tumbling
-from tests.servers import free_port
+from tests.servers import MiniStack, free_port
 from tests.test_local_stack import alive, free_udp_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -281,3 +281,51 @@ def test_micro_batches_read_from_the_highest_batch_ids(tmp_path: Path) -> None:
         (folder / f".{ids[-1]}.crc").write_text("")
     assert micro_batches(tmp_path) == (250, 251)
     assert micro_batches(tmp_path / "missing") == (0, 0)
+
+
+def test_demo_names_the_part_of_a_running_stack_that_is_down(
+    tmp_path: Path, ministack: MiniStack
+) -> None:
+    """A recorded local stack whose MiniStack still runs but whose other
+    parts are gone (the relay killed, say): the demo does not use it; it
+    exits 1 naming each part that is down and how to restart."""
+    assert ministack.process is not None
+    pid = ministack.process.pid
+    # /proc/PID/stat field 22: start time in clock ticks (proc(5)).
+    start_ticks = int(
+        Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    )
+    state_dir = tmp_path / "stack"
+    state_dir.mkdir()
+    (state_dir / "stack.json").write_text(
+        json.dumps(
+            {
+                "state_dir": str(state_dir),
+                "settings": {"ministack_port": ministack.port},
+                "parts": [
+                    {
+                        "name": "ministack",
+                        "pid": pid,
+                        "start_ticks": start_ticks,
+                        "ports": [],
+                        "log": "",
+                    }
+                ],
+            }
+        )
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "edge_agent.cli", "demo", "--state-dir", str(state_dir)],
+        capture_output=True,
+        check=False,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+        stdin=subprocess.DEVNULL,
+    )
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "using the running local stack" not in result.stdout
+    assert "relay: not running" in result.stderr
+    assert "ministack" not in result.stderr.split("not all of it:")[1].split(";")[0]
+    assert "`sampleflow local down` then `sampleflow local up`" in result.stderr
+    assert alive(pid)

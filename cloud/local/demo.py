@@ -40,9 +40,12 @@ import threading
 import time
 import urllib.request
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from cloud.local.stack import LocalStack
 
 DESCRIPTION = __doc__ or ""
 
@@ -147,13 +150,7 @@ def main(args: argparse.Namespace, settings: Any, stop: threading.Event) -> int:
     started_here = False
     try:
         if stack.running_parts():
-            unhealthy = [s for s in stack.status() if s.running and not s.healthy]
-            if unhealthy:
-                raise DemoError(
-                    "the local stack is running but not healthy ("
-                    + ", ".join(f"{s.name}: {s.detail}" for s in unhealthy)
-                    + "); see `sampleflow local status`"
-                )
+            check_running_stack(stack)
             print(f"using the running local stack in {stack.state_dir}")
         else:
             print(f"starting the local stack in {stack.state_dir}")
@@ -194,6 +191,29 @@ def main(args: argparse.Namespace, settings: Any, stop: threading.Event) -> int:
             except StackError as exc:
                 print(f"sampleflow demo: {exc}", file=sys.stderr)
     return 0
+
+
+def check_running_stack(stack: LocalStack) -> None:
+    """Raise :class:`DemoError` naming each part of a running stack that is
+    down (its process gone: killed, crashed) or unhealthy, with how to
+    restart; parts this install cannot run are left out (``local up``
+    skips them too)."""
+    available = {p.name for p in stack.parts() if p.unavailable is None}
+    bad = [
+        s
+        for s in stack.status()
+        if s.name in available and not (s.running and s.healthy)
+    ]
+    if bad:
+        raise DemoError(
+            f"the local stack in {stack.state_dir} is running, but not all of "
+            "it: "
+            + ", ".join(f"{s.name}: {s.detail}" for s in bad)
+            + "; restart it with `sampleflow local down` then `sampleflow local "
+            "up` (logs in "
+            + str(stack.logs_dir)
+            + "; `sampleflow local status` shows each part)"
+        )
 
 
 class _Progress:
