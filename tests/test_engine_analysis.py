@@ -15,6 +15,7 @@ import pytest
 
 from cloud.engine import hostwindows, network
 from cloud.engine.config import ConfigError, EngineConfig, tenant_networks
+from cloud.engine.scoring import Hysteresis
 from cloud.engine.sinks import DeferringSink, MemorySink, WindowEstimate
 from cloud.engine.store import Bucket, HostWindowSet, SqliteStore
 from cloud.engine.tenants import TenantBatch
@@ -208,6 +209,48 @@ def test_bucket_blobs_read_back_alike_from_memory_and_disk(tmp_path: Path) -> No
     again.close()
 
 
+def test_hysteresis_needs_k_of_the_last_n_windows(tmp_path: Path) -> None:
+    """With 2 of 3 (windows a minute apart) an alerting window raises a
+    detection only if one of the host's two windows before alerted too,
+    counted across calls (micro-batches), a restart and per tenant; with
+    1 of 1 every alerting window does."""
+    m = 60_000
+    a, b = _addr("10.0.0.1"), _addr("10.0.0.2")
+    rule = Hysteresis(k=2, n=3, slide_ms=m)
+    store = SqliteStore(tmp_path / "state.sqlite")
+    got = rule.apply(
+        store,
+        "t",
+        np.array([a, a, b, a], dtype="V16"),
+        np.array([0, m, 2 * m, 2 * m]),
+        np.array([True, True, True, False]),
+    )
+    # a@0: alone in {-2m, -m, 0}; a@1: a@0 and a@1; b@2: alone; a@2: below.
+    assert got.tolist() == [False, True, False, False]
+    store.close()
+    again = SqliteStore(tmp_path / "state.sqlite")  # a restart
+    got = rule.apply(
+        again,
+        "t",
+        np.array([a, a, a], dtype="V16"),
+        np.array([3 * m, 5 * m, 8 * m]),
+        np.array([True, True, True]),
+    )
+    # a@3: a@1 and a@3 in {1, 2, 3}; a@5: a@3, a@5; a@8: alone in {6, 7, 8}.
+    assert got.tolist() == [True, True, False]
+    got = rule.apply(
+        again, "u", np.array([a], dtype="V16"), np.array([9 * m]), np.array([True])
+    )
+    assert got.tolist() == [False]  # tenant t's windows do not count for u
+    every = Hysteresis(k=1, n=1, slide_ms=m)
+    flags = np.array([True, False, True])
+    got = every.apply(
+        again, "t", np.array([a, a, b], dtype="V16"), np.array([0, m, 2 * m]), flags
+    )
+    assert got.tolist() == [True, False, True]
+    again.close()
+
+
 def test_tenant_figures_by_hand() -> None:
     """Effective rate is scaled over sampled packets for known rates;
     exporters keep their latest flow end; relays their latest batch."""
@@ -246,6 +289,8 @@ def test_per_tenant_networks_and_bad_settings(tmp_path: Path) -> None:
         EngineConfig("s", str(tmp_path), detections="some")
     with pytest.raises(ConfigError, match="feature_slide_s"):
         EngineConfig("s", str(tmp_path), feature_window_s=60, feature_slide_s=120)
+    with pytest.raises(ConfigError, match="alert_k"):
+        EngineConfig("s", str(tmp_path), alert_k=3, alert_n=2)
 
 
 def test_a_replay_closes_its_windows_again(tmp_path: Path) -> None:

@@ -264,6 +264,9 @@ def _config(
         "mongo_uri": servers.mongo.uri,
         "mongo_database": database,
         "score_retry_s": 0.0,
+        # Every alerting window (hysteresis has its own test).
+        "alert_k": 1,
+        "alert_n": 1,
         "tenant_networks": tenant_networks(
             {TENANT: INTERNAL, "acme": ("147.32.84.0/24",)}
         ),
@@ -590,6 +593,10 @@ def test_engine_command_wires_the_real_outputs(
             "none",
             "--tenant-networks",
             f"{TENANT}={','.join(INTERNAL)}",
+            "--alert-k",
+            "1",
+            "--alert-n",
+            "1",
         ],
         capture_output=True,
         text=True,

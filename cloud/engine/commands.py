@@ -254,6 +254,18 @@ def _add_output_arguments(run: argparse.ArgumentParser) -> None:
         help="store alerting windows only, or every scored window",
     )
     run.add_argument(
+        "--alert-k",
+        type=int,
+        default=2,
+        help="detections need K of a host's last N windows alerting (default 2)",
+    )
+    run.add_argument(
+        "--alert-n",
+        type=int,
+        default=3,
+        help="the N of --alert-k (default 3; 1 and 1: every alerting window)",
+    )
+    run.add_argument(
         "--score-retry",
         type=float,
         default=10.0,
@@ -379,6 +391,8 @@ def run_command(args: argparse.Namespace) -> int:
             metrics_namespace=_off(args.metrics_namespace),
             aws_endpoint_url=args.aws_endpoint_url,
             detections=args.detections,
+            alert_k=args.alert_k,
+            alert_n=args.alert_n,
             score_retry_s=args.score_retry,
             status_address=args.status_address,
             status_port=args.status_port,

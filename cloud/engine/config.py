@@ -51,6 +51,10 @@ class EngineConfig:
     bounds each store call (server selection, connect, operation).
     ``status_port`` (None: off; 0: any free port) serves ``/metrics`` and
     ``/healthz`` on ``status_address`` (:mod:`cloud.engine.health`).
+    Alert hysteresis: a host window at or above the alert threshold is a
+    detection only when ``alert_k`` of the host's last ``alert_n`` feature
+    windows (it included, ``feature_slide_s`` apart) were; 1 and 1: every
+    alerting window.
     """
 
     stream_name: str
@@ -87,6 +91,8 @@ class EngineConfig:
     score_retry_s: float = 10.0
     status_address: str = "127.0.0.1"
     status_port: int | None = None
+    alert_k: int = 2
+    alert_n: int = 3
 
     def networks_for(self, tenant_id: str) -> InternalNetworks:
         """The tenant's internal networks, parsed (cached)."""
@@ -152,6 +158,11 @@ class EngineConfig:
             raise ConfigError(
                 f"status_port must be in 0..65535 (0: any free port), got "
                 f"{self.status_port}"
+            )
+        if not 1 <= self.alert_k <= self.alert_n:
+            raise ConfigError(
+                f"need 1 <= alert_k <= alert_n, got alert_k {self.alert_k}, "
+                f"alert_n {self.alert_n}"
             )
         if self.trigger_interval_s <= 0:
             raise ConfigError(

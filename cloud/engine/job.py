@@ -58,7 +58,7 @@ from cloud.engine.metrics import (
     LogPublisher,
     MetricsPublisher,
 )
-from cloud.engine.scoring import HostWindowScorer
+from cloud.engine.scoring import HostWindowScorer, Hysteresis
 from cloud.engine.sinks import (
     DeferringSink,
     EstimateSink,
@@ -521,6 +521,9 @@ def build_outputs(
             detection_store,
             only_alerts=config.detections == "alerts",
             retry_after_s=config.score_retry_s,
+            hysteresis=Hysteresis(
+                config.alert_k, config.alert_n, config.feature_slide_s * 1000
+            ),
         )
     tenant_state = None
     if config.state_table:

@@ -19,9 +19,15 @@ upserts them; only then are the rows forgotten.
 
 Detections are keyed (tenant, host, window, model version), so writing one
 again after a crash between the upsert and forgetting the rows changes
-nothing.  Known shortcoming: no alert hysteresis across windows (docs/
-models.md, 2 of 3 windows); every window scoring at or above the alert
-threshold is a detection.
+nothing.
+
+Hysteresis (:class:`Hysteresis`): a window at or above the alert threshold
+becomes a detection only when ``k`` of the host's last ``n`` feature
+windows (it included) were, docs/models.md's 2 of 3 by default.  The
+windows that alerted are noted in the store, so the count spans
+micro-batches and restarts.  Known shortcoming: only the raising rule;
+an alert does not stay up until ``n`` windows fall below the clear
+threshold (the offline :func:`edge_agent.features.scoring.hysteresis`).
 """
 
 from __future__ import annotations
@@ -64,6 +70,48 @@ class RowScorer(Protocol):
         hosts: Sequence[str] | None = None,
         window_starts_ms: np.ndarray | None = None,
     ) -> ScoreResult: ...
+
+
+@dataclass(frozen=True)
+class Hysteresis:
+    """K-of-N alert raising over a host's feature windows ``slide_ms``
+    apart (``k`` = ``n`` = 1: every alerting window)."""
+
+    k: int = 2
+    n: int = 3
+    slide_ms: int = 60_000
+
+    def apply(
+        self,
+        store: SqliteStore,
+        tenant_id: str,
+        hosts: np.ndarray,
+        window_starts_ms: np.ndarray,
+        alert: np.ndarray,
+    ) -> np.ndarray:
+        """Which rows raise a detection: at or above the threshold
+        (``alert``) with ``k`` of the host's last ``n`` windows so.  Notes
+        the alerting rows in ``store`` first, so rows of one call count
+        for each other and for later calls."""
+        alert = np.asarray(alert, dtype=bool)
+        if self.k == 1 or not alert.any():
+            return alert.copy()
+        starts = np.asarray(window_starts_ms, dtype=np.int64)
+        idx = np.flatnonzero(alert)
+        store.record_alerts(tenant_id, hosts[idx], starts[idx])
+        span = (self.n - 1) * self.slide_ms
+        seen = store.alerts_since(tenant_id, int(starts[idx].min()) - span)
+        raw = np.ascontiguousarray(hosts, dtype="V16").tobytes()
+        out = np.zeros(alert.shape, dtype=bool)
+        for i in idx.tolist():
+            host, start = raw[16 * i : 16 * i + 16], int(starts[i])
+            count = sum(
+                (host, start - j * self.slide_ms) in seen for j in range(self.n)
+            )
+            out[i] = count >= self.k
+        # Later windows look back at most n - 1 slides from their start.
+        store.forget_alerts(tenant_id, int(starts.max()) - span)
+        return out
 
 
 @dataclass
@@ -109,6 +157,7 @@ class HostWindowScorer:
         retry_after_s: float = 10.0,
         max_rows: int = 100_000,
         clock: Callable[[], float] = time.monotonic,
+        hysteresis: Hysteresis | None = None,
     ) -> None:
         self.store = store
         self.client = client
@@ -117,6 +166,7 @@ class HostWindowScorer:
         self.retry_after_s = retry_after_s
         self.max_rows = max_rows
         self.clock = clock
+        self.hysteresis = hysteresis or Hysteresis(k=1, n=1)
         self.counters = ScorerCounters()
         self._retry_at = 0.0
         self._indexes_ready = False
@@ -173,8 +223,9 @@ class HostWindowScorer:
             log.warning("scoring_rejected", tenant=tenant, rows=n, rule=exc.rule)
             self.store.finish_host_windows(sets, rule=exc.rule)
             return True
+        alert = self.hysteresis.apply(self.store, tenant, hosts, starts, result.alert)
         # Only the rows kept become documents: format their hosts alone.
-        keep = np.flatnonzero(result.alert) if self.only_alerts else np.arange(n)
+        keep = np.flatnonzero(alert) if self.only_alerts else np.arange(n)
         found = detections_from_scores(
             tenant_id=tenant,
             hosts=host_texts(hosts[keep]),
@@ -184,7 +235,7 @@ class HostWindowScorer:
             feature_values=x[keep],
             scores=result.scores[keep],
             threat_classes=[result.classes[i] for i in keep.tolist()],
-            alerts=result.alert[keep],
+            alerts=alert[keep],
             loss_names=result.loss_names,
             losses=np.nan_to_num(result.losses[keep], nan=-np.inf),
             model_versions=[result.model_versions[i] for i in keep.tolist()],

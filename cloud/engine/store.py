@@ -219,6 +219,12 @@ CREATE TABLE IF NOT EXISTS host_windows (
     PRIMARY KEY (tenant_id, window_start_ms)
 );
 CREATE INDEX IF NOT EXISTS host_windows_status ON host_windows (status);
+CREATE TABLE IF NOT EXISTS host_alerts (
+    tenant_id TEXT NOT NULL,
+    host BLOB NOT NULL,
+    window_start_ms INTEGER NOT NULL,
+    PRIMARY KEY (tenant_id, host, window_start_ms)
+);
 CREATE TABLE IF NOT EXISTS invalid_records (
     micro_batch INTEGER NOT NULL,
     shard_id TEXT NOT NULL,
@@ -670,6 +676,41 @@ class SqliteStore:
                     "tenant_id = ? AND window_start_ms = ?",
                     [(HOST_REJECTED, rule, *k) for k in keys],
                 )
+
+    def record_alerts(
+        self, tenant_id: str, hosts: np.ndarray, window_starts_ms: np.ndarray
+    ) -> None:
+        """Note host windows (``V16`` hosts) that scored at or above the
+        alert threshold, for hysteresis (writing one again changes
+        nothing)."""
+        raw = np.ascontiguousarray(hosts, dtype="V16").tobytes()
+        rows = [
+            (tenant_id, raw[16 * i : 16 * i + 16], int(start))
+            for i, start in enumerate(np.asarray(window_starts_ms).tolist())
+        ]
+        with self._db:
+            self._db.execute("BEGIN")
+            self._db.executemany(
+                "INSERT OR IGNORE INTO host_alerts VALUES (?, ?, ?)", rows
+            )
+
+    def alerts_since(self, tenant_id: str, since_ms: int) -> set[tuple[bytes, int]]:
+        """(host bytes, window start) of the tenant's noted alerts from
+        ``since_ms`` on."""
+        rows = self._db.execute(
+            "SELECT host, window_start_ms FROM host_alerts WHERE tenant_id = ? "
+            "AND window_start_ms >= ?",
+            (tenant_id, since_ms),
+        ).fetchall()
+        return {(bytes(h), int(s)) for h, s in rows}
+
+    def forget_alerts(self, tenant_id: str, before_ms: int) -> None:
+        """Forget the tenant's noted alerts of windows before ``before_ms``."""
+        with self._db:
+            self._db.execute(
+                "DELETE FROM host_alerts WHERE tenant_id = ? AND window_start_ms < ?",
+                (tenant_id, before_ms),
+            )
 
     def count_host_windows(self, status: int = HOST_PENDING) -> int:
         """How many host rows are in ``status``."""
