@@ -196,6 +196,14 @@ def test_status_into_a_closed_pipe_exits_quietly() -> None:
 # -- errors fixed where they arise -----------------------------------------------
 
 
+def test_status_of_a_relay_that_does_not_answer() -> None:
+    """relay status of a closed port: one line naming the URL, exit 1."""
+    result = sampleflow("relay", "status", "--url", "http://127.0.0.1:1")
+    assert result.returncode == 1
+    line = assert_one_line(result, "sampleflow relay status: error: ")
+    assert "cannot read http://127.0.0.1:1/metrics" in line
+
+
 def test_status_with_a_url_that_is_not_one() -> None:
     """relay status --url notaurl is a usage error (2) naming the URL."""
     result = sampleflow("relay", "status", "--url", "notaurl")
@@ -339,7 +347,7 @@ def relay_error(result: subprocess.CompletedProcess[str]) -> str:
     plain = [
         line
         for line in result.stderr.splitlines()
-        if line.startswith("sampleflow relay run")
+        if line.startswith("sampleflow relay run: error: ")
     ]
     assert len(plain) == 1, result.stderr
     logged = [json.loads(x) for x in result.stderr.splitlines() if x.startswith("{")]

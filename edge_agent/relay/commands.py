@@ -155,7 +155,7 @@ def run_relay(args: argparse.Namespace) -> int:
         return 2
     except (CollectorError, SpoolError, OSError) as exc:
         structlog.get_logger(__name__).error("relay_failed", error=str(exc))
-        print(f"sampleflow relay run: {exc}", file=sys.stderr)
+        print(f"sampleflow relay run: error: {exc}", file=sys.stderr)
         return 1
     return 0
 
@@ -256,7 +256,7 @@ def relay_status(args: argparse.Namespace) -> int:
             text = response.read().decode()
     except (urllib.error.URLError, OSError) as exc:
         print(
-            f"sampleflow relay status: cannot read {url}: {exc} "
+            f"sampleflow relay status: error: cannot read {url}: {exc} "
             "(is the relay running, with metrics enabled?)",
             file=sys.stderr,
         )
