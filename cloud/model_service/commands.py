@@ -168,7 +168,7 @@ def run_service(args: argparse.Namespace) -> int:
     try:
         config = config_from_args(args)
     except ConfigError as exc:
-        print(f"sampleflow model-service: {exc}", file=sys.stderr)
+        print(f"sampleflow model-service run: error: {exc}", file=sys.stderr)
         return 2
     try:
         sock = listen_socket(args.host, args.port)
