@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import select
 import sys
 from collections.abc import Sequence
 from importlib.metadata import entry_points
@@ -167,6 +168,24 @@ def _describe_mongo_error(exc: BaseException) -> str | None:
     return None
 
 
+def _stdout_broken() -> bool:
+    """Whether stdout is a pipe whose reader has gone.
+
+    A BrokenPipeError may come from a socket too; only the one of stdout is
+    the quiet ``| head`` case.  Linux reports a pipe without readers as
+    POLLERR on its write end.
+    """
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):
+        return False
+    poller = select.poll()
+    poller.register(fd, select.POLLOUT)
+    return any(
+        events & (select.POLLERR | select.POLLHUP) for _, events in poller.poll(0)
+    )
+
+
 def _stdout_closed() -> int:
     """The reader of stdout went away (``| head``): exit quietly.  Python
     flushes stdout again at exit; pointing it at /dev/null keeps that flush
@@ -193,9 +212,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         result = func(args)
         sys.stdout.flush()
-    except BrokenPipeError:
-        return _stdout_closed()
     except Exception as exc:
+        if isinstance(exc, BrokenPipeError) and _stdout_broken():
+            return _stdout_closed()
         message = None if debug else describe_error(exc, func)
         if message is None:
             raise
