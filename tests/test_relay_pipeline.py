@@ -36,7 +36,12 @@ from edge_agent.features import FEATURE_NAMES
 from edge_agent.flows.schema import address_bytes, address_text
 from edge_agent.modelsync.installer import rows_from_npz
 from edge_agent.relay.commands import print_status, read_metrics
-from edge_agent.relay.config import MIN_SPOOL_BYTES, Settings, load_settings
+from edge_agent.relay.config import (
+    MIN_SPOOL_BYTES,
+    ConfigError,
+    Settings,
+    load_settings,
+)
 from edge_agent.relay.partition import partition_key
 from edge_agent.relay.pipeline import RelayPipeline, split_by_exporter
 from edge_agent.spool import Spool
@@ -666,3 +671,41 @@ def test_health_is_false_before_start(tmp_path: Path) -> None:
     healthy, details = pipeline.health()
     assert healthy is False
     assert details["listening"] == []
+
+
+@pytest.mark.parametrize("major", [1, 2])
+def test_relay_writes_the_configured_wire_format(tmp_path: Path, major: int) -> None:
+    """relay.wire_format chooses the version written: each batch starts with
+    the preamble 'SFB' + that version byte (docs/wire-format.md) and reads
+    back to the same rows."""
+    settings = relay_settings(
+        tmp_path,
+        SAMPLEFLOW_RELAY_WIRE_FORMAT=str(major),
+        SAMPLEFLOW_FILTER_ENABLED="false",
+        SAMPLEFLOW_METRICS_ENABLED="false",
+    )
+    pipeline = RelayPipeline(settings)
+    rows = np.zeros(3, dtype=AGG_DTYPE)
+    rows["exporter"] = np.void(address_bytes("192.0.2.1"))
+    rows["src_port"] = [53, 80, 443]
+    rows["bytes"] = [100, 2000, 30000]
+    rows["flow_count"] = 1
+    window = AggregatedWindow(0, 10_000, rows, FlushReason.CLOSED)
+    seqs = iter(range(1, 100))
+    groups = list(pipeline.window_encoder.encode(window, lambda: next(seqs)))
+    batches = [b for g in groups for b in g.batches]
+    assert batches
+    assert all(b.data[:4] == b"SFB" + bytes([major]) for b in batches)
+    decoded = [decode_batch(b.data) for b in batches]
+    assert sorted(int(p) for d in decoded for p in d.columns["src_port"]) == [
+        53,
+        80,
+        443,
+    ]
+    assert sum(int(b) for d in decoded for b in d.columns["bytes"]) == 32100
+
+
+def test_unknown_wire_format_is_refused() -> None:
+    """A wire format no reader knows stops loading, naming key and choices."""
+    with pytest.raises(ConfigError, match=r"relay.wire_format=3 .*must be one of 1, 2"):
+        load_settings(None, {"SAMPLEFLOW_RELAY_WIRE_FORMAT": "3"})

@@ -41,6 +41,7 @@ from edge_agent.relay.partition import PARTITION_SCHEMES
 from edge_agent.ship.config import ShipperConfig, ShipperConfigError
 from edge_agent.spool import FULL_POLICIES
 from edge_agent.spool import fileformat as spool_fileformat
+from edge_agent.wire.batch import READ_MAJORS
 from edge_agent.wire.limits import KINESIS_MAX_RECORD_BYTES
 
 ENV_PREFIX = "SAMPLEFLOW_"
@@ -120,6 +121,9 @@ class RelaySettings:
     log_level: str = "info"
     #: json (one object per line, for log shippers) or console (people)
     log_format: str = "json"
+    #: batch wire format version written (docs/wire-format.md); 1 for as
+    #: long as some reader of the stream knows only version 1
+    wire_format: int = 2
 
     def __post_init__(self) -> None:
         if self.tenant_id is not None:
@@ -127,6 +131,12 @@ class RelaySettings:
         _check_id("relay.relay_id", self.relay_id)
         _check_choice("relay.log_level", self.log_level, LOG_LEVELS)
         _check_choice("relay.log_format", self.log_format, LOG_FORMATS)
+        if self.wire_format not in READ_MAJORS:
+            raise ConfigError(
+                "relay.wire_format",
+                self.wire_format,
+                f"must be one of {', '.join(map(str, READ_MAJORS))}",
+            )
 
 
 @dataclass(frozen=True)

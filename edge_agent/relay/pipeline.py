@@ -140,6 +140,7 @@ class RelayPipeline:
             settings.relay.relay_id,
             settings.kinesis.partition_key,
             self.filter,
+            format_major=settings.relay.wire_format,
         )
         self.encode_stats = EncodeStats()
         self.spool: Spool | None = None
