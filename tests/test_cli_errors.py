@@ -328,16 +328,18 @@ def test_modelsync_agent_with_a_bad_config(tmp_path: Path, content: str | None) 
 def relay_env(tmp_path: Path, **settings: str) -> dict[str, str]:
     """A relay that binds only loopback and ships nowhere reachable."""
     return clean_env(
-        **DUMMY_AWS_ENV,
-        SAMPLEFLOW_RELAY_TENANT_ID="acme",
-        SAMPLEFLOW_RELAY_STATE_DIR=str(tmp_path / "state"),
-        SAMPLEFLOW_RELAY_LOG_FORMAT="json",
-        SAMPLEFLOW_COLLECTOR_LISTEN_ADDRESSES="127.0.0.1",
-        SAMPLEFLOW_COLLECTOR_PORTS="0",
-        SAMPLEFLOW_FILTER_ENABLED="false",
-        SAMPLEFLOW_KINESIS_REGION="us-east-1",
-        SAMPLEFLOW_KINESIS_ENDPOINT_URL="http://127.0.0.1:9",
-        **settings,
+        **{
+            **DUMMY_AWS_ENV,
+            "SAMPLEFLOW_RELAY_TENANT_ID": "acme",
+            "SAMPLEFLOW_RELAY_STATE_DIR": str(tmp_path / "state"),
+            "SAMPLEFLOW_RELAY_LOG_FORMAT": "json",
+            "SAMPLEFLOW_COLLECTOR_LISTEN_ADDRESSES": "127.0.0.1",
+            "SAMPLEFLOW_COLLECTOR_PORTS": "0",
+            "SAMPLEFLOW_FILTER_ENABLED": "false",
+            "SAMPLEFLOW_KINESIS_REGION": "us-east-1",
+            "SAMPLEFLOW_KINESIS_ENDPOINT_URL": "http://127.0.0.1:9",
+            **settings,
+        }
     )
 
 
@@ -385,3 +387,24 @@ def test_relay_spool_dir_that_is_a_file_names_the_setting(tmp_path: Path) -> Non
     assert result.returncode == 1
     line = relay_error(result)
     assert f"spool.dir='{spool}': {spool} is a file, not a directory" in line
+
+
+def test_relay_udp_port_in_use_names_the_settings(tmp_path: Path) -> None:
+    """relay run with a collector port held by another UDP socket exits 1
+    naming the port and the collector settings to change."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as held:
+        held.bind(("127.0.0.1", 0))
+        port = int(held.getsockname()[1])
+        result = sampleflow(
+            "relay",
+            "run",
+            env=relay_env(
+                tmp_path,
+                SAMPLEFLOW_COLLECTOR_PORTS=str(port),
+                SAMPLEFLOW_METRICS_ENABLED="false",
+            ),
+        )
+    assert result.returncode == 1
+    line = relay_error(result)
+    assert f"port {port}" in line
+    assert "collector.ports" in line

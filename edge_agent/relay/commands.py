@@ -153,7 +153,15 @@ def run_relay(args: argparse.Namespace) -> int:
     except ModelSyncSetupError as exc:
         print(f"sampleflow relay run: configuration error: {exc}", file=sys.stderr)
         return 2
-    except (CollectorError, SpoolError, OSError) as exc:
+    except CollectorError as exc:
+        structlog.get_logger(__name__).error("relay_failed", error=str(exc))
+        print(
+            f"sampleflow relay run: error: {exc} "
+            "(settings collector.listen_addresses, collector.ports)",
+            file=sys.stderr,
+        )
+        return 1
+    except (SpoolError, OSError) as exc:
         structlog.get_logger(__name__).error("relay_failed", error=str(exc))
         print(f"sampleflow relay run: error: {exc}", file=sys.stderr)
         return 1
