@@ -8,6 +8,7 @@ they were before compaction.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +22,7 @@ from cloud.engine.store import Bucket, HostWindowSet, SqliteStore
 from cloud.engine.tenants import TenantBatch
 from cloud.engine.transform import PAYLOAD_DTYPE
 from cloud.store.detections import StoreUnavailableError
-from edge_agent.features import host_window_features
+from edge_agent.features import InternalNetworks, host_window_features
 from edge_agent.flows.schema import address_bytes
 
 
@@ -105,7 +106,7 @@ def test_compaction_keeps_every_feature() -> None:
     assert len(compacted) == len(ROWS)
     assert int(compacted["bytes"].sum()) == int(rows["bytes"].sum())
     assert int(compacted["flow_count"].sum()) == len(rows)
-    nets = ["10.0.0.0/8"]
+    nets = InternalNetworks.parse(("10.0.0.0/8",))
     before = {n: rows[n] for n in PAYLOAD_DTYPE.names or ()}
     before["time_start"] = np.zeros(len(rows), dtype=np.int64)
     want = host_window_features(before, nets, 300)
@@ -158,7 +159,24 @@ def test_closing_a_window_and_its_rows_is_one_idempotent_step(tmp_path: Path) ->
 
 def _estimate(start: int) -> WindowEstimate:
     return WindowEstimate(
-        "t", start, start + 60_000, False, 0.95, *([1.0] * 8), 1, 1, 0, 0.0, 0.0
+        tenant_id="t",
+        window_start_ms=start,
+        window_end_ms=start + 60_000,
+        final=False,
+        confidence=0.95,
+        packets=1.0,
+        packets_low=1.0,
+        packets_high=1.0,
+        bytes=1.0,
+        bytes_low=1.0,
+        bytes_high=1.0,
+        sampled_packets=1.0,
+        sampled_bytes=1.0,
+        flows=1,
+        rows=1,
+        unknown_rate_rows=0,
+        unknown_rate_packets=0.0,
+        unknown_rate_bytes=0.0,
     )
 
 
@@ -167,7 +185,7 @@ class _DownStore:
         self.down = True
         self.inner = MemorySink()
 
-    def write(self, estimates: list[WindowEstimate]) -> None:
+    def write(self, estimates: Sequence[WindowEstimate]) -> None:
         if self.down:
             raise StoreUnavailableError("down")
         self.inner.write(estimates)
