@@ -30,7 +30,7 @@ from cloud.engine.estimates import (
     sum_statistics,
     z_for,
 )
-from cloud.engine.job import start_engine
+from cloud.engine.job import MicroBatchProcessor, start_engine
 from cloud.engine.metrics import LogPublisher
 from cloud.engine.sinks import MemorySink, WindowEstimate
 from cloud.engine.spark import build_spark_session
@@ -189,7 +189,7 @@ def test_window_sums_and_latest_time() -> None:
 def test_flows_of_accepted_records_only() -> None:
     """flows_partition yields the flows of accepted records with the values
     that were encoded, and skips the others."""
-    base = 1_800_000_000_000
+    base = 1_699_999_200_000
     kept = _rows([3, 4], [300, 400], [10, 10], [base, base + 1])
     other = _rows([9], [900], [10], [base])
     seqs = itertools.count()
@@ -393,7 +393,7 @@ def test_engine_estimates_dedups_and_sets_invalid_records_aside(
     client = kinesis_client(ministack.endpoint_url)
     stream = _new_stream(client)
     seqs = itertools.count()
-    base = 1_800_000_000_000  # a minute boundary (ms)
+    base = 1_699_999_200_000  # a minute boundary (ms)
     a1 = _rows([10, 3], [15_000, 180], [100, 1000], [base + 1_000, base + 59_000])
     a2 = _rows([7], [700], [10], [base + 61_000])  # next minute
     b1 = _rows([2, 5, 1], [3000, 500, 64], [1, 50, 512], [base + 5_000] * 3)
@@ -495,7 +495,7 @@ def test_sliding_windows_count_a_row_in_each_window_holding_it(
     the windows starting at 0 s and 30 s, and only those."""
     client = kinesis_client(ministack.endpoint_url)
     stream = _new_stream(client)
-    base = 1_800_000_000_000
+    base = 1_699_999_200_000
     rows = _rows([4], [4000], [100], [base + 45_000])
     _put(client, stream, [_encode("tenant-s", rows, itertools.count())])
     config = EngineConfig(
@@ -551,3 +551,61 @@ def test_engine_command_refuses_bad_settings(tmp_path: Path) -> None:
     )
     assert result.returncode == 2
     assert "slide_s" in result.stdout + result.stderr
+
+
+def _records(datas: list[bytes], arrival_ms: list[int], first_seq: int) -> pa.Table:
+    """Kinesis records as the source gives them (arrival in µs, UTC)."""
+    return pa.table(
+        {
+            "shard_id": ["shardId-0"] * len(datas),
+            "sequence_number": [str(first_seq + i) for i in range(len(datas))],
+            "data": datas,
+            "approximate_arrival_timestamp": pa.array(
+                [a * 1000 for a in arrival_ms], pa.timestamp("us", tz="UTC")
+            ),
+        }
+    )
+
+
+def test_flows_far_past_their_arrival_are_left_out_and_counted(
+    tmp_path: Path,
+) -> None:
+    """A batch whose flows are stamped in 2096 (an exporter clock running
+    ahead) does not move the tenant's watermark: its rows are counted as
+    future_flows and left out, and the next minute's flows are not late."""
+    base = 1_699_999_200_000
+    config = EngineConfig(
+        stream_name="s", checkpoint_dir=str(tmp_path / "cp"), lateness_s=120
+    )
+    store = SqliteStore(config.resolved_state_path)
+    processor = MicroBatchProcessor(config, store, MemorySink(), LogPublisher())
+    seqs = itertools.count()
+    good = _rows([3, 4], [300, 400], [10, 10], [base + 1_000, base + 2_000])
+    future = _rows([7, 8, 9], [700, 800, 900], [10, 10, 10], [3_999_999_879_900] * 3)
+    first = processor.process_records(
+        _records(
+            [_encode("t", good, seqs), _encode("t", future, seqs)],
+            [base + 30_000, base + 30_000],
+            1,
+        ),
+        0,
+    )
+    assert first.future_flows == 3
+    assert first.flows == 2
+    # latest time_end 2,000 ms past base, minus 120 s of lateness
+    assert store.watermark("t") == base + 2_000 - 120_000
+    later = _rows([5], [500], [10], [base + 70_000])
+    second = processor.process_records(
+        _records([_encode("t", later, seqs)], [base + 90_000], 3), 1
+    )
+    assert second.future_flows == 0
+    assert second.flows == 1
+    assert second.late_partials == 0
+    assert store.watermark("t") == base + 70_000 - 120_000
+    assert processor.counters.future_flows == 3
+
+
+def test_max_future_is_validated() -> None:
+    """A negative max_future_s is refused with its name."""
+    with pytest.raises(ConfigError, match="max_future_s"):
+        EngineConfig(stream_name="s", checkpoint_dir="/tmp/x", max_future_s=-1)

@@ -234,8 +234,8 @@ def test_running_engine_serves_its_status(ministack: MiniStack, tmp_path: Path) 
         rows["bytes"] = np.array(packets) * 100
         rows["sampling_rate"] = 10
         rows["flow_count"] = 1
-        rows["time_start"] = 1_800_000_000_000
-        rows["time_end"] = 1_800_000_000_500
+        rows["time_start"] = 1_699_999_200_000
+        rows["time_end"] = 1_699_999_200_500
         (batch,) = encode_batches(
             rows, HeaderFields("t", "relay-t", 0, 60_000), seqs.__next__, "t"
         )

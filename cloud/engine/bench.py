@@ -137,7 +137,7 @@ def synthetic_rows(n: int, seed: int = 7, span_s: int = 1800) -> np.ndarray:
     rows["bytes"] = rows["packets"] * rng.integers(40, 1500, size=n)
     rows["sampling_rate"] = 100
     rows["flow_count"] = 1
-    base = 1_800_000_000_000
+    base = 1_699_999_200_000
     rows["time_start"] = base + np.sort(rng.integers(0, span_s * 1000, size=n))
     rows["time_end"] = rows["time_start"] + rng.integers(0, 30_000, size=n)
     return rows[np.argsort(rows["time_end"], kind="stable")]

@@ -266,6 +266,13 @@ def _add_output_arguments(run: argparse.ArgumentParser) -> None:
         help="the N of --alert-k (default 3; 1 and 1: every alerting window)",
     )
     run.add_argument(
+        "--max-future",
+        type=int,
+        default=300,
+        help="flow rows more than this many seconds past their batch's Kinesis "
+        "arrival are left out and counted (default 300)",
+    )
+    run.add_argument(
         "--score-retry",
         type=float,
         default=10.0,
@@ -393,6 +400,7 @@ def run_command(args: argparse.Namespace) -> int:
             detections=args.detections,
             alert_k=args.alert_k,
             alert_n=args.alert_n,
+            max_future_s=args.max_future,
             score_retry_s=args.score_retry,
             status_address=args.status_address,
             status_port=args.status_port,

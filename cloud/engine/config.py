@@ -54,7 +54,10 @@ class EngineConfig:
     Alert hysteresis: a host window at or above the alert threshold is a
     detection only when ``alert_k`` of the host's last ``alert_n`` feature
     windows (it included, ``feature_slide_s`` apart) were; 1 and 1: every
-    alerting window.
+    alerting window.  Flow rows whose start or end is more than
+    ``max_future_s`` past their batch's Kinesis arrival time (a clock
+    running ahead) are left out and counted (``future_flows``): they would
+    carry the tenant's watermark into the future.
     """
 
     stream_name: str
@@ -93,6 +96,7 @@ class EngineConfig:
     status_port: int | None = None
     alert_k: int = 2
     alert_n: int = 3
+    max_future_s: int = 300
 
     def networks_for(self, tenant_id: str) -> InternalNetworks:
         """The tenant's internal networks, parsed (cached)."""
@@ -170,6 +174,8 @@ class EngineConfig:
             )
         if self.lateness_s < 0:
             raise ConfigError(f"lateness_s must be >= 0, got {self.lateness_s}")
+        if self.max_future_s < 0:
+            raise ConfigError(f"max_future_s must be >= 0, got {self.max_future_s}")
         if not 0.0 < self.confidence < 1.0:
             raise ConfigError(f"confidence must be in (0, 1), got {self.confidence}")
         if self.state_path is None and "://" in self.checkpoint_dir:

@@ -35,6 +35,7 @@ _TOTALS: dict[str, str] = {
     "duplicates_in_batch": "duplicate relay batches within a micro-batch",
     "duplicates_across": "duplicate relay batches across micro-batches",
     "flows": "flow rows of accepted batches",
+    "future_flows": "flow rows left out: times too far past their Kinesis arrival",
     "windows_closed": "estimate windows closed (final)",
     "late_partials": "window sums refused: their window had closed",
     "late_feature_rows": "flow rows left out of closed feature windows",

@@ -77,6 +77,7 @@ from cloud.engine.transform import (
     decode_records,
     flows_partition,
     sort_records,
+    split_future,
     window_partials,
 )
 from cloud.scoring_client import ScoringClient, ScoringClientConfig
@@ -88,7 +89,7 @@ from cloud.store.detections import (
 )
 from cloud.store.metrics import CloudWatchPublisher
 from cloud.store.state import StateStoreError, TenantStateStore
-from edge_agent.relay.metrics import MetricsServer
+from edge_agent.relay.metrics import LogSampler, MetricsServer
 
 log = structlog.get_logger(__name__)
 
@@ -107,6 +108,7 @@ class BatchReport:
     duplicates_across: int = 0
     invalid: dict[str, int] = field(default_factory=dict)
     flows: int = 0
+    future_flows: int = 0  # left out: times too far past the Kinesis arrival
     windows_updated: int = 0
     windows_closed: int = 0
     late_partials: int = 0
@@ -161,6 +163,7 @@ class MicroBatchProcessor:
         self.tenant_state = tenant_state
         self.analysis = FlowAnalysis(config, store, features=scorer is not None)
         self.counters = EngineCounters()
+        self._future_log = LogSampler()
         self.reports: list[BatchReport] = []
         self._z = z_for(config.confidence)
         #: Set while no micro-batch is being processed.
@@ -245,7 +248,7 @@ class MicroBatchProcessor:
         )
         report.batches_accepted = len(accepted)
         report.duplicates_across = len(claims) - len(accepted)
-        flows, tenants = self._accepted_flows(valid, accepted)
+        flows, tenants = self._accepted_flows(valid, accepted, report)
         report.flows = sum(int(f.size) for f in flows.values())
         analysis = AnalysisReport()
         self.analysis.add(micro_batch, flows, analysis)
@@ -319,22 +322,45 @@ class MicroBatchProcessor:
         return done.model_versions
 
     def _accepted_flows(
-        self, valid: Sequence[DecodedRecord], accepted: frozenset[tuple[str, str]]
+        self,
+        valid: Sequence[DecodedRecord],
+        accepted: frozenset[tuple[str, str]],
+        report: BatchReport,
     ) -> tuple[dict[str, np.ndarray], dict[str, TenantBatch]]:
-        """The accepted records' flows per tenant, and tenant figures."""
+        """The accepted records' flows per tenant (rows too far in the
+        future left out and counted in ``report``), and tenant figures."""
         parts: dict[str, list[np.ndarray]] = {}
         by_relay: dict[tuple[str, str], list[np.ndarray]] = {}
         tenants: dict[str, TenantBatch] = {}
+        max_ahead_ms = self.config.max_future_s * 1000
         for r in valid:
             if r.key not in accepted:
                 continue
+            kept, ahead = split_future(r.flows, r.arrival_ms, max_ahead_ms)
+            if ahead:
+                report.future_flows += ahead
+                self._log_future(r, ahead)
             t = tenants.setdefault(r.tenant_id, TenantBatch())
             t.add_relay(r.relay_id, r.created_ms)
-            by_relay.setdefault((r.tenant_id, r.relay_id), []).append(r.flows)
-            parts.setdefault(r.tenant_id, []).append(r.flows)
+            by_relay.setdefault((r.tenant_id, r.relay_id), []).append(kept)
+            parts.setdefault(r.tenant_id, []).append(kept)
         for (tenant, relay), rows in by_relay.items():
             tenants[tenant].add_rows(relay, np.concatenate(rows))
         return {k: np.concatenate(v) for k, v in parts.items()}, tenants
+
+    def _log_future(self, record: DecodedRecord, ahead: int) -> None:
+        suppressed = self._future_log.allow("future_flows")
+        if suppressed is not None:
+            log.warning(
+                "engine_future_flows",
+                tenant=record.tenant_id,
+                relay=record.relay_id,
+                rows=ahead,
+                arrival_ms=record.arrival_ms,
+                max_future_s=self.config.max_future_s,
+                hint="an exporter's or relay's clock runs ahead",
+                suppressed=suppressed,
+            )
 
     def _first_claims(
         self, valid: Sequence[DecodedRecord], report: BatchReport
@@ -364,6 +390,7 @@ class MicroBatchProcessor:
         c.duplicates_in_batch += report.duplicates_in_batch
         c.duplicates_across += report.duplicates_across
         c.flows += report.flows
+        c.future_flows += report.future_flows
         c.late_partials += report.late_partials
         c.windows_closed += report.windows_closed
         for r in invalid:

@@ -39,6 +39,7 @@ class EngineCounters:
     late_partials: int = 0
     windows_closed: int = 0
     skipped_columns: int = 0
+    future_flows: int = 0
 
 
 class MetricsPublisher(Protocol):

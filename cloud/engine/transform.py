@@ -58,7 +58,12 @@ from edge_agent.wire import DecodedBatch, WireFormatError, decode_batch
 log = structlog.get_logger(__name__)
 
 #: The source columns the driver fetches for each micro-batch.
-RECORD_COLUMNS = ("shard_id", "sequence_number", "data")
+RECORD_COLUMNS = (
+    "shard_id",
+    "sequence_number",
+    "data",
+    "approximate_arrival_timestamp",
+)
 
 #: Flow columns of the wire format and their Spark types.  Spark has no
 #: unsigned types: u8 counters become long (a value over 2^63 - 1 makes the
@@ -140,6 +145,9 @@ class DecodedRecord:
     created_ms: int  # when the relay encoded it, ms since the epoch
     skipped_columns: int  # columns of a newer wire format this one skips
     flows: np.ndarray  # PAYLOAD_DTYPE, ``record_count`` rows
+    #: when Kinesis received it (its clock, not the relay's), ms since the
+    #: epoch; None when the records came without that column
+    arrival_ms: int | None = None
 
     @property
     def key(self) -> tuple[str, str]:
@@ -187,10 +195,11 @@ def decode_records(
     their order: the valid ones and the ones set aside."""
     valid: list[DecodedRecord] = []
     invalid: list[InvalidRecord] = []
-    for shard, seq, data in zip(
+    for shard, seq, data, arrival_ms in zip(
         records.column("shard_id").to_pylist(),
         records.column("sequence_number").to_pylist(),
         records.column("data").to_pylist(),
+        _arrival_ms(records),
         strict=True,
     ):
         batch = _decode(shard, seq, data)
@@ -209,9 +218,47 @@ def decode_records(
                 created_ms=int(h.created_ms or 0),
                 skipped_columns=len(batch.skipped_columns),
                 flows=payload_of(batch),
+                arrival_ms=arrival_ms,
             )
         )
     return valid, invalid
+
+
+_UNIT_PER_MS = {"s": 0, "ms": 1, "us": 1000, "ns": 1_000_000}
+
+
+def _arrival_ms(records: pa.Table | pa.RecordBatch) -> list[int | None]:
+    """Each record's Kinesis arrival time in ms (None without the column)."""
+    names = records.schema.names
+    if "approximate_arrival_timestamp" not in names:
+        return [None] * records.num_rows
+    column = records.column("approximate_arrival_timestamp")
+    unit = getattr(column.type, "unit", "ms")
+    values = column.cast(pa.int64()).to_pylist()
+    per_ms = _UNIT_PER_MS[unit]
+    if per_ms == 0:
+        return [None if v is None else v * 1000 for v in values]
+    return [None if v is None else v // per_ms for v in values]
+
+
+def split_future(
+    flows: np.ndarray, arrival_ms: int | None, max_ahead_ms: int
+) -> tuple[np.ndarray, int]:
+    """The flows whose times are at most ``max_ahead_ms`` past their batch's
+    Kinesis arrival, and how many were further ahead.
+
+    An exporter or relay whose clock runs ahead (or a corrupt time) would
+    otherwise carry its tenant's watermark into the future, and every
+    later flow of that tenant would be late.
+    """
+    if arrival_ms is None or flows.size == 0:
+        return flows, 0
+    limit = arrival_ms + max_ahead_ms
+    ahead = (flows["time_end"] > limit) | (flows["time_start"] > limit)
+    count = int(np.count_nonzero(ahead))
+    if count == 0:
+        return flows, 0
+    return flows[~ahead], count
 
 
 def window_partials(
