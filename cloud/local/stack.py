@@ -88,6 +88,9 @@ LOCAL_AWS_ENV: dict[str, str] = {
 }
 #: Services MiniStack must report available before the stack goes on.
 MINISTACK_SERVICES = ("kinesis", "dynamodb", "s3", "iot", "monitoring")
+#: How far past their Kinesis arrival the stack's engine accepts flow times
+#: (``--max-future``): 30 days of accelerated replays.
+REPLAY_MAX_FUTURE_S = 30 * 24 * 3600
 PART_ORDER = ("ministack", "store", "model-service", "engine", "relay")
 #: The engine's structlog event once its streaming query runs.
 ENGINE_STARTED_EVENT = "engine_start"
@@ -361,6 +364,10 @@ class LocalStack:
             ("--mongo-uri", s.store_uri if store_ok else "none"),
             ("--aws-endpoint-url", s.ministack_url),
             ("--tenant-networks", f"{s.tenant_id}={','.join(s.networks)}"),
+            # The demo replays captures faster than real time with their
+            # times moved to now, so its flows run ahead of the clock by up
+            # to the slice's length (more over repeated replays).
+            ("--max-future", str(REPLAY_MAX_FUTURE_S)),
         ]
         out: list[str] = []
         for flag, value in wanted:
