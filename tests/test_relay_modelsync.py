@@ -16,6 +16,7 @@ from __future__ import annotations
 import collections
 import csv
 import dataclasses
+import datetime
 import json
 import os
 import shutil
@@ -32,6 +33,9 @@ from typing import Any
 
 import numpy as np
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from prometheus_client import CollectorRegistry, generate_latest
 
 from cloud.operator.keys import generate_keypair
@@ -1041,3 +1045,59 @@ def test_relay_run_killed_mid_download_finishes_the_update_after_restart(
     assert metrics["sampleflow_relay_filter_model_info"] == [
         ({"version": rollout.version_of(v2)}, 1.0)
     ]
+
+
+@pytest.mark.parametrize(
+    ("broken", "setting"),
+    [("relay.pem.crt", "modelsync.cert_path"), ("relay.key", "modelsync.key_path")],
+)
+def test_relay_run_refuses_tls_files_that_are_not_pem(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], broken: str, setting: str
+) -> None:
+    """`relay run` whose certificate or key file holds no PEM exits 2 with one
+    line naming the setting and the file (not an awscrt traceback later)."""
+    certs = tmp_path / "certs"
+    certs.mkdir()
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, "edge-7")])
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(1)
+        .not_valid_before(datetime.datetime(2026, 1, 1))
+        .not_valid_after(datetime.datetime(2036, 1, 1))
+        .sign(key, hashes.SHA256())
+    )
+    pem = cert.public_bytes(serialization.Encoding.PEM)
+    (certs / "relay.pem.crt").write_bytes(pem)
+    (certs / "ca.pem").write_bytes(pem)
+    (certs / "relay.key").write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    (certs / broken).write_text("placeholder, not PEM\n")
+    signing = ed25519.Ed25519PrivateKey.generate().public_key()
+    (certs / "signing.pub.pem").write_bytes(
+        signing.public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    )
+    section = f"""
+[modelsync]
+endpoint = "abc123-ats.iot.eu-west-1.amazonaws.com"
+cert_path = "{certs / "relay.pem.crt"}"
+key_path = "{certs / "relay.key"}"
+ca_path = "{certs / "ca.pem"}"
+public_keys = ["{certs / "signing.pub.pem"}"]
+"""
+    path = write_toml(tmp_path / "r.toml", BASE.format(state=tmp_path) + section)
+    assert cli_main(["relay", "run", "--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    line = next(x for x in err.splitlines() if x.startswith("sampleflow relay run"))
+    assert f"{setting}='{certs / broken}': not a PEM" in line
+    assert "Traceback" not in err

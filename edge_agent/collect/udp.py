@@ -445,8 +445,9 @@ class UdpCollector:
                     "socket_buffer_full",
                     dropped={p: t for p, t in per_port.items() if t},
                     receive_buffer=self.receive_buffer,
-                    hint="the relay cannot keep up or the buffer is small: "
-                    "raise collector.receive_buffer and net.core.rmem_max",
+                    hint="the consumer cannot keep up or the buffer is small: "
+                    "raise the receive buffer (relay setting "
+                    "collector.rcvbuf_bytes) and net.core.rmem_max",
                     suppressed=suppressed,
                 )
 

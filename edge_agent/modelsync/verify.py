@@ -72,6 +72,36 @@ def trusted_keys(paths: Iterable[Path]) -> dict[str, Ed25519PublicKey]:
     return keys
 
 
+def check_tls_files(cert_path: Path, key_path: Path, ca_path: Path) -> None:
+    """Check the relay's mutual-TLS material before the MQTT client sees it
+    (it fails deep inside awscrt with no file name): the certificate and
+    the CA file must hold PEM certificates, the key a PEM private key.
+    Raises ``ValueError`` naming the setting and the file."""
+    from cryptography import x509  # noqa: PLC0415 - only relays that take updates
+
+    checks = (
+        ("modelsync.cert_path", cert_path, "a PEM certificate"),
+        ("modelsync.key_path", key_path, "a PEM private key"),
+        ("modelsync.ca_path", ca_path, "PEM CA certificates"),
+    )
+    for key, path, what in checks:
+        try:
+            data = Path(path).read_bytes()
+        except OSError as exc:
+            raise ValueError(
+                f"{key}={str(path)!r}: cannot read it ({exc.strerror or exc})"
+            ) from None
+        try:
+            if key == "modelsync.key_path":
+                serialization.load_pem_private_key(data, password=None)
+            elif key == "modelsync.cert_path":
+                x509.load_pem_x509_certificate(data)
+            elif not x509.load_pem_x509_certificates(data):
+                raise ValueError("no certificate in it")
+        except (ValueError, TypeError) as exc:
+            raise ValueError(f"{key}={str(path)!r}: not {what} ({exc})") from None
+
+
 def verify_signature(
     manifest_bytes: bytes,
     signature_b64: str,

@@ -24,6 +24,7 @@ import structlog
 from prometheus_client.parser import text_string_to_metric_families
 
 from edge_agent.collect.udp import CollectorError
+from edge_agent.modelsync.verify import check_tls_files
 from edge_agent.relay.config import (
     ConfigError,
     Settings,
@@ -173,14 +174,17 @@ def build_model_sync(
 ) -> ModelSyncService | None:
     """The in-process update agent over the pipeline's filter, registered
     in its metrics (None without ``[modelsync]``).  Raises ``ValueError``
-    naming the file when a trusted key cannot be read, ``OSError`` when
+    naming the file when a trusted key or the TLS certificate, key or CA
+    cannot be read or parsed, ``OSError`` when
     the models folder cannot be created."""
     if settings.modelsync is None or pipeline.filter is None:
         return None
     # Imported here: awsiotsdk is only loaded by relays that take updates.
     from edge_agent.modelsync.service import ModelSyncService  # noqa: PLC0415
 
-    service = ModelSyncService(settings.modelsync, pipeline.filter)
+    m = settings.modelsync
+    service = ModelSyncService(m, pipeline.filter)
+    check_tls_files(m.cert_path, m.key_path, m.ca_path)
     pipeline.registry.register(ModelSyncCollector(service))
     return service
 
@@ -228,7 +232,7 @@ def _metrics_url(args: argparse.Namespace) -> str | None:
         if parts.scheme not in ("http", "https") or not parts.netloc:
             print(
                 f"sampleflow relay status: error: --url {args.url!r} is not an "
-                "http:// or https:// URL (e.g. http://127.0.0.1:9108)",
+                "http:// or https:// URL (e.g. http://127.0.0.1:9464)",
                 file=sys.stderr,
             )
             return None

@@ -273,6 +273,7 @@ class RelayPipeline:
             batches=e.batches,
             spooled=e.spooled,
             dropped=sum(e.dropped.values()),
+            datagrams_dropped=sum(self.collector.stats.totals().dropped.values()),
             shipped=self.shipper.stats.batches_shipped if self.shipper else 0,
         )
 
