@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.servers import DUMMY_AWS_ENV
+from tests.servers import DUMMY_AWS_ENV, MiniStack
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 SAMPLEFLOW = [sys.executable, "-m", "edge_agent.cli"]
@@ -408,3 +408,60 @@ def test_relay_udp_port_in_use_names_the_settings(tmp_path: Path) -> None:
     line = relay_error(result)
     assert f"port {port}" in line
     assert "collector.ports" in line
+
+
+def engine_error(result: subprocess.CompletedProcess[str]) -> str:
+    """engine run's one error line; the rest is at most its JSON log line."""
+    assert "Traceback" not in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) <= 3, result.stderr
+    (line,) = [
+        x
+        for x in result.stderr.splitlines()
+        if x.startswith("sampleflow engine run: error: ")
+    ]
+    return line
+
+
+def test_engine_run_with_an_unreachable_endpoint_is_one_line(tmp_path: Path) -> None:
+    """engine run against a Kinesis endpoint nothing listens on exits 1
+    naming the endpoint, before Spark starts (no Java trace)."""
+    result = sampleflow(
+        "engine",
+        "run",
+        "--stream",
+        "s",
+        "--checkpoint",
+        str(tmp_path / "cp"),
+        "--endpoint-url",
+        "http://127.0.0.1:1",
+        "--region",
+        "us-east-1",
+        env=clean_env(**DUMMY_AWS_ENV),
+    )
+    assert result.returncode == 1
+    line = engine_error(result)
+    assert "cannot reach Kinesis at http://127.0.0.1:1" in line
+
+
+def test_engine_run_on_a_missing_stream_names_it(
+    tmp_path: Path, ministack: MiniStack
+) -> None:
+    """engine run on a stream the (real, local) Kinesis does not have exits
+    1 saying so, before Spark starts."""
+    result = sampleflow(
+        "engine",
+        "run",
+        "--stream",
+        "no-such-stream",
+        "--checkpoint",
+        str(tmp_path / "cp"),
+        "--endpoint-url",
+        ministack.endpoint_url,
+        "--region",
+        "us-east-1",
+        env=clean_env(**DUMMY_AWS_ENV),
+    )
+    assert result.returncode == 1
+    line = engine_error(result)
+    assert "'no-such-stream'" in line
+    assert "ResourceNotFoundException" in line

@@ -408,6 +408,11 @@ def run_command(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         log.error("engine_config_invalid", error=str(exc))
         return 2
+    trouble = stream_trouble(config.stream_name, config.endpoint_url, config.region)
+    if trouble is not None:
+        log.error("engine_stream_unreachable", error=trouble)
+        print(f"sampleflow engine run: error: {trouble}", file=sys.stderr)
+        return 1
     spark = build_spark_session(
         master=config.master, shuffle_partitions=config.shuffle_partitions
     )
@@ -443,6 +448,55 @@ def run_command(args: argparse.Namespace) -> int:
         invalid=sum(c.invalid.values()),
     )
     return 0
+
+
+def stream_trouble(
+    stream_name: str, endpoint_url: str | None, region: str | None
+) -> str | None:
+    """Why the stream cannot be read, in one line, or None when it can.
+
+    Asked once before Spark starts: the same failure inside the streaming
+    query ends the run with hundreds of lines of Java and Python traces.
+    """
+    import botocore.exceptions  # noqa: PLC0415 - boto3 is loaded by now anyway
+
+    from cloud.engine.kinesis.client import (  # noqa: PLC0415
+        ClientSettings,
+        make_client,
+    )
+
+    where = endpoint_url or "AWS"
+    try:
+        client = make_client(
+            ClientSettings(
+                stream_name,
+                endpoint_url,
+                region,
+                max_attempts=2,
+                connect_timeout_s=5.0,
+                read_timeout_s=10.0,
+            )
+        )
+        try:
+            client.describe_stream_summary(StreamName=stream_name)
+        finally:
+            client.close()
+    except botocore.exceptions.ClientError as exc:
+        error = exc.response.get("Error", {})
+        return (
+            f"Kinesis stream {stream_name!r} at {where}: "
+            f"{error.get('Code', 'error')}: {error.get('Message', exc)}"
+        )
+    except botocore.exceptions.NoRegionError:
+        return "no AWS region: pass --region or set AWS_DEFAULT_REGION"
+    except botocore.exceptions.NoCredentialsError:
+        return (
+            "no AWS credentials found (environment, shared files, instance "
+            "or container role)"
+        )
+    except botocore.exceptions.BotoCoreError as exc:
+        return f"cannot reach Kinesis at {where}: {exc} (check --endpoint-url)"
+    return None
 
 
 def _register_bench(subparsers: Any) -> None:
