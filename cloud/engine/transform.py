@@ -38,6 +38,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import structlog
 from pyspark.sql.pandas.types import to_arrow_schema
 from pyspark.sql.types import (
@@ -224,21 +225,14 @@ def decode_records(
     return valid, invalid
 
 
-_UNIT_PER_MS = {"s": 0, "ms": 1, "us": 1000, "ns": 1_000_000}
-
-
 def _arrival_ms(records: pa.Table | pa.RecordBatch) -> list[int | None]:
     """Each record's Kinesis arrival time in ms (None without the column)."""
-    names = records.schema.names
-    if "approximate_arrival_timestamp" not in names:
+    if "approximate_arrival_timestamp" not in records.schema.names:
         return [None] * records.num_rows
     column = records.column("approximate_arrival_timestamp")
-    unit = getattr(column.type, "unit", "ms")
-    values = column.cast(pa.int64()).to_pylist()
-    per_ms = _UNIT_PER_MS[unit]
-    if per_ms == 0:
-        return [None if v is None else v * 1000 for v in values]
-    return [None if v is None else v // per_ms for v in values]
+    in_ms = pc.cast(column, pa.timestamp("ms", tz=column.type.tz), safe=False)
+    values: list[int | None] = in_ms.cast(pa.int64()).to_pylist()
+    return values
 
 
 def split_future(

@@ -20,6 +20,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -77,8 +78,6 @@ def check_tls_files(cert_path: Path, key_path: Path, ca_path: Path) -> None:
     (it fails deep inside awscrt with no file name): the certificate and
     the CA file must hold PEM certificates, the key a PEM private key.
     Raises ``ValueError`` naming the setting and the file."""
-    from cryptography import x509  # noqa: PLC0415 - only relays that take updates
-
     checks = (
         ("modelsync.cert_path", cert_path, "a PEM certificate"),
         ("modelsync.key_path", key_path, "a PEM private key"),
