@@ -53,6 +53,8 @@ from edge_agent.flows.templates import (
     split_varlen,
 )
 
+#: Log at most one ``decoder_bug`` event per this many occurrences.
+_BUG_LOG_EVERY = 1000
 #: Bound of the set of degraded modes logged once.
 _MAX_WARNED = 1024
 #: Bound of the systemInitTime table (one entry per exporter domain).
@@ -158,6 +160,53 @@ class TemplatedDecoder:
         self._queued: list[tuple[DatagramPlan, ExporterCounters]] = []
         self._batch: RecordBatch | None = None
         self._planning = plans
+        #: datagrams whose walk raised (see walk_many)
+        self._bugs = 0
+
+    # -- batches of one socket ----------------------------------------------
+
+    def walk(  # noqa: PLR0917 - once per datagram: positional is cheaper
+        self,
+        payload: bytes,
+        exporter: bytes,
+        port: int,
+        received_ms: int,
+        counters: ExporterCounters,
+        batch: RecordBatch,
+    ) -> None:
+        """Decode one datagram (the protocol subclasses walk it)."""
+        raise NotImplementedError
+
+    def walk_many(  # noqa: PLR0917 - the socket's whole batch in one call
+        self,
+        payloads: list[bytes],
+        received: list[int],
+        exporter: bytes,
+        port: int,
+        counters: ExporterCounters,
+        batch: RecordBatch,
+    ) -> None:
+        """Decode the datagrams of one exporter socket, in arrival order.
+
+        The same records, counters, sequence state, templates, held data and
+        sampling as :meth:`walk` on each ``(payload, received ms)`` in turn;
+        the caller has already counted datagrams and bytes.  ``exporter`` is
+        the 16-byte column form.  A datagram whose walk raises (a bug, not
+        bad input) is counted as ``decoder_bug`` and the next one is walked.
+        """
+        walk = self.walk
+        for payload, received_ms in zip(payloads, received, strict=True):
+            try:
+                walk(payload, exporter, port, received_ms, counters, batch)
+            except Exception:
+                self._bug(counters, port)
+
+    def _bug(self, counters: ExporterCounters, port: int) -> None:
+        """Count (and now and then log) a datagram whose walk raised."""
+        counters.errors["decoder_bug"] += 1
+        self._bugs += 1
+        if self._bugs % _BUG_LOG_EVERY == 1:
+            log.exception("decoder_bug", exporter_port=port, bugs=self._bugs)
 
     # -- plans --------------------------------------------------------------
 
