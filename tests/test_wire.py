@@ -423,6 +423,43 @@ def test_decompression_bomb_is_refused_before_allocating() -> None:
         decode_batch(batch_of(minimal_body(100)), max_decompressed=100)
 
 
+def const_body(n: int) -> dict[str, Any]:
+    """A v1 body of n rows whose every column is CONST: a few hundred
+    bytes whatever n claims."""
+    body = minimal_body(1)
+    body["n"] = n
+    for entry in body["c"]:
+        entry[1] = 1  # the one value of minimal_body(1), now CONST
+    return body
+
+
+def test_v1_row_count_over_the_bound_is_refused() -> None:
+    """A v1 body of CONST columns declaring 262,145 rows (the spec's bound
+    is 262,144, as for v2) is refused as oversized before any column is
+    allocated; at the bound it decodes."""
+    with pytest.raises(OversizedBatchError, match="262145 rows"):
+        decode_batch(batch_of(const_body(262_145)))
+    with pytest.raises(OversizedBatchError, match="rows"):
+        decode_batch(batch_of(const_body(2**40)))
+    batch = decode_batch(batch_of(const_body(262_144)))
+    assert batch.header.record_count == 262_144
+    assert int(batch.columns["bytes"].sum()) == 262_144  # each row's 1
+
+
+@pytest.mark.slow
+def test_v1_writer_splits_at_the_row_bound() -> None:
+    """A v1 window of 263,144 rows that compress to almost nothing goes out
+    as batches of at most 262,144 rows, all read back."""
+    n = 262_144 + 1_000
+    rows = np.zeros(n, dtype=AGG_DTYPE)
+    rows["flow_count"] = 1
+    batches = encode_v1(rows, FIELDS, seqs(), "k")
+    assert len(batches) == 2
+    counts = [decode_batch(b.data).header.record_count for b in batches]
+    assert max(counts) <= 262_144 and sum(counts) == n
+    assert all(b.header.version[0] == 1 for b in batches)
+
+
 def test_frame_without_content_size_is_corrupt() -> None:
     """The spec requires the frame to declare its size (the bomb bound)."""
     raw = msgpack.packb(minimal_body(1))

@@ -66,9 +66,10 @@ FORMAT_MINOR = 0
 PREAMBLE = MAGIC + bytes([FORMAT_MAJOR])
 _PREAMBLES = {major: MAGIC + bytes([major]) for major in READ_MAJORS}
 
-#: Most rows in one version 2 batch (writers split above it, readers
-#: refuse more): it bounds what a reader allocates for a batch whose
-#: columns are all CONST or zero, about 30 MB of columns at this count.
+#: Most rows in one batch of either version (writers split above it,
+#: readers refuse more): it bounds what a reader allocates for a batch
+#: whose columns are all CONST or zero, about 30 MB of columns at this
+#: count.
 MAX_BATCH_ROWS = 262_144
 
 #: Largest decompressed msgpack body a reader accepts (and a writer makes).
@@ -258,10 +259,10 @@ def encode_batches(
     ``Spool.next_seq``, which keeps seqs increasing across restarts), in
     batch order, once the split is final.  An empty ``records``
     gives no batch.  ``scores`` (float32, one per record) adds the
-    optional ``score`` column.  ``format_major`` 2 (the default) sorts
-    the rows by source and destination address (with their scores) and
-    splits above :data:`MAX_BATCH_ROWS` too; 1 writes version 1, rows in
-    the order given.
+    optional ``score`` column.  Both versions split above
+    :data:`MAX_BATCH_ROWS` rows too.  ``format_major`` 2 (the default)
+    sorts the rows by source and destination address (with their scores);
+    1 writes version 1, rows in the order given.
 
     Raises :class:`WireFormatError` for a bad argument (dtype, partition
     key, score length) and :class:`OversizedBatchError` if a single record
@@ -357,7 +358,7 @@ class _BodyWriter:
         self.columns = columns
         self.created_ms = created_ms
         self.major = major
-        self.max_rows = MAX_BATCH_ROWS if major == 2 else None
+        self.max_rows = MAX_BATCH_ROWS
         # The split measures a range's body before the header is final;
         # its column entries are kept for the batch that follows.
         self._entries: dict[tuple[int, int], tuple[list[Any], int]] = {}
@@ -424,7 +425,7 @@ class _BodyWriter:
         return packed
 
     def _fits(self, lo: int, hi: int, budget: int, raw_budget: int) -> bool:
-        if self.max_rows is not None and hi - lo > self.max_rows:
+        if hi - lo > self.max_rows:
             return False
         raw, packed = self._size(lo, hi, budget)
         return raw <= raw_budget and packed <= budget
@@ -441,8 +442,8 @@ class _BodyWriter:
 
     def split(self, n: int, budget: int) -> list[tuple[int, int]]:
         """Row ranges covering ``0:n`` whose compressed bodies fit ``budget``,
-        whose bodies fit MAX_DECOMPRESSED_BYTES (both with slack) and, in
-        version 2, that hold at most MAX_BATCH_ROWS rows."""
+        whose bodies fit MAX_DECOMPRESSED_BYTES (both with slack) and that
+        hold at most MAX_BATCH_ROWS rows."""
         raw_budget = MAX_DECOMPRESSED_BYTES - _HEADER_SLACK
         if n > 2 * _SAMPLE_ROWS:
             # Big windows: extrapolate from a prefix rather than encoding
@@ -453,8 +454,7 @@ class _BodyWriter:
         else:
             raw, packed = self._size(0, n, budget)
         over = max(packed / budget, raw / raw_budget)
-        if self.max_rows is not None:
-            over = max(over, n / self.max_rows)
+        over = max(over, n / self.max_rows)
         if over <= 1:
             return [(0, n)]
         # Estimate the number of pieces, aiming 10% under the tightest of
@@ -486,8 +486,8 @@ def decode_batch(
 
     * :class:`UnknownVersionError` -- a major version other than 1 or 2;
     * :class:`OversizedBatchError` -- the frame declares more than
-      ``max_decompressed`` bytes (checked before decompressing), or a
-      version 2 header more than :data:`MAX_BATCH_ROWS` rows;
+      ``max_decompressed`` bytes (checked before decompressing), or the
+      header more than :data:`MAX_BATCH_ROWS` rows;
     * :class:`~edge_agent.wire.errors.TruncatedColumnsError` -- a column's
       data does not hold exactly the header's record count;
     * :class:`CorruptBatchError` -- anything else that is not a valid
@@ -545,16 +545,16 @@ def decode_batch(
     entries = body.get("c")
     if not isinstance(entries, list):
         raise CorruptBatchError("batch has no column list ('c')")
+    if header.record_count > MAX_BATCH_ROWS:
+        # Before any column: a body of CONST or zero columns costs nothing
+        # per row, so the count alone could ask for any allocation.
+        raise OversizedBatchError(
+            f"batch declares {header.record_count} rows, over the "
+            f"{MAX_BATCH_ROWS} limit"
+        )
     if major == 1:
-        # Known shortcoming: version 1 has no row bound, so a hostile v1
-        # body of CONST columns can declare rows enough to exhaust memory.
         columns, skipped = decode_columns(entries, header.record_count)
     else:
-        if header.record_count > MAX_BATCH_ROWS:
-            raise OversizedBatchError(
-                f"batch declares {header.record_count} rows, over the "
-                f"{MAX_BATCH_ROWS} limit of version 2"
-            )
         zero_mask = body.get("z", 0)
         if not isinstance(zero_mask, int) or isinstance(zero_mask, bool):
             raise CorruptBatchError(
