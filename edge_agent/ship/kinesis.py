@@ -248,8 +248,10 @@ class KinesisShipper:
 
     async def _summary_loop(self) -> None:
         assert self._stopping is not None
-        while not self._stopping.is_set():
+        while True:
             await self._sleep(self.config.summary_interval_s, wakeable=False)
+            if self._stopping.is_set():
+                return  # woken by the stop: run() logs the last summary
             self.log_summary()
 
     async def _sleep(self, seconds: float, *, wakeable: bool) -> None:
