@@ -2,16 +2,77 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shlex
+import shutil
 import sys
+import tempfile
 from collections.abc import Mapping
+from pathlib import Path
 
+import pyspark
 from pyspark.sql import SparkSession
 
 from cloud.engine.kinesis import KinesisDataSource
 
 #: JVM options of a local-mode driver (see build_spark_session).
-LOCAL_JAVA_OPTIONS = "-XX:TieredStopAtLevel=1"
+LOCAL_JAVA_OPTIONS = "-XX:TieredStopAtLevel=1 -XX:+UseSerialGC"
+
+
+#: Where a pip-installed pyspark keeps the zipped copies Spark puts first
+#: on its Python workers' PYTHONPATH.
+_PIP_SPARK_LIB = Path(pyspark.__file__).resolve().parent / "python" / "lib"
+
+_WORKER_PYTHON_SCRIPT = """#!/bin/sh
+# Written by sampleflow (cloud/engine/spark.py) for a local-mode session:
+# Spark puts its zipped pyspark and py4j first on a Python worker's path, and
+# zipimport compiles every module from source at each worker start (about
+# 0.7 CPU-s a streaming source runner).  This interpreter has the same pyspark
+# and py4j installed, with compiled caches, so those two entries are dropped.
+set -f
+lib={lib}
+keep=
+IFS=:
+for entry in $PYTHONPATH; do
+    case "$entry" in
+        "$lib"/pyspark.zip|"$lib"/py4j-*-src.zip) ;;
+        *) keep="${{keep:+$keep:}}$entry" ;;
+    esac
+done
+unset IFS
+PYTHONPATH=$keep
+export PYTHONPATH
+exec {python} "$@"
+"""
+
+
+def local_worker_python() -> str:
+    """The interpreter local-mode Python workers run: :data:`sys.executable`
+    behind a small ``sh`` script that leaves Spark's zipped pyspark and
+    py4j off their path (see :data:`_WORKER_PYTHON_SCRIPT`), or
+    :data:`sys.executable` itself when Spark is not this pip-installed
+    pyspark (``SPARK_HOME`` elsewhere) or the script cannot be written.
+    The script lives in a temporary folder removed at exit."""
+    home = os.environ.get("SPARK_HOME")
+    if home is not None and Path(home).resolve() != _PIP_SPARK_LIB.parents[1]:
+        return sys.executable
+    if not (_PIP_SPARK_LIB / "pyspark.zip").is_file():
+        return sys.executable
+    try:
+        folder = tempfile.mkdtemp(prefix="sampleflow-pyworker-")
+        atexit.register(shutil.rmtree, folder, ignore_errors=True)
+        script = Path(folder) / "python"
+        script.write_text(
+            _WORKER_PYTHON_SCRIPT.format(
+                lib=shlex.quote(str(_PIP_SPARK_LIB)),
+                python=shlex.quote(sys.executable),
+            )
+        )
+        script.chmod(0o755)
+    except OSError:
+        return sys.executable
+    return str(script)
 
 
 def build_spark_session(
@@ -25,18 +86,24 @@ def build_spark_session(
 
     ``master`` None leaves it to spark-submit (YARN, EMR).  Python workers
     run the driver's interpreter (``PYSPARK_PYTHON`` defaults to
-    ``sys.executable``) so that they import the same installed
-    ``sampleflow``; on a cluster, ship the environment (docs/engine.md).
+    ``sys.executable``; in local mode through :func:`local_worker_python`)
+    so that they import the same installed ``sampleflow``; on a cluster,
+    ship the environment (docs/engine.md).
     Shuffle partitions default to 4, not Spark's 200: a micro-batch of a
     few seconds is small, and 200 tasks per stage would dominate it.  A
-    local-mode JVM runs with the C1 compiler only (:data:`LOCAL_JAVA_OPTIONS`)
-    unless ``conf`` sets ``spark.driver.extraJavaOptions``.
+    local-mode JVM runs with the C1 compiler only and the serial collector
+    (:data:`LOCAL_JAVA_OPTIONS`) unless ``conf`` sets
+    ``spark.driver.extraJavaOptions``.
     """
-    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+    local = master is not None and master.startswith("local")
+    if "PYSPARK_PYTHON" not in os.environ:
+        os.environ["PYSPARK_PYTHON"] = (
+            local_worker_python() if local else sys.executable
+        )
     builder = SparkSession.builder.appName(app_name)
     if master is not None:
         builder = builder.master(master)
-    if master is not None and master.startswith("local"):
+    if local:
         # Local mode talks to itself only: keep the driver on loopback
         # rather than the address the host name resolves to.
         builder = builder.config("spark.driver.host", "127.0.0.1")
@@ -44,7 +111,10 @@ def build_spark_session(
         if "spark.driver.extraJavaOptions" not in (conf or {}):
             # The JVM here only moves a few hundred blobs a micro-batch;
             # C2's compiling cost more than it saved: measured 0.53 -> 0.31
-            # CPU-s a small micro-batch (all processes) with C1 alone.
+            # CPU-s a small micro-batch (all processes) with C1 alone.  G1's
+            # concurrent marking and parallel GC threads cost 0.3-0.9 CPU-s
+            # per million flow rows that the serial collector does not spend
+            # (its pauses on this small heap are a few ms).
             builder = builder.config(
                 "spark.driver.extraJavaOptions", LOCAL_JAVA_OPTIONS
             )

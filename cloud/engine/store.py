@@ -290,6 +290,14 @@ class SqliteStore:
         self._db = sqlite3.connect(
             self.path, isolation_level=None, check_same_thread=False
         )
+        # Bucket blobs are megabytes each and deleted a few minutes later:
+        # 64 KiB pages (taken only by a new file) make their overflow chains
+        # 16 times shorter to write and to free, and deleted pages are not
+        # zeroed (Python's SQLite builds enable secure_delete), which cost
+        # more than the insert.  Measured on 240 MB of 2 MB blobs inserted
+        # and deleted: 1.32 -> 0.53 CPU-s.
+        self._db.execute("PRAGMA page_size=65536")
+        self._db.execute("PRAGMA secure_delete=OFF")
         self._db.execute("PRAGMA journal_mode=WAL")
         # WAL with synchronous NORMAL: a commit survives a crash of this
         # process, not a power loss of the host (no fsync per commit, which
