@@ -97,6 +97,18 @@ def test_network_tables_add_up_across_buckets() -> None:
     assert network.merge_tables([], 5).distinct_hosts_observed == 0
 
 
+def test_top_talkers_keep_ties_in_address_order() -> None:
+    """The k largest values come largest first, and values tied at the
+    cut-off are taken in index (address) order, as a stable sort would."""
+    values = np.array([5.0, 9.0, 9.0, 1.0, 9.0, 3.0, 5.0])
+    assert network.top_indices(values, 2).tolist() == [1, 2]
+    assert network.top_indices(values, 4).tolist() == [1, 2, 4, 0]
+    assert network.top_indices(values, 5).tolist() == [1, 2, 4, 0, 6]
+    assert network.top_indices(values, 10).tolist() == [1, 2, 4, 0, 6, 5, 3]
+    assert network.top_indices(values, 0).tolist() == []
+    assert network.top_indices(np.zeros(0), 3).tolist() == []
+
+
 def test_compaction_keeps_every_feature() -> None:
     """Rows equal on what features read merge (sums exact) and the
     feature library computes the same rows from either form."""

@@ -83,8 +83,10 @@ def _sum_by_key(keys: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, np.n
         # Stable sort: timsort merges the runs of already sorted bucket
         # tables (merge_tables) several times faster than a quicksort.
         if bool((high == high[0]).all()):
-            order = np.argsort(low, kind="stable")
-            ordered = low[order]
+            # Sorting a native copy is a third faster than the big-endian view.
+            ordered = low.astype(np.uint64)
+            order = np.argsort(ordered, kind="stable")
+            ordered = ordered[order]
         else:
             order = np.lexsort((low, high))
             ordered = halves[order]
@@ -126,6 +128,23 @@ def bucket_tables(records: np.ndarray) -> tuple[float, bytes]:
     return float(flow_starts(records).sum()), blob
 
 
+def top_indices(values: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the ``k`` largest ``values``, largest first, ties in index
+    order: what a stable descending sort gives, without sorting all of
+    them (a window has tens of thousands of talkers and keeps ten)."""
+    n = int(values.size)
+    if k <= 0 or n == 0:
+        return np.zeros(0, dtype=np.intp)
+    if k >= n:
+        return np.argsort(-values, kind="stable")
+    kth = np.partition(values, n - k)[n - k]  # the k-th largest value
+    above = np.flatnonzero(values > kth)
+    ties = np.flatnonzero(values == kth)[: k - above.size]
+    chosen = np.concatenate([above, ties])  # ascending within each part
+    chosen.sort(kind="stable")
+    return chosen[np.argsort(-values[chosen], kind="stable")]
+
+
 def merge_tables(blobs: list[bytes], top_k: int) -> NetworkStats:
     """Add up the bucket tables of one window and close its statistics."""
     parts = [msgpack.unpackb(b) for b in blobs]
@@ -144,7 +163,7 @@ def merge_tables(blobs: list[bytes], top_k: int) -> NetworkStats:
     port_est = (
         chao1(np.zeros(ports.size, dtype=np.int64), port_n, 1) if ports.size else one
     )
-    top = np.argsort(-talker_b, kind="stable")[:top_k]
+    top = top_indices(talker_b, top_k)
     return NetworkStats(
         distinct_hosts=float(hosts[0]),
         distinct_hosts_observed=int(addrs.size),

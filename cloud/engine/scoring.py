@@ -72,6 +72,10 @@ class RowScorer(Protocol):
     ) -> ScoreResult: ...
 
 
+#: A noted alert as :meth:`SqliteStore.alert_keys_since` gives it.
+_ALERT_KEY = np.dtype([("host", "V16"), ("start", ">i8")])
+
+
 @dataclass(frozen=True)
 class Hysteresis:
     """K-of-N alert raising over a host's feature windows ``slide_ms``
@@ -100,15 +104,18 @@ class Hysteresis:
         idx = np.flatnonzero(alert)
         store.record_alerts(tenant_id, hosts[idx], starts[idx])
         span = (self.n - 1) * self.slide_ms
-        seen = store.alerts_since(tenant_id, int(starts[idx].min()) - span)
-        raw = np.ascontiguousarray(hosts, dtype="V16").tobytes()
+        seen = store.alert_keys_since(tenant_id, int(starts[idx].min()) - span)
+        # One lookup per alerting row and earlier window, on the store's
+        # key bytes (host, then the window start as 8 big-endian bytes).
+        keys = np.empty(idx.size, dtype=_ALERT_KEY)
+        keys["host"] = np.ascontiguousarray(hosts, dtype="V16")[idx]
+        count = np.zeros(idx.size, dtype=np.int64)
+        for j in range(self.n):
+            keys["start"] = starts[idx] - j * self.slide_ms
+            raw = keys.view(f"V{_ALERT_KEY.itemsize}").tolist()
+            count += np.fromiter((k in seen for k in raw), bool, idx.size)
         out = np.zeros(alert.shape, dtype=bool)
-        for i in idx.tolist():
-            host, start = raw[16 * i : 16 * i + 16], int(starts[i])
-            count = sum(
-                (host, start - j * self.slide_ms) in seen for j in range(self.n)
-            )
-            out[i] = count >= self.k
+        out[idx] = count >= self.k
         # Later windows look back at most n - 1 slides from their start.
         store.forget_alerts(tenant_id, int(starts.max()) - span)
         return out
