@@ -344,9 +344,15 @@ class MicroBatchProcessor:
             t.add_relay(r.relay_id, r.created_ms)
             by_relay.setdefault((r.tenant_id, r.relay_id), []).append(kept)
             parts.setdefault(r.tenant_id, []).append(kept)
+        flows = {k: np.concatenate(v) for k, v in parts.items()}
+        relays: dict[str, int] = {}
+        for tenant, _ in by_relay:
+            relays[tenant] = relays.get(tenant, 0) + 1
         for (tenant, relay), rows in by_relay.items():
-            tenants[tenant].add_rows(relay, np.concatenate(rows))
-        return {k: np.concatenate(v) for k, v in parts.items()}, tenants
+            # A tenant with one relay in the micro-batch: its rows are those.
+            whole = flows[tenant] if relays[tenant] == 1 else np.concatenate(rows)
+            tenants[tenant].add_rows(relay, whole)
+        return flows, tenants
 
     def _log_future(self, record: DecodedRecord, ahead: int) -> None:
         suppressed = self._future_log.allow("future_flows")

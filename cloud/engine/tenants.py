@@ -62,7 +62,9 @@ class TenantBatch:
         self.scaled_packets += float((packets * rows["sampling_rate"][known]).sum())
         exporters, inverse = _unique_addresses(rows["exporter"])
         latest = np.full(exporters.size, np.iinfo(np.int64).min, dtype=np.int64)
-        np.maximum.at(latest, inverse, rows["time_end"])
+        # Contiguous: ufunc.at on a strided field view is ~35x slower.
+        ends = np.ascontiguousarray(rows["time_end"], dtype=np.int64)
+        np.maximum.at(latest, inverse, ends)
         for exporter, t in zip(exporters, latest.tolist(), strict=True):
             key = (address_text(bytes(exporter)), relay_id)
             self.exporters_seen_ms[key] = max(t, self.exporters_seen_ms.get(key, t))

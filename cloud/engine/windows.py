@@ -58,7 +58,8 @@ def sum_by_window(
         raise ValueError(
             f"need 1 <= slide_ms <= size_ms, got slide {slide_ms}, size {size_ms}"
         )
-    t = np.asarray(time_ms, dtype=np.int64)
+    # Contiguous: ufunc.at on a strided field view of the rows is ~35x slower.
+    t = np.ascontiguousarray(time_ms, dtype=np.int64)
     if t.size == 0:
         empty = np.zeros(0, dtype=np.int64)
         return empty, empty.copy(), {name: np.zeros(0) for name in values}
