@@ -1,7 +1,7 @@
-"""Amazon Kinesis Data Streams as a Spark streaming source (boto3-based).
+"""Amazon Kinesis Data Streams as a Spark streaming source (botocore-based).
 
 :mod:`offsets` (per-shard positions, the checkpointed JSON), :mod:`shards`
-(lineage across splits and merges), :mod:`client` (the boto3 calls) and
+(lineage across splits and merges), :mod:`client` (the botocore calls) and
 :mod:`source` (the Spark Python data source).
 """
 

@@ -303,7 +303,7 @@ class KinesisStreamReader(DataSourceStreamReader, SupportsTriggerAvailableNow):
 
     Spark runs the offset calls (``initialOffset``, ``latestOffset``,
     ``partitions``, ``commit``) in one long-lived Python process on the
-    driver, and pickles the reader to executors for ``read``; the boto3
+    driver, and pickles the reader to executors for ``read``; the botocore
     client and the read-ahead are rebuilt where needed, never pickled.
     """
 
