@@ -338,9 +338,9 @@ def test_long_batch_of_one_exporter_keeps_values_sequence_and_errors() -> None:
         ]
         seq += (n + 3) if i == 40 else n
     decoder = FlowDecoder()
-    records = decoder.decode_many(datagrams)
-    assert records["packets"].tolist() == expected_packets
-    assert records["time_start"].tolist() == expected_start
+    decoded = decoder.decode_many(datagrams)
+    assert decoded["packets"].tolist() == expected_packets
+    assert decoded["time_start"].tolist() == expected_start
     counters = decoder.stats.exporter(EXPORTER, PORT)
     # Datagram 40 said n+3 records but held n: the 3 cut off are lost too.
     assert (counters.sequence_gaps, counters.estimated_lost) == (2, 7 + 3)
@@ -376,3 +376,143 @@ def test_rates_are_those_known_when_each_datagram_arrived() -> None:
     ]
     records = FlowDecoder().decode_many([*a50, b200, *a50_later])
     assert records["sampling_rate"].tolist() == [50] * 15 + [200] + [50] * 15
+
+
+# -- batches through the classifying pre-pass ---------------------------------
+
+OTHER_V4 = bytes([198, 51, 100, 9])  # an exporter handed over as 4 bytes
+OTHER_MAPPED = bytes(10) + b"\xff\xff" + OTHER_V4
+
+
+def _interleaved() -> tuple[list[tuple[bytes, bytes, int, int]], list[int]]:
+    """60 v5 datagrams from three sockets in an irregular order (two ports
+    of EXPORTER, OTHER as 4 bytes), 1-4 records each, with the packets of
+    record j of datagram i set to i * 10 + j; socket (EXPORTER, PORT + 1)
+    skips 5 records before its datagram 30."""
+    sockets = [(EXPORTER, PORT), (EXPORTER, PORT + 1), (OTHER_V4, PORT)]
+    seqs = [0, 0, 0]
+    datagrams = []
+    packets: list[int] = []
+    for i in range(60):
+        which = (i * 7 // 3) % 3
+        exporter, port = sockets[which]
+        n = 1 + i % 4
+        if i == 30:
+            which, (exporter, port) = 1, sockets[1]
+            seqs[1] += 5
+        records = [v5_record(packets=i * 10 + j) for j in range(n)]
+        datagrams.append((v5_datagram(records, seq=seqs[which]), exporter, port, 0))
+        seqs[which] += n
+        packets += [i * 10 + j for j in range(n)]
+    return datagrams, packets
+
+
+def test_interleaved_sockets_keep_order_counters_and_sequences() -> None:
+    """Sixty v5 datagrams of three sockets interleaved in one batch come out
+    in arrival order; each socket counts its own datagrams, bytes and
+    records, the 5 records skipped on one socket are one gap of 5, and an
+    exporter given as 4 bytes is the IPv4-mapped one."""
+    datagrams, packets = _interleaved()
+    decoder = FlowDecoder()
+    records = decoder.decode_many(datagrams)
+    assert records["packets"].tolist() == packets
+    for exporter, port in ((EXPORTER, PORT), (EXPORTER, PORT + 1), (OTHER_V4, PORT)):
+        mine = [d for d in datagrams if d[1] == exporter and d[2] == port]
+        address = OTHER_MAPPED if exporter == OTHER_V4 else exporter
+        counters = decoder.stats.by_exporter[address, port]
+        assert counters.datagrams == len(mine)
+        assert counters.bytes == sum(len(d[0]) for d in mine)
+        assert counters.records == sum((len(d[0]) - 24) // 48 for d in mine)
+        lost = 5 if port == PORT + 1 else 0
+        assert (counters.sequence_gaps, counters.estimated_lost) == (
+            int(lost > 0),
+            lost,
+        )
+    assert set(decoder.stats.by_exporter) == {
+        (EXPORTER, PORT),
+        (EXPORTER, PORT + 1),
+        (OTHER_MAPPED, PORT),
+    }
+    single = FlowDecoder()
+    one_by_one = np.concatenate([single.decode(*d) for d in datagrams])
+    assert records.tobytes() == one_by_one.tobytes()
+
+
+def test_other_datagrams_between_v5_runs_are_counted_in_place() -> None:
+    """In one batch, an empty datagram, one of unknown version 7 and a v1
+    datagram between two runs of twenty v5 datagrams are counted as
+    errors (empty_datagram, unknown_version) or decoded (v1) in place:
+    the v1 record sits between the two runs' records."""
+    first = [
+        (v5_datagram([v5_record(packets=i)], seq=i), EXPORTER, PORT, 0)
+        for i in range(20)
+    ]
+    v1 = struct.pack(">HHIII", 1, 1, UPTIME_MS, UNIX_SECS, 0) + v5_record(packets=999)
+    between = [
+        (b"", EXPORTER, PORT, 0),
+        (struct.pack(">HH", 7, 0) + bytes(20), EXPORTER, PORT, 0),
+        (v1, EXPORTER, PORT, 0),
+    ]
+    second = [
+        (v5_datagram([v5_record(packets=100 + i)], seq=20 + i), EXPORTER, PORT, 0)
+        for i in range(20)
+    ]
+    decoder = FlowDecoder()
+    records = decoder.decode_many([*first, *between, *second])
+    assert records["packets"].tolist() == [
+        *range(20),
+        999,
+        *range(100, 120),
+    ]
+    counters = decoder.stats.by_exporter[EXPORTER, PORT]
+    assert counters.errors["empty_datagram"] == 1
+    assert counters.errors["unknown_version"] == 1
+    assert counters.datagrams == 43
+    assert counters.records == 41
+    assert counters.sequence_gaps == 0
+
+
+def test_bad_exporter_address_in_a_long_batch_is_counted() -> None:
+    """A datagram whose exporter address is 5 bytes, in a batch of forty, is
+    counted as bad_exporter_address; the other 39 are decoded."""
+    datagrams = [
+        (v5_datagram([v5_record(packets=i)], seq=i), EXPORTER, PORT, 0)
+        for i in range(40)
+    ]
+    datagrams[17] = (datagrams[17][0], bytes(5), PORT, 0)
+    decoder = FlowDecoder()
+    records = decoder.decode_many(datagrams)
+    assert records["packets"].tolist() == [i for i in range(40) if i != 17]
+    assert decoder.stats.by_exporter[bytes(5), PORT].errors == {
+        "bad_exporter_address": 1
+    }
+    counters = decoder.stats.by_exporter[EXPORTER, PORT]
+    assert (counters.datagrams, counters.records) == (39, 39)
+    # The sequence number of the missing datagram is one record lost.
+    assert (counters.sequence_gaps, counters.estimated_lost) == (1, 1)
+
+
+def test_engine_change_inside_a_batch_starts_a_new_stream() -> None:
+    """Forty datagrams of one socket in one batch, the engine id changing
+    from 3 to 4 after twenty: records carry domain 1 << 8 | 3, then
+    1 << 8 | 4, and each engine's sequence numbers are their own stream
+    (both starting at 0: no gap)."""
+    datagrams = [
+        (
+            v5_datagram(
+                [v5_record(packets=i)], seq=i % 20, engine_id=3 if i < 20 else 4
+            ),
+            EXPORTER,
+            PORT,
+            0,
+        )
+        for i in range(40)
+    ]
+    decoder = FlowDecoder()
+    records = decoder.decode_many(datagrams)
+    assert records["domain"].tolist() == [1 << 8 | 3] * 20 + [1 << 8 | 4] * 20
+    assert records["packets"].tolist() == list(range(40))
+    counters = decoder.stats.by_exporter[EXPORTER, PORT]
+    assert (counters.datagrams, counters.sequence_gaps) == (40, 0)
+    for domain in (1 << 8 | 3, 1 << 8 | 4):
+        assert decoder.sequences.streams[EXPORTER, PORT, 5, domain].expected == 20

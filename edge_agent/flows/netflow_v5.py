@@ -30,10 +30,12 @@ and the reservation of the records' output positions.
 
 from __future__ import annotations
 
+import itertools
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
+import structlog
 
 from edge_agent.flows.counters import ExporterCounters
 from edge_agent.flows.fields import (
@@ -45,6 +47,8 @@ from edge_agent.flows.fields import (
 from edge_agent.flows.sampling import SamplingTable
 from edge_agent.flows.schema import ExportProtocol
 from edge_agent.flows.sequence import SequenceTracker, StreamState
+
+log = structlog.get_logger(__name__)
 
 V5_HEADER = struct.Struct(">HHIIIIBBH")
 #: The v5 header with engine type and id read as one word (the domain).
@@ -58,12 +62,27 @@ _V5_HEADER_DTYPE = np.dtype(
         "itemsize": 24,
     }
 )
-_UNIT = np.dtype("V24")
+#: A v5 datagram's header as one 24-byte unit (``tail``: engine type,
+#: engine id and sampling, the bytes a run shares).
+V5_HEADER_UNIT = np.dtype(
+    {
+        "names": ["version", "count", "uptime", "secs", "seq", "tail"],
+        "formats": [">u2", ">u2", ">u4", ">u4", ">u4", ">u4"],
+        "offsets": [0, 2, 4, 8, 16, 20],
+        "itemsize": 24,
+    }
+)
+#: A regular v5 datagram is a whole number of these: a header is one, a
+#: record two.
+V5_UNIT = np.dtype("V24")
+_UNIT = V5_UNIT
 _MASK = 0xFFFFFFFF
 #: Runs shorter than this are read datagram by datagram: the vector pass
 #: costs a few dozen numpy calls whatever its length.
 _VECTOR_RUN = 12
 _NO_INIT = np.array(-1, dtype=np.int64)
+#: Log at most one ``decoder_bug`` event per this many occurrences.
+_BUG_LOG_EVERY = 1000
 V1_HEADER = struct.Struct(">HHIII")
 RECORD_LENGTH = 48
 #: Most records a v5 datagram may carry (Cisco's limit; larger counts are
@@ -118,6 +137,29 @@ V5_LAYOUT = compile_layout(V5_FIELDS, RECORD_LENGTH)
 V1_LAYOUT = compile_layout(V1_FIELDS, RECORD_LENGTH)
 
 
+class _Block:
+    """What :meth:`NetflowV5Decoder.queue_many` already knows of a run that
+    is exactly the datagrams it was given: the datagrams joined as 24-byte
+    units, the index of each one's header unit, the headers, the record
+    counts and the number of datagrams."""
+
+    __slots__ = ("counts", "header", "heads", "size", "units")
+
+    def __init__(
+        self,
+        units: np.ndarray,
+        heads: np.ndarray,
+        header: np.ndarray,
+        counts: np.ndarray,
+        size: int,
+    ) -> None:
+        self.units = units
+        self.heads = heads
+        self.header = header
+        self.counts = counts
+        self.size = size
+
+
 class _Run:
     """Queued v5 datagrams of one exporter socket with one header tail.
 
@@ -127,6 +169,7 @@ class _Run:
     """
 
     __slots__ = (
+        "block",
         "counters",
         "domain",
         "exporter",
@@ -165,6 +208,8 @@ class _Run:
         self.payloads: list[bytes] = []
         self.starts: list[int] = []
         self.regular = True
+        #: set when the run is exactly one queue_many call's datagrams
+        self.block: _Block | None = None
 
 
 class NetflowV5Decoder:
@@ -197,6 +242,7 @@ class NetflowV5Decoder:
         #: taken out or the dict emptied, never replaced, while bound)
         self.runs: dict[tuple[bytes, int], _Run] = {}
         self._batch: RecordBatch | None = None
+        self._bugs = 0
 
     def bind(self, batch: RecordBatch) -> None:
         """Queue into ``batch`` from now on (runs of an earlier batch that
@@ -232,6 +278,153 @@ class NetflowV5Decoder:
         run.starts.append(batch.total)
         batch.total += count
         counters.records += count
+
+    def queue_many(  # noqa: PLR0917 - one call per run of v5 datagrams
+        self,
+        payloads: Sequence[bytes],
+        header: np.ndarray,
+        sizes: np.ndarray,
+        ids: np.ndarray | None,
+        keys: Sequence[tuple[bytes, int]],
+        counters: Sequence[ExporterCounters],
+        batch: RecordBatch,
+        joined: tuple[np.ndarray, np.ndarray] | None = None,
+    ) -> None:
+        """Queue consecutive v5 datagrams of one or more sockets.
+
+        The same effect as :meth:`queue` on each in order.  ``header`` is
+        each datagram's first 24 bytes as :data:`V5_HEADER_UNIT` (every
+        datagram has at least 24), ``sizes`` their lengths, ``ids`` their
+        socket numbers (None: all socket 0): socket ``i`` is ``keys[i]`` =
+        (exporter, port) with ``counters[i]``, whose datagrams and bytes
+        are already counted.  ``joined`` is (the datagrams joined, as
+        24-byte units; each one's first unit) if the caller has it.
+
+        When every datagram is regular (24 + 48 x count bytes), keeps its
+        socket's header tail through the call, and nothing in it announces
+        a new sampling interval, only each socket's first datagram goes
+        through :meth:`queue`; the others join its run in bulk, at output
+        positions reserved in arrival order.  Otherwise each is queued in
+        turn.
+        """
+        counts = header["count"].astype(np.int64)
+        n = len(payloads)
+        tails = header["tail"]
+        groups: list[tuple[int, range | list[int]]]
+        if ids is None or not np.count_nonzero(ids != ids[0]):
+            groups = [(0 if ids is None else int(ids[0]), range(n))]
+            irregular = (counts * RECORD_LENGTH + 24 != sizes) | (tails != tails[0])
+            if np.count_nonzero(irregular):
+                self._queue_each(payloads, ids, keys, counters, batch)
+                return
+        else:
+            if np.count_nonzero(counts * RECORD_LENGTH + 24 != sizes):
+                self._queue_each(payloads, ids, keys, counters, batch)
+                return
+            order = np.argsort(ids, kind="stable")
+            ordered = ids[order]
+            firsts = np.flatnonzero(np.diff(ordered, prepend=-1))
+            spans = np.diff(firsts, append=n)
+            if np.count_nonzero(tails[order] != np.repeat(tails[order[firsts]], spans)):
+                self._queue_each(payloads, ids, keys, counters, batch)
+                return
+            index = order.tolist()
+            bounds = [*firsts.tolist(), n]
+            groups = [
+                (int(ordered[a]), index[a:b]) for a, b in itertools.pairwise(bounds)
+            ]
+            # Each socket in order of its first datagram, as queue() would
+            # meet them (streams and counters are created in that order).
+            groups.sort(key=lambda group: group[1][0])
+            joined = None
+        announced = self._announced
+        for number, members in groups:
+            tail = int(tails[members[0]])
+            interval = tail & 0x3FFF
+            if interval and announced.get((keys[number][0], tail >> 16)) != interval:
+                # An announcement may change other runs and the rates they
+                # look up: everything in arrival order.
+                self._queue_each(payloads, ids, keys, counters, batch)
+                return
+        base = batch.total
+        ends = np.cumsum(counts)
+        starts = (ends - counts + base).tolist()
+        runs = self.runs
+        for number, members in groups:
+            key = keys[number]
+            count = counters[number]
+            first = members[0]
+            self._queue_at(payloads[first], key, count, batch, starts[first])
+            run = runs.get(key)
+            if len(members) == 1:
+                continue
+            if run is None or run.tail != payloads[first][20:24]:
+                # Not expected (the checks above rule it out): one by one.
+                for i in members[1:]:
+                    self._queue_at(payloads[i], key, count, batch, starts[i])
+                continue
+            if type(members) is range:
+                if joined is not None and len(run.payloads) == 1:
+                    # The run is exactly these datagrams: its read can
+                    # reuse the joined units and headers.
+                    run.block = _Block(joined[0], joined[1], header, counts, n)
+                run.payloads += payloads[1:]
+                run.starts += starts[1:]
+                count.records += int(ends[-1] - ends[0])
+            else:
+                rest = members[1:]
+                run.payloads += [payloads[i] for i in rest]
+                run.starts += [starts[i] for i in rest]
+                count.records += int(counts[rest].sum())
+        batch.total = base + int(ends[-1])
+
+    def _queue_at(
+        self,
+        payload: bytes,
+        key: tuple[bytes, int],
+        counters: ExporterCounters,
+        batch: RecordBatch,
+        start: int,
+    ) -> None:
+        """:meth:`queue` one datagram at the output position reserved for it.
+
+        If it raises (a bug), its reserved records are given up as lost
+        (counted ``decoder_bug`` when the batch is built) so the output
+        has no hole.
+        """
+        batch.total = start
+        try:
+            self.queue(payload, key, counters, batch)
+        except Exception:
+            count = payload[2] << 8 | payload[3]
+            counters.records += count
+            batch.lost(key[0], key[1], [count], [start])
+            self._log_bug(key[1])
+
+    def _queue_each(
+        self,
+        payloads: Sequence[bytes],
+        ids: np.ndarray | None,
+        keys: Sequence[tuple[bytes, int]],
+        counters: Sequence[ExporterCounters],
+        batch: RecordBatch,
+    ) -> None:
+        """:meth:`queue` each datagram in turn (one that raises, a bug, is
+        counted ``decoder_bug`` and the next one queued)."""
+        queue = self.queue
+        numbers = [0] * len(payloads) if ids is None else ids.tolist()
+        for payload, number in zip(payloads, numbers, strict=True):
+            try:
+                queue(payload, keys[number], counters[number], batch)
+            except Exception:
+                counters[number].errors["decoder_bug"] += 1
+                self._log_bug(keys[number][1])
+
+    def _log_bug(self, port: int) -> None:
+        """Log a datagram whose queueing raised, at most once per 1000."""
+        self._bugs += 1
+        if self._bugs % _BUG_LOG_EVERY == 1:
+            log.exception("decoder_bug", exporter_port=port, bugs=self._bugs)
 
     def _start(
         self,
@@ -385,12 +578,22 @@ class NetflowV5Decoder:
         header one unit and a record two."""
         payloads = run.payloads
         n = len(payloads)
-        units = np.frombuffer(b"".join(payloads), dtype=_UNIT)
-        sizes = np.fromiter(map(len, payloads), np.int64, n) // 24
-        heads = np.cumsum(sizes) - sizes
-        counts = (sizes - 1) >> 1
-        # frombuffer, not .view(): numpy checks a structured view in Python.
-        header = np.frombuffer(units[heads], dtype=_V5_HEADER_DTYPE)
+        block = run.block
+        if block is not None and block.size == n:
+            units, heads, header, counts = (
+                block.units,
+                block.heads,
+                block.header,
+                block.counts,
+            )
+        else:
+            units = np.frombuffer(b"".join(payloads), dtype=_UNIT)
+            sizes = np.fromiter(map(len, payloads), np.int64, n) // 24
+            heads = np.cumsum(sizes) - sizes
+            counts = (sizes - 1) >> 1
+            # frombuffer, not .view(): numpy checks a structured view in
+            # Python.
+            header = np.frombuffer(units[heads], dtype=_V5_HEADER_DTYPE)
         seqs = header["seq"].astype(np.int64)
         stream = run.stream
         chained = not np.count_nonzero(seqs[1:] != ((seqs[:-1] + counts[:-1]) & _MASK))
@@ -410,6 +613,7 @@ class NetflowV5Decoder:
             rate = np.array(run.marks[0][1], dtype=np.int64)
         else:
             rate = np.repeat(np.array(self._rates(run), dtype=np.int64), counts)
+        places = self._placement(run, counts, records.shape[0])
         batch.add_prepared(
             PreparedGroup(
                 layout=V5_LAYOUT,
@@ -425,10 +629,24 @@ class NetflowV5Decoder:
                     _NO_INIT,
                     rate,
                 ],
-                counts=counts,
-                starts=run.starts,
+                counts=places[0],
+                starts=places[1],
             )
         )
+
+    @staticmethod
+    def _placement(
+        run: _Run, counts: np.ndarray, total: int
+    ) -> tuple[list[int] | np.ndarray, list[int]]:
+        """The output runs of a run's records: one when its datagrams' places
+        follow one another (the common case: building then needs no list of
+        positions), else one per datagram."""
+        starts = run.starts
+        # Places are reserved in order without overlap, so a span equal to
+        # the records before the last datagram means no gap anywhere.
+        if starts[-1] - starts[0] == total - int(counts[-1]):
+            return [total], [starts[0]]
+        return counts, starts
 
     def walk_v1(
         self,
