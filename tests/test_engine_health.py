@@ -22,7 +22,12 @@ import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from cloud.engine.health import StatusPublisher, engine_health, status_registry
+from cloud.engine.health import (
+    StatusPublisher,
+    engine_health,
+    stale_after_s,
+    status_registry,
+)
 from edge_agent.aggregate.schema import AGG_DTYPE
 from edge_agent.cli import main
 from edge_agent.relay.metrics import MetricsServer
@@ -166,6 +171,48 @@ def test_healthz_is_ok_while_the_query_runs_and_503_after(
     assert health["error"] == "StreamingQueryException: boom"
     code, body = _get(url + "/metrics")
     assert _samples(body.decode())[("sampleflow_engine_up", ())] == 0.0
+
+
+def test_healthz_is_503_when_no_micro_batch_finished_for_too_long() -> None:
+    """A running query with no micro-batch finished for more than the
+    threshold (10 triggers, at least 60 s; counted from the engine's start
+    before the first) answers 503 with the reason; a new micro-batch makes
+    it healthy again, and a failed query keeps its own error."""
+    assert stale_after_s(2.0) == 60.0  # 10 x 2 s is under the 60 s floor
+    assert stale_after_s(10.0) == 100.0
+    now = [1_800_000_000.0]
+    status = StatusPublisher(clock=lambda: now[0])
+    query = _Query()
+    server = MetricsServer(
+        status_registry(status, query),
+        lambda: engine_health(status, query, stale_after_s(2.0)),
+        address="127.0.0.1",
+        port=0,
+    )
+    server.start()
+    url = f"http://127.0.0.1:{server.port}/healthz"
+    try:
+        now[0] += 60.0  # started 60 s ago, no micro-batch yet: not over
+        assert _get(url)[0] == 200
+        now[0] += 1.0
+        code, body = _get(url)
+        health = json.loads(body)
+        assert (code, health["status"]) == (503, "unhealthy")
+        assert health["query_running"] is True
+        assert "61 s since the engine start" in health["error"]
+        status.publish_batch(3, _report(records=2, flows=10))
+        assert _get(url)[0] == 200
+        now[0] += 61.5
+        code, body = _get(url)
+        health = json.loads(body)
+        assert code == 503
+        assert health["last_batch_age_s"] == 61.5
+        assert "since the last micro-batch" in health["error"]
+        query.running, query.error = False, "StreamingQueryException: boom"
+        code, body = _get(url)
+        assert (code, json.loads(body)["error"]) == (503, query.error)
+    finally:
+        server.stop()
 
 
 def test_status_command_prints_health_and_exits_by_it(

@@ -7,10 +7,12 @@ families (prefix ``sampleflow_engine_``) and :func:`engine_health` into
 the ``/healthz`` answer; the HTTP server is the relay's
 (:class:`edge_agent.relay.metrics.MetricsServer`, one implementation).
 
-Healthy means the streaming query is running.  A quiet stream is healthy:
-a micro-batch only runs when records arrive, so the age of the last one
-is reported (``last_batch_age_s``) for an operator or an alert rule to
-judge, not turned into a verdict here.
+Healthy means the streaming query is running and a micro-batch finished
+(or, before the first, the engine started) within ``stale_after_s``
+(:func:`stale_after_s`: ten trigger intervals, at least 60 s).  A
+micro-batch only runs when records arrive, so a stream that gets none for
+that long reads as unhealthy too, with the reason; relays write far more
+often than that.
 """
 
 from __future__ import annotations
@@ -48,6 +50,46 @@ _TOTALS: dict[str, str] = {
 }
 
 
+#: Gauges of the last micro-batch: name -> (report field, scale, help).
+_LAST: dict[str, tuple[str, float, str]] = {
+    "last_micro_batch_duration_seconds": (
+        "total_ms",
+        0.001,
+        "running time of the last micro-batch, s",
+    ),
+    "last_micro_batch_records": (
+        "records",
+        1.0,
+        "Kinesis records (input rows) of the last micro-batch",
+    ),
+    "last_micro_batch_flows": (
+        "flows",
+        1.0,
+        "accepted flow rows of the last micro-batch",
+    ),
+    "unscored_host_windows": (
+        "unscored",
+        1.0,
+        "host windows pending scoring after the last micro-batch",
+    ),
+    "estimates_deferred": (
+        "estimates_deferred",
+        1.0,
+        "estimates kept in memory while the store is down",
+    ),
+}
+
+#: Staleness threshold: this many trigger intervals, and at least the floor.
+STALE_TRIGGERS = 10
+STALE_FLOOR_S = 60.0
+
+
+def stale_after_s(trigger_interval_s: float) -> float:
+    """Seconds without a finished micro-batch after which a running
+    query is reported unhealthy: 10 trigger intervals, at least 60 s."""
+    return max(STALE_FLOOR_S, STALE_TRIGGERS * trigger_interval_s)
+
+
 @dataclass
 class StatusSnapshot:
     """A consistent copy of what :class:`StatusPublisher` holds."""
@@ -59,6 +101,7 @@ class StatusSnapshot:
     last_micro_batch: int | None
     last_batch_at: float | None  # time.time() when it finished
     lag_ms: dict[str, int]  # MillisBehindLatest per shard
+    started_at: float  # time.time() when the publisher was made
 
 
 @dataclass
@@ -76,6 +119,10 @@ class StatusPublisher:
     _last_micro_batch: int | None = None
     _last_batch_at: float | None = None
     _lag_ms: dict[str, int] = field(default_factory=dict)
+    _started_at: float = field(init=False, default=0.0)
+
+    def __post_init__(self) -> None:
+        self._started_at = self.clock()
 
     def publish_batch(self, micro_batch: int, values: Mapping[str, Any]) -> None:
         with self._lock:
@@ -104,6 +151,7 @@ class StatusPublisher:
                 last_micro_batch=self._last_micro_batch,
                 last_batch_at=self._last_batch_at,
                 lag_ms=dict(self._lag_ms),
+                started_at=self._started_at,
             )
 
 
@@ -154,31 +202,8 @@ class EngineCollector(Collector):
                 "when the last micro-batch finished, s since the epoch",
                 s.last_batch_at,
             )
-            yield _gauge(
-                "last_micro_batch_duration_seconds",
-                "running time of the last micro-batch, s",
-                float(s.last.get("total_ms", 0.0)) / 1000,
-            )
-            yield _gauge(
-                "last_micro_batch_records",
-                "Kinesis records (input rows) of the last micro-batch",
-                float(s.last.get("records", 0)),
-            )
-            yield _gauge(
-                "last_micro_batch_flows",
-                "accepted flow rows of the last micro-batch",
-                float(s.last.get("flows", 0)),
-            )
-            yield _gauge(
-                "unscored_host_windows",
-                "host windows pending scoring after the last micro-batch",
-                float(s.last.get("unscored", 0)),
-            )
-            yield _gauge(
-                "estimates_deferred",
-                "estimates kept in memory while the store is down",
-                float(s.last.get("estimates_deferred", 0)),
-            )
+            for name, (key, scale, doc) in _LAST.items():
+                yield _gauge(name, doc, float(s.last.get(key, 0) or 0) * scale)
         lag = GaugeMetricFamily(
             PREFIX + "millis_behind_latest",
             "how far the source's last read is behind the shard's tip, ms",
@@ -190,20 +215,33 @@ class EngineCollector(Collector):
 
 
 def engine_health(
-    status: StatusPublisher, query_state: QueryState
+    status: StatusPublisher,
+    query_state: QueryState,
+    stale_after_s: float | None = None,
 ) -> tuple[bool, dict[str, Any]]:
-    """``/healthz``: healthy while the query runs; the details an operator
-    looks at first (see the module doc)."""
+    """``/healthz``: healthy while the query runs and, with
+    ``stale_after_s`` (seconds), a micro-batch finished within it (before
+    the first: the engine started within it); the details an operator
+    looks at first (see the module doc).  Unhealthy answers carry
+    ``error``: the query's, or why it looks stuck."""
     s = status.snapshot()
     running, error = query_state()
+    now = status.clock()
+    since = s.started_at if s.last_batch_at is None else s.last_batch_at
+    stale = running and stale_after_s is not None and now - since > stale_after_s
+    if stale and error is None:
+        what = "engine start" if s.last_batch_at is None else "last micro-batch"
+        error = (
+            f"no micro-batch finished for {now - since:.0f} s since the {what} "
+            f"(unhealthy after {stale_after_s:.0f} s): the query may be stuck, "
+            "or no records arrive"
+        )
     details: dict[str, Any] = {
         "query_running": running,
         "micro_batches": s.micro_batches,
         "last_micro_batch": s.last_micro_batch,
         "last_batch_age_s": (
-            None
-            if s.last_batch_at is None
-            else round(status.clock() - s.last_batch_at, 3)
+            None if s.last_batch_at is None else round(now - s.last_batch_at, 3)
         ),
         "last_duration_s": (
             None
@@ -219,7 +257,7 @@ def engine_health(
     }
     if error is not None:
         details["error"] = error
-    return running, details
+    return running and not stale, details
 
 
 def status_registry(

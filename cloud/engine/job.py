@@ -49,7 +49,12 @@ from pyspark.sql.streaming import StreamingQuery
 from cloud.engine.analysis import AnalysisReport, FlowAnalysis
 from cloud.engine.config import EngineConfig
 from cloud.engine.estimates import z_for
-from cloud.engine.health import StatusPublisher, engine_health, status_registry
+from cloud.engine.health import (
+    StatusPublisher,
+    engine_health,
+    stale_after_s,
+    status_registry,
+)
 from cloud.engine.kinesis import SOURCE_NAME
 from cloud.engine.metrics import (
     EngineCounters,
@@ -656,9 +661,10 @@ def start_engine(
 def _start_status_server(config: EngineConfig, engine: Engine) -> MetricsServer | None:
     """Serve /metrics and /healthz; a port in use is logged, not fatal (the
     engine's work does not depend on being watched)."""
+    stale_s = stale_after_s(config.trigger_interval_s)
     server = MetricsServer(
         status_registry(engine.status, engine.query_state),
-        lambda: engine_health(engine.status, engine.query_state),
+        lambda: engine_health(engine.status, engine.query_state, stale_s),
         address=config.status_address,
         port=int(config.status_port or 0),
     )
