@@ -16,11 +16,19 @@ their own.
 
 Performance: :meth:`FlowDecoder.decode_many` reads the records of one
 template (or NetFlow v5) across the datagrams of a batch in one numpy pass;
-a batch of about a thousand datagrams is the sweet spot.  v9/IPFIX
-datagrams of a layout their exporter repeats skip the set walk
+a batch of about a thousand datagrams is the sweet spot.  A batch of 32
+datagrams or more is first classified in one numpy pass (version and
+exporter socket of every datagram): consecutive NetFlow v5 datagrams are
+then queued in bulk (:meth:`NetflowV5Decoder.queue_many`), and a run of
+one socket's v9/IPFIX datagrams is handed to its decoder's ``walk_many``,
+so no Python code runs per regular v5 datagram.  v9/IPFIX datagrams of a
+layout their exporter repeats skip the set walk
 (:mod:`edge_agent.flows.plans`).  A lone
 :meth:`FlowDecoder.decode` call pays the fixed numpy cost (tens of
-microseconds) for one datagram: collectors should batch.
+microseconds) for one datagram: collectors should batch.  Only runs of
+one socket go to ``walk_many``: v9/IPFIX exporters interleaved in a batch
+are walked datagram by datagram, which keeps the records in arrival
+order.
 
 Not thread-safe: use one decoder per collector task.
 """
@@ -52,12 +60,13 @@ _SFLOW_V5 = b"\x00\x00\x00\x05"
 #: Log at most one ``decoder_bug`` event per this many occurrences.
 _BUG_LOG_EVERY = 1000
 #: Batches of fewer datagrams are decoded one by one: the pre-pass costs
-#: a few dozen numpy calls whatever the batch size (a guess at the
-#: break-even on the shared captures).
-_PREPASS_MIN = 16
+#: a few dozen numpy calls whatever the batch size (measured: 16 one-record
+#: v5 datagrams are faster one by one, 32 faster through the pre-pass).
+_PREPASS_MIN = 32
 #: Consecutive v5 datagrams handed to the v5 decoder in one call from this
-#: many (fewer are cheaper one by one; also a guess).
-_V5_RUN_MIN = 8
+#: many (fewer are cheaper one by one; a guess from the same measurement,
+#: the pre-pass being paid already).
+_V5_RUN_MIN = 16
 #: Kind of a datagram the pre-pass leaves to the per-datagram path.
 _OTHER = -1
 #: Offsets of the header bytes the pre-pass gathers from each datagram.
