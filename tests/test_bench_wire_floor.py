@@ -101,7 +101,7 @@ def test_rows_measured_hold_every_record_and_the_transform_is_lossless() -> None
     for name, values in rows.items():
         assert np.array_equal(back[name].view(np.uint8), values.view(np.uint8)), name
 
-    floors, credit = column_floors(shipped)
+    floors, credit, _ = column_floors(shipped)
     assert all(f.stream_bits > 0 and f.batch_bits > 0 for f in floors)
     most = sum(math.lgamma(n + 1) / math.log(2) for n in shipped.rows_per_batch)
     assert 0 < credit <= most
