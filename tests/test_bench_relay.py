@@ -53,7 +53,8 @@ def test_bench_relay_smoke(captures_dir: Path, tmp_path: Path) -> None:
     """Two seconds at 5,000 records/s: exit 0; datagrams sent = received =
     decoded by the relay and by the peer; the records decoded are those of
     the datagrams sent per tshark, and the stream's flow counts sum to them;
-    no loss anywhere; a peak RSS is read."""
+    the batches counted shipped are those in the stream; no loss anywhere;
+    a peak RSS is read."""
     out = tmp_path / "bench.json"
     argv = ["bench", "relay", "--rate", "5000", "--seconds", "2"]
     argv += ["--captures", str(captures_dir), "--json", str(out)]
@@ -75,4 +76,6 @@ def test_bench_relay_smoke(captures_dir: Path, tmp_path: Path) -> None:
     assert relay["estimated_lost"] == 0 and relay["relay_loss"] == 0
     assert relay["decode_errors"] == {} and relay["other_drops"] == {}
     assert relay["peak_rss_kb"] > 0
+    # every batch in the stream was counted as shipped before the report
+    assert relay["batches_shipped"] == relay["stream_batches"] > 0
     assert peer["received"] == peer["sent"]["datagrams"]

@@ -35,6 +35,7 @@ than the rates.  Linux only (``/proc``, ``sched_setaffinity``).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import multiprocessing
 import os
@@ -492,6 +493,19 @@ def _measure_relay(
         )
 
     acked_at = _wait(all_acked, ack_timeout_s, "every batch to be acknowledged")
+
+    def counted() -> bool:
+        now = _get_metrics(metrics_port)
+        state["m"] = now
+        return _total(now, "batches_shipped_total") >= _total(
+            now, "batches_spooled_total"
+        )
+
+    # The shipper acks a call's batches in the spool before it counts
+    # them: read the counters once they have, or after a short grace (a
+    # batch the spool dropped never gets counted).
+    with contextlib.suppress(RelayBenchError):
+        _wait(counted, 5.0, "the shipped counters")
     peaks.sample()
     peak = _status_kb(relay.pid, "VmHWM")
     final = state["m"]

@@ -388,22 +388,27 @@ class RelayPipeline:
         """
         assert self.spool is not None
         e = self.encode_stats
-        e.windows += 1
         express_spooled = woken = False
-        for group in self.window_encoder.encode(window, self.spool.next_seq):
-            if express_spooled and not group.express and not woken:
-                woken = True
-                if self.shipper is not None:
-                    self.shipper.notify()  # thread-safe
-            if group.error is not None:
-                self._drop("encode_error", 1, group.rows, group.error)
-                continue
-            e.rows += group.rows
-            if group.express:
-                e.express_rows += group.rows
-                express_spooled = True
-            for batch in group.batches:
-                self._spool(batch)
+        try:
+            for group in self.window_encoder.encode(window, self.spool.next_seq):
+                if express_spooled and not group.express and not woken:
+                    woken = True
+                    if self.shipper is not None:
+                        self.shipper.notify()  # thread-safe
+                if group.error is not None:
+                    self._drop("encode_error", 1, group.rows, group.error)
+                    continue
+                e.rows += group.rows
+                if group.express:
+                    e.express_rows += group.rows
+                    express_spooled = True
+                for batch in group.batches:
+                    self._spool(batch)
+        finally:
+            # Counted once its batches are spooled (or it failed), as the
+            # windows_encoded_total metric says: a reader that sees every
+            # window encoded and the spool empty has seen them shipped.
+            e.windows += 1
         log.debug(
             "window_spooled",
             start_ms=window.start_ms,
