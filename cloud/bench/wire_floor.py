@@ -36,8 +36,10 @@ the rows shipped, scores included).  Every figure is divided by the
 
     Rows of a batch carry no order, so ``log2(n! / prod(m_i!))`` bits a
     batch (``m_i`` the multiplicities of equal rows) are credited once:
-    a coder may pick any order, which is worth exactly that (the
-    per-batch variants use the time order only for rows of one batch).
+    a coder may pick any order, which is worth exactly that.  (A row
+    coded from its 5-tuple's last row in the same batch must follow it,
+    which takes about a bit off the credit for each such row; not
+    counted: the floor errs low.)
 
 (b) Whole-replay compression.  All shipped rows at once, as one version
     2 body (sorted by address, version 2 column specs) and as one byte
