@@ -252,12 +252,15 @@ class FlowDecoder:
             return False
         ids, keys, counters = sockets
         sizes = np.fromiter(map(len, payloads), np.int64, n)
-        data = b"".join(payloads)
+        # Padded so that the gather below stays in bounds after a short
+        # last datagram.
+        data = b"".join((*payloads, _PAD))
+        total = len(data) - len(_PAD)
         units = sizes // 24
         if not np.count_nonzero((units * 24 != sizes) | (units == 0)):
             # Every datagram a whole number of 24-byte units, as regular v5
             # datagrams are: the headers are one gather of units.
-            joined = np.frombuffer(data, dtype=V5_UNIT)
+            joined = np.frombuffer(data, dtype=V5_UNIT, count=total // 24)
             heads = np.cumsum(units) - units
             header = np.frombuffer(joined[heads], dtype=V5_HEADER_UNIT)
             if not np.count_nonzero(header["version"] != 5):
@@ -270,21 +273,21 @@ class FlowDecoder:
                     keys,
                     counters,
                     batch,
-                    (joined, heads, len(data)),
+                    (joined, heads, total),
                 )
                 return True
-        # The first 24 bytes of every datagram, gathered from the joined
-        # datagrams (padded so that a short last one stays in bounds).
-        padded = np.frombuffer(b"".join((*payloads, _PAD)), dtype=np.uint8)
+        padded = np.frombuffer(data, dtype=np.uint8)
         offsets = np.cumsum(sizes) - sizes
-        head = padded[offsets[:, None] + _HEAD_BYTES]
-        word = head[:, 0].astype(np.int64) << 8 | head[:, 1]
+        word = padded[offsets].astype(np.int64) << 8 | padded[offsets + 1]
         kind = np.where((sizes >= 2) & (word <= 10), word, _OTHER).astype(np.int8)
         kind[(kind == 5) & (sizes < 24)] = _OTHER
         kind[(kind != 5) & (kind != 9) & (kind != 10)] = _OTHER
         if not np.count_nonzero(kind != _OTHER):
+            # Nothing to hand over in bulk (sFlow, NetFlow v1).
             self._decode_each(items, 0, n, batch)
             return True
+        # The first 24 bytes of every datagram (v5 segments read them).
+        head = padded[offsets[:, None] + _HEAD_BYTES]
         # A run ends where the kind changes, or (v9, IPFIX) the socket does.
         change = np.ones(n, dtype=bool)
         change[1:] = kind[1:] != kind[:-1]
