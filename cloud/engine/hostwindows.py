@@ -29,6 +29,8 @@ of it.
 
 from __future__ import annotations
 
+import bisect
+import itertools
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -141,6 +143,25 @@ def windows_to_close(
                 out.add(s)
             s -= slide_ms
     return sorted(out)
+
+
+class BucketSpan:
+    """Bucket blobs ``(bucket start, blob)`` in store order (start, then
+    micro-batch) joined into one ``BUCKET_DTYPE`` array, so that the rows
+    of the buckets starting in any ``[start, end)`` are one slice (a view:
+    no copy)."""
+
+    def __init__(self, items: Sequence[tuple[int, bytes]]) -> None:
+        self._starts = [start for start, _ in items]
+        self._all = bucket_rows([blob for _, blob in items])
+        sizes = [len(blob) // BUCKET_DTYPE.itemsize for _, blob in items]
+        self._offsets = [0, *itertools.accumulate(sizes)]
+
+    def rows(self, start_ms: int, end_ms: int) -> np.ndarray:
+        """Rows of the buckets starting in ``[start_ms, end_ms)``."""
+        lo = bisect.bisect_left(self._starts, start_ms)
+        hi = bisect.bisect_left(self._starts, end_ms)
+        return self._all[self._offsets[lo] : self._offsets[hi]]
 
 
 def bucket_rows(blobs: Sequence[bytes]) -> np.ndarray:

@@ -526,13 +526,22 @@ class SqliteStore:
         self, kind: str, tenant_id: str, start_ms: int, end_ms: int
     ) -> list[bytes]:
         """Blobs of the tenant's buckets starting in ``[start_ms, end_ms)``."""
+        return [
+            data for _, data in self.bucket_items(kind, tenant_id, start_ms, end_ms)
+        ]
+
+    def bucket_items(
+        self, kind: str, tenant_id: str, start_ms: int, end_ms: int
+    ) -> list[tuple[int, bytes]]:
+        """(bucket start, blob) of the tenant's buckets starting in
+        ``[start_ms, end_ms)``, by bucket start, then micro-batch."""
         keys = self._db.execute(
             "SELECT bucket_start_ms, micro_batch FROM buckets WHERE kind = ? AND "
             "tenant_id = ? AND bucket_start_ms >= ? AND bucket_start_ms < ? "
             "ORDER BY bucket_start_ms, micro_batch",
             (kind, tenant_id, start_ms, end_ms),
         ).fetchall()
-        out: list[bytes] = []
+        out: list[tuple[int, bytes]] = []
         for start, micro_batch in keys:
             key = (kind, tenant_id, int(start), int(micro_batch))
             data = self._blobs.get(key)
@@ -543,7 +552,7 @@ class SqliteStore:
                     key,
                 ).fetchone()
                 data = bytes(raw)
-            out.append(data)
+            out.append((int(start), data))
         return out
 
     def bucket_values(
