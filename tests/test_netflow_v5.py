@@ -10,6 +10,7 @@ from __future__ import annotations
 import struct
 
 import numpy as np
+import pytest
 
 from edge_agent.flows.decoder import FlowDecoder
 from edge_agent.flows.schema import ExportProtocol, Field, address_text
@@ -516,3 +517,31 @@ def test_engine_change_inside_a_batch_starts_a_new_stream() -> None:
     assert (counters.datagrams, counters.sequence_gaps) == (40, 0)
     for domain in (1 << 8 | 3, 1 << 8 | 4):
         assert decoder.sequences.streams[EXPORTER, PORT, 5, domain].expected == 20
+
+
+def test_a_failing_pre_pass_falls_back_to_one_by_one(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """If the batch pre-pass or the v5 bulk planning raises (a bug), the
+    batch is still decoded datagram by datagram: every record, in order,
+    with its counters; nothing is counted as lost."""
+    datagrams = [
+        (v5_datagram([v5_record(packets=i)], seq=i), EXPORTER, PORT, 0)
+        for i in range(40)
+    ]
+
+    def broken(*args: object) -> None:
+        raise RuntimeError("injected")
+
+    for target in ("edge_agent.flows.decoder._classify", "_plan"):
+        decoder = FlowDecoder()
+        if target == "_plan":
+            monkeypatch.setattr(decoder._v5, "_plan", broken)
+        else:
+            monkeypatch.setattr(target, broken)
+        records = decoder.decode_many(datagrams)
+        monkeypatch.undo()
+        assert records["packets"].tolist() == list(range(40)), target
+        counters = decoder.stats.by_exporter[EXPORTER, PORT]
+        assert (counters.datagrams, counters.records) == (40, 40), target
+        assert counters.errors == {}, target

@@ -251,43 +251,32 @@ class FlowDecoder:
         if sockets is None:
             return False
         ids, keys, counters = sockets
-        sizes = np.fromiter(map(len, payloads), np.int64, n)
-        # Padded so that the gather below stays in bounds after a short
-        # last datagram.
-        data = b"".join((*payloads, _PAD))
-        total = len(data) - len(_PAD)
-        units = sizes // 24
-        if not np.count_nonzero((units * 24 != sizes) | (units == 0)):
-            # Every datagram a whole number of 24-byte units, as regular v5
-            # datagrams are: the headers are one gather of units.
-            joined = np.frombuffer(data, dtype=V5_UNIT, count=total // 24)
-            heads = np.cumsum(units) - units
-            header = np.frombuffer(joined[heads], dtype=V5_HEADER_UNIT)
-            if not np.count_nonzero(header["version"] != 5):
-                self._queue_v5(
-                    payloads,
-                    header,
-                    sizes,
-                    ids,
-                    max(received),
-                    keys,
-                    counters,
-                    batch,
-                    (joined, heads, total),
-                )
-                return True
-        padded = np.frombuffer(data, dtype=np.uint8)
-        offsets = np.cumsum(sizes) - sizes
-        word = padded[offsets].astype(np.int64) << 8 | padded[offsets + 1]
-        kind = np.where((sizes >= 2) & (word <= 10), word, _OTHER).astype(np.int8)
-        kind[(kind == 5) & (sizes < 24)] = _OTHER
-        kind[(kind != 5) & (kind != 9) & (kind != 10)] = _OTHER
-        if not np.count_nonzero(kind != _OTHER):
+        try:
+            sizes, whole, kinds = _classify(payloads, n)
+        except Exception:  # a bug: the batch goes one by one
+            self._bugs += 1
+            if self._bugs % _BUG_LOG_EVERY == 1:
+                log.exception("decoder_bug", stage="prepass", bugs=self._bugs)
+            return False
+        if whole is not None:
+            joined, heads, header, total = whole
+            self._queue_v5(
+                payloads,
+                header,
+                sizes,
+                ids,
+                max(received),
+                keys,
+                counters,
+                batch,
+                (joined, heads, total),
+            )
+            return True
+        if kinds is None:
             # Nothing to hand over in bulk (sFlow, NetFlow v1).
             self._decode_each(items, 0, n, batch)
             return True
-        # The first 24 bytes of every datagram (v5 segments read them).
-        head = padded[offsets[:, None] + _HEAD_BYTES]
+        kind, head = kinds
         # A run ends where the kind changes, or (v9, IPFIX) the socket does.
         change = np.ones(n, dtype=bool)
         change[1:] = kind[1:] != kind[:-1]
@@ -295,9 +284,9 @@ class FlowDecoder:
             change[1:] |= (ids[1:] != ids[:-1]) & (kind[1:] != 5)
         bounds = np.flatnonzero(change).tolist()
         bounds.append(n)
-        kinds = kind[change].tolist()
+        run_kinds = kind[change].tolist()
         done = 0
-        for first, end, what in zip(bounds, bounds[1:], kinds, strict=False):
+        for first, end, what in zip(bounds, bounds[1:], run_kinds, strict=False):
             length = end - first
             if what == 5 and length >= _V5_RUN_MIN:
                 if done < first:
@@ -584,3 +573,43 @@ class FlowDecoder:
         Each dropped set is counted in its exporter's ``pending_expired``.
         """
         return self._expire(now_ms)
+
+
+def _classify(
+    payloads: tuple[bytes, ...], n: int
+) -> tuple[
+    np.ndarray,
+    tuple[np.ndarray, np.ndarray, np.ndarray, int] | None,
+    tuple[np.ndarray, np.ndarray] | None,
+]:
+    """The pre-pass's look at a batch: (sizes, whole, kinds).
+
+    ``whole`` is (the batch as 24-byte units, each datagram's first unit,
+    the headers as V5_HEADER_UNIT, total bytes) when every datagram is a
+    v5 one of a whole number of units; else ``kinds`` is (each datagram's
+    kind: 5, 9, 10 or _OTHER; its first 24 bytes), or None when no
+    datagram is of a kind handed over in bulk.
+    """
+    sizes = np.fromiter(map(len, payloads), np.int64, n)
+    # Padded so that the gathers stay in bounds after a short last datagram.
+    data = b"".join((*payloads, _PAD))
+    total = len(data) - len(_PAD)
+    units = sizes // 24
+    if not np.count_nonzero((units * 24 != sizes) | (units == 0)):
+        # Every datagram a whole number of 24-byte units, as regular v5
+        # datagrams are: the headers are one gather of units.
+        joined = np.frombuffer(data, dtype=V5_UNIT, count=total // 24)
+        heads = np.cumsum(units) - units
+        header = np.frombuffer(joined[heads], dtype=V5_HEADER_UNIT)
+        if not np.count_nonzero(header["version"] != 5):
+            return sizes, (joined, heads, header, total), None
+    padded = np.frombuffer(data, dtype=np.uint8)
+    offsets = np.cumsum(sizes) - sizes
+    word = padded[offsets].astype(np.int64) << 8 | padded[offsets + 1]
+    kind = np.where((sizes >= 2) & (word <= 10), word, _OTHER).astype(np.int8)
+    kind[(kind == 5) & (sizes < 24)] = _OTHER
+    kind[(kind != 5) & (kind != 9) & (kind != 10)] = _OTHER
+    if not np.count_nonzero(kind != _OTHER):
+        return sizes, None, None
+    # The first 24 bytes of every datagram (v5 runs read them).
+    return sizes, None, (kind, padded[offsets[:, None] + _HEAD_BYTES])

@@ -307,45 +307,18 @@ class NetflowV5Decoder:
         positions reserved in arrival order.  Otherwise each is queued in
         turn.
         """
-        counts = header["count"].astype(np.int64)
+        try:
+            plan = self._plan(header, sizes, ids, keys)
+        except Exception:  # a bug: each datagram in turn, as queue() does
+            self._log_bug(keys[0][1])
+            plan = None
+        if plan is None:
+            self._queue_each(payloads, ids, keys, counters, batch)
+            return
+        groups, counts = plan
         n = len(payloads)
-        tails = header["tail"]
-        groups: list[tuple[int, range | list[int]]]
-        if ids is None or not np.count_nonzero(ids != ids[0]):
-            groups = [(0 if ids is None else int(ids[0]), range(n))]
-            irregular = (counts * RECORD_LENGTH + 24 != sizes) | (tails != tails[0])
-            if np.count_nonzero(irregular):
-                self._queue_each(payloads, ids, keys, counters, batch)
-                return
-        else:
-            if np.count_nonzero(counts * RECORD_LENGTH + 24 != sizes):
-                self._queue_each(payloads, ids, keys, counters, batch)
-                return
-            order = np.argsort(ids, kind="stable")
-            ordered = ids[order]
-            firsts = np.flatnonzero(np.diff(ordered, prepend=-1))
-            spans = np.diff(firsts, append=n)
-            if np.count_nonzero(tails[order] != np.repeat(tails[order[firsts]], spans)):
-                self._queue_each(payloads, ids, keys, counters, batch)
-                return
-            index = order.tolist()
-            bounds = [*firsts.tolist(), n]
-            groups = [
-                (int(ordered[a]), index[a:b]) for a, b in itertools.pairwise(bounds)
-            ]
-            # Each socket in order of its first datagram, as queue() would
-            # meet them (streams and counters are created in that order).
-            groups.sort(key=lambda group: group[1][0])
+        if len(groups) > 1:
             joined = None
-        announced = self._announced
-        for number, members in groups:
-            tail = int(tails[members[0]])
-            interval = tail & 0x3FFF
-            if interval and announced.get((keys[number][0], tail >> 16)) != interval:
-                # An announcement may change other runs and the rates they
-                # look up: everything in arrival order.
-                self._queue_each(payloads, ids, keys, counters, batch)
-                return
         base = batch.total
         ends = np.cumsum(counts)
         starts = (ends - counts + base).tolist()
@@ -377,6 +350,52 @@ class NetflowV5Decoder:
                 run.starts += [starts[i] for i in rest]
                 count.records += int(counts[rest].sum())
         batch.total = base + int(ends[-1])
+
+    def _plan(
+        self,
+        header: np.ndarray,
+        sizes: np.ndarray,
+        ids: np.ndarray | None,
+        keys: Sequence[tuple[bytes, int]],
+    ) -> tuple[list[tuple[int, range | list[int]]], np.ndarray] | None:
+        """Group :meth:`queue_many`'s datagrams by socket, in order of each
+        socket's first datagram, with their record counts; None when they
+        must be queued one by one (see there)."""
+        counts = header["count"].astype(np.int64)
+        n = len(sizes)
+        tails = header["tail"]
+        groups: list[tuple[int, range | list[int]]]
+        if ids is None or not np.count_nonzero(ids != ids[0]):
+            groups = [(0 if ids is None else int(ids[0]), range(n))]
+            irregular = (counts * RECORD_LENGTH + 24 != sizes) | (tails != tails[0])
+            if np.count_nonzero(irregular):
+                return None
+        else:
+            if np.count_nonzero(counts * RECORD_LENGTH + 24 != sizes):
+                return None
+            order = np.argsort(ids, kind="stable")
+            ordered = ids[order]
+            firsts = np.flatnonzero(np.diff(ordered, prepend=-1))
+            spans = np.diff(firsts, append=n)
+            if np.count_nonzero(tails[order] != np.repeat(tails[order[firsts]], spans)):
+                return None
+            index = order.tolist()
+            bounds = [*firsts.tolist(), n]
+            groups = [
+                (int(ordered[a]), index[a:b]) for a, b in itertools.pairwise(bounds)
+            ]
+            # Each socket in order of its first datagram, as queue() would
+            # meet them (streams and counters are created in that order).
+            groups.sort(key=lambda group: group[1][0])
+        announced = self._announced
+        for number, members in groups:
+            tail = int(tails[members[0]])
+            interval = tail & 0x3FFF
+            if interval and announced.get((keys[number][0], tail >> 16)) != interval:
+                # An announcement may change other runs and the rates they
+                # look up: everything in arrival order.
+                return None
+        return groups, counts
 
     def _queue_at(
         self,
