@@ -322,6 +322,7 @@ class NetflowV5Decoder:
         base = batch.total
         ends = np.cumsum(counts)
         starts = (ends - counts + base).tolist()
+        counts_list = counts.tolist() if len(groups) > 1 else []
         runs = self.runs
         for number, members in groups:
             key = keys[number]
@@ -348,7 +349,7 @@ class NetflowV5Decoder:
                 rest = members[1:]
                 run.payloads += [payloads[i] for i in rest]
                 run.starts += [starts[i] for i in rest]
-                count.records += int(counts[rest].sum())
+                count.records += sum([counts_list[i] for i in rest])
         batch.total = base + int(ends[-1])
 
     def _plan(
@@ -380,16 +381,21 @@ class NetflowV5Decoder:
             if np.count_nonzero(tails[order] != np.repeat(tails[order[firsts]], spans)):
                 return None
             index = order.tolist()
+            numbers = ordered[firsts].tolist()
             bounds = [*firsts.tolist(), n]
             groups = [
-                (int(ordered[a]), index[a:b]) for a, b in itertools.pairwise(bounds)
+                (number, index[a:b])
+                for number, (a, b) in zip(
+                    numbers, itertools.pairwise(bounds), strict=True
+                )
             ]
             # Each socket in order of its first datagram, as queue() would
             # meet them (streams and counters are created in that order).
             groups.sort(key=lambda group: group[1][0])
         announced = self._announced
+        tails_list = tails.tolist()
         for number, members in groups:
-            tail = int(tails[members[0]])
+            tail = tails_list[members[0]]
             interval = tail & 0x3FFF
             if interval and announced.get((keys[number][0], tail >> 16)) != interval:
                 # An announcement may change other runs and the rates they
