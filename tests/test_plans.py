@@ -18,7 +18,10 @@ import pytest
 from edge_agent.bench.decode import Replicas, Stream
 from edge_agent.collect.datagram import Datagram
 from edge_agent.collect.pcap import read_capture
-from edge_agent.flows.decoder import DecoderConfig, FlowDecoder
+from edge_agent.flows import netflow_v9
+from edge_agent.flows.decoder import DecoderConfig, FlowDecoder, normalise_exporter
+from edge_agent.flows.fields import RecordBatch
+from edge_agent.flows.sequence import StreamState
 
 EXPORTER = bytes(10) + b"\xff\xff" + bytes([192, 0, 2, 7])
 PORT = 2055
@@ -271,3 +274,131 @@ def test_options_data_in_planned_datagrams(options_first: bool) -> None:
     assert counters.options_records == 80
     assert counters.records == 160
     assert counters.sequence_gaps == 0
+
+
+# -- walk_many: one socket's datagrams in one call -----------------------------
+
+
+def _interleaved_changes(capture: list[Datagram], ipfix: bool) -> list[Datagram]:
+    """The capture's datagrams with, from the same socket, a hand-built
+    stream of another domain mixed in: a template redefined (same record
+    length, other field order) every 7 data datagrams, IPFIX withdrawals,
+    a sequence gap and a late datagram."""
+    first = capture[0]
+    mixed: list[Datagram] = []
+    seq = 0
+    fields = (FIELDS_A, FIELDS_B)
+    records = (_record_a, _record_b)
+    domain = 0x5EED
+    for i, datagram in enumerate(capture):
+        mixed.append(datagram)
+        k = i // 7 % 2
+        if i % 7 == 0:
+            if ipfix:
+                if k == 0 and i:
+                    mixed.append(
+                        first._replace(
+                            payload=_ipfix(
+                                seq,
+                                _set(2, struct.pack(">HH", 300, 0)),
+                                domain=domain,
+                            )
+                        )
+                    )
+                template = _ipfix_template(300, fields[k])
+                payload = _ipfix(seq, template, domain=domain)
+            else:
+                payload = _v9(seq, _template(300, fields[k]), source_id=domain)
+                seq += 1
+            mixed.append(first._replace(payload=payload))
+        body = records[k](1000 + i, i, 6, 2000 + i) + records[k](7, i, 17, 53)
+        if i % 23 == 5:
+            seq += 3  # a gap (and, two datagrams on, a late one)
+        number = seq - 5 if i % 23 == 7 else seq
+        payload = (
+            _ipfix(number, _set(300, body), domain=domain)
+            if ipfix
+            else _v9(number, _set(300, body), source_id=domain)
+        )
+        mixed.append(first._replace(payload=payload))
+        seq += 2 if ipfix else 1
+    return mixed
+
+
+def _walk_socket(decoder: FlowDecoder, datagrams: list[Datagram], many: bool) -> bytes:
+    """Decode through the v9/IPFIX walkers, per socket and version in
+    arrival order: ``walk_many`` once per group or ``walk`` per datagram."""
+    batch = RecordBatch()
+    for walker in (decoder._v5, decoder._v9, decoder._ipfix):
+        walker.bind(batch)
+    groups: dict[tuple[bytes, int, bytes], tuple[list[bytes], list[int]]] = {}
+    for d in datagrams:
+        address = normalise_exporter(d.exporter)
+        assert address is not None
+        group = groups.setdefault((address, d.exporter_port, d.payload[:2]), ([], []))
+        group[0].append(d.payload)
+        group[1].append(d.received_ms)
+        counters = decoder.stats.exporter(address, d.exporter_port)
+        counters.datagrams += 1
+        counters.bytes += len(d.payload)
+    for (address, port, version), (payloads, received) in groups.items():
+        walker = decoder._v9 if version == b"\x00\x09" else decoder._ipfix
+        counters = decoder.stats.exporter(address, port)
+        if many:
+            walker.walk_many(payloads, received, address, port, counters, batch)
+        else:
+            for payload, received_ms in zip(payloads, received, strict=True):
+                walker.walk(payload, address, port, received_ms, counters, batch)
+    return batch.build(decoder.sampling.lookup, decoder.sampling.override).tobytes()
+
+
+def _stream_state(decoder: FlowDecoder) -> dict[object, tuple[object, ...]]:
+    return {
+        key: tuple(getattr(state, name) for name in StreamState.__slots__)
+        for key, state in decoder.sequences.streams.items()
+    }
+
+
+@pytest.mark.parametrize(("size", "shortest"), [(256, 4), (61, 2)])
+def test_walk_many_equals_walk_on_replicated_captures(
+    captures_dir: Path, monkeypatch: pytest.MonkeyPatch, size: int, shortest: int
+) -> None:
+    """Every v9/IPFIX capture sent 24 times over, with a stream of
+    templates redefined and withdrawn, gaps and a late datagram mixed in
+    on the same socket: walk_many per socket gives the same records,
+    counters, sequence state, templates, held data and sampling table as
+    walk on each datagram, in batches of ``size`` datagrams."""
+    # Bulk-match short calls too, and sizes and runs from ``shortest``
+    # datagrams, so that every capture takes the bulk path somewhere and
+    # the walk takes some datagrams of the same plans.
+    monkeypatch.setattr(netflow_v9, "_BULK_MIN", 8)
+    monkeypatch.setattr(netflow_v9, "_MATCH_MIN", shortest)
+    monkeypatch.setattr(netflow_v9, "_RUN_MIN", shortest)
+    compared = 0
+    for path in _templated_captures(captures_dir):
+        stream = _stream(path)
+        if not stream.datagrams:
+            continue
+        replicas = Replicas([stream])
+        datagrams = [
+            d for i in range(REPLICAS) for d in replicas.replica(i)[0].datagrams
+        ]
+        ipfix = stream.datagrams[0].payload[:2] == b"\x00\x0a"
+        for mixed in (datagrams, _interleaved_changes(datagrams, ipfix)):
+            one, many = FlowDecoder(), FlowDecoder()
+            name = f"{path.name} ({len(mixed)} datagrams)"
+            for i in range(0, len(mixed), size):
+                chunk = mixed[i : i + size]
+                assert _walk_socket(one, chunk, False) == _walk_socket(
+                    many, chunk, True
+                ), name
+            assert one.stats.by_exporter == many.stats.by_exporter, name
+            assert _stream_state(one) == _stream_state(many), name
+            assert {k: t.raw for k, t in one.templates.templates.items()} == {
+                k: t.raw for k, t in many.templates.templates.items()
+            }, name
+            assert one.pending.sets == many.pending.sets, name
+            assert one.sampling.announced == many.sampling.announced, name
+            assert one._ipfix.init_times == many._ipfix.init_times, name
+            compared += 1
+    assert compared > 40

@@ -43,6 +43,7 @@ class IpfixDecoder(TemplatedDecoder):
     """Walk IPFIX messages."""
 
     PROTO = ExportProtocol.IPFIX
+    SEQ_OFFSET = 8
 
     def walk(  # noqa: PLR0917 - once per datagram: positional is cheaper
         self,

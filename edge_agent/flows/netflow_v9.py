@@ -38,7 +38,17 @@ import structlog
 from edge_agent.flows import fields as ie
 from edge_agent.flows.counters import DecodeStats, ExporterCounters
 from edge_agent.flows.fields import FieldSpec, RecordBatch, record_rates, sampler_ids
-from edge_agent.flows.plans import CHAIN, MAX_PLANS, DatagramPlan, flush_plan, make_plan
+from edge_agent.flows.plans import (
+    CHAIN,
+    MAX_PLANS,
+    BulkCall,
+    BulkQueue,
+    DatagramPlan,
+    byte_rows,
+    flush_plan,
+    make_plan,
+    match_rows,
+)
 from edge_agent.flows.sampling import SamplingTable
 from edge_agent.flows.schema import ExportProtocol, address_text
 from edge_agent.flows.sequence import SequenceTracker
@@ -53,6 +63,17 @@ from edge_agent.flows.templates import (
     split_varlen,
 )
 
+#: walk_many walks fewer datagrams than this one by one: the bulk path's
+#: fixed cost (a few dozen numpy calls) is about that of a hundred walks
+#: of planned datagrams.
+_BULK_MIN = 128
+#: Datagrams of a size must come this often in a walk_many call to be
+#: matched in bulk (a matrix pass costs about as much as a few walks).
+_MATCH_MIN = 4
+#: Consecutive matching datagrams shorter than this are walked one by one.
+_RUN_MIN = 4
+#: walk_many matches again at most this often per call when plans change.
+_MAX_REMATCH = 4
 #: Log at most one ``decoder_bug`` event per this many occurrences.
 _BUG_LOG_EVERY = 1000
 #: Bound of the set of degraded modes logged once.
@@ -78,6 +99,58 @@ V9_OPTIONS_HEADER = struct.Struct(">HHH")
 #: Header context of a datagram: (unix secs, sysUptime ms or -1, export
 #: time ms, IPFIX systemInitTime ms or -1).
 Context = tuple[int, int, int, int]
+
+
+_MASK32 = 0xFFFFFFFF
+
+
+def _running(flags: np.ndarray) -> list[int]:
+    """``out[k]``: the sum of ``flags[:k]`` (how many are set)."""
+    out = np.zeros(len(flags) + 1, dtype=np.int64)
+    np.cumsum(flags, out=out[1:])
+    values: list[int] = out.tolist()
+    return values
+
+
+class _Tables:
+    """walk_many's per-datagram values, as lists (TemplatedDecoder._tables).
+
+    A running count ``r`` answers "how many in ``i:j``" as ``r[j] - r[i]``.
+    Those over links between neighbours (``off_by_*``, ``switches``) count
+    link ``k-1 -> k`` from ``r[k]`` on, so the links inside a run ``i:j``
+    are all clean when ``r[j - 1] == r[i]``.
+    """
+
+    __slots__ = (
+        "off_by_one",
+        "off_by_units",
+        "plans",
+        "present",
+        "received",
+        "records",
+        "seqs",
+        "several",
+        "switches",
+        "units",
+    )
+
+    plans: list[DatagramPlan]
+    #: header sequence number and sequence units of each datagram
+    seqs: list[int]
+    units: list[int]
+    #: running records and template records received
+    records: list[int]
+    received: list[int]
+    #: running count of links where the number does not go up by one / by
+    #: the units of the datagram before
+    off_by_one: list[int]
+    off_by_units: list[int]
+    #: running count of datagrams of more than one unit
+    several: list[int]
+    #: running count of links between different streams
+    switches: list[int]
+    #: per candidate (when several), running count of its datagrams
+    present: list[list[int]]
 
 
 class Export:
@@ -117,6 +190,8 @@ class TemplatedDecoder:
     """Template learning, held data and data-set decoding for v9 and IPFIX."""
 
     PROTO: ExportProtocol = ExportProtocol.NETFLOW_V9
+    #: where the header sequence number is
+    SEQ_OFFSET = 12
 
     def __init__(
         self,
@@ -162,6 +237,12 @@ class TemplatedDecoder:
         self._planning = plans
         #: datagrams whose walk raised (see walk_many)
         self._bugs = 0
+        #: bumped whenever ``plans`` changes (walk_many matches again)
+        self._plans_version = 0
+        #: datagrams accounted in bulk by walk_many, read at settle
+        self._bulk: list[BulkQueue] = []
+        #: the datagram walk_many is at (for its bug path)
+        self._progress = 0
 
     # -- batches of one socket ----------------------------------------------
 
@@ -193,13 +274,254 @@ class TemplatedDecoder:
         the caller has already counted datagrams and bytes.  ``exporter`` is
         the 16-byte column form.  A datagram whose walk raises (a bug, not
         bad input) is counted as ``decoder_bug`` and the next one is walked.
+
+        Datagrams whose size repeats among them are matched against their
+        plans all at once (one byte matrix per size); a run of consecutive
+        datagrams that match is accounted in bulk (sequence numbers, record
+        positions, counters) and its records are read when the batch
+        settles.  The others are walked one by one, in their place.
         """
+        if len(payloads) < _BULK_MIN or not self.plans:
+            self._walk_each(payloads, received, 0, exporter, port, counters, batch)
+            return
+        self._progress = 0
+        try:
+            self._walk_bulk(payloads, received, exporter, port, counters, batch)
+        except Exception:
+            # A bug in the bulk accounting: the datagram in hand is lost
+            # (counted), the rest are walked one by one.
+            self._bug(counters, port)
+            self._walk_each(
+                payloads, received, self._progress + 1, exporter, port, counters, batch
+            )
+
+    def _walk_each(  # noqa: PLR0917 - walk_many's own helper
+        self,
+        payloads: list[bytes],
+        received: list[int],
+        first: int,
+        exporter: bytes,
+        port: int,
+        counters: ExporterCounters,
+        batch: RecordBatch,
+    ) -> None:
+        """Walk ``payloads[first:]`` one by one."""
         walk = self.walk
-        for payload, received_ms in zip(payloads, received, strict=True):
+        for payload, received_ms in zip(
+            payloads[first:], received[first:], strict=True
+        ):
             try:
                 walk(payload, exporter, port, received_ms, counters, batch)
             except Exception:
                 self._bug(counters, port)
+
+    def _match(  # noqa: PLR0917 - walk_many's own helper
+        self,
+        data: bytes,
+        sizes: np.ndarray,
+        offsets: np.ndarray,
+        first: int,
+        exporter: bytes,
+        port: int,
+        call: BulkCall,
+    ) -> None:
+        """Match datagrams ``first:`` against the plans of their size (see
+        :class:`~edge_agent.flows.plans.BulkCall`).  Sizes that come fewer
+        than ``_MATCH_MIN`` times are left to the walk."""
+        tail = sizes[first:]
+        values, counts = np.unique(tail, return_counts=True)
+        plans = self.plans
+        candidates = call.candidates
+        for size, count in zip(values.tolist(), counts.tolist(), strict=True):
+            if count < _MATCH_MIN:
+                continue
+            plan = plans.get((exporter, port, size))
+            if plan is None:
+                continue
+            where = np.flatnonzero(tail == size) + first
+            matrix = byte_rows(data, offsets[where], size)
+            for chosen, rows in match_rows(plan, matrix):
+                picked = where[rows]
+                call.taken[picked] = len(candidates)
+                call.local[picked] = rows
+                candidates.append((chosen, matrix))
+
+    def _tables(self, call: BulkCall, seqs: np.ndarray) -> _Tables:
+        """Per-datagram values and running counts for :meth:`_walk_bulk`
+        (index -1, no candidate, reads the zero entry at the end)."""
+        plans = [plan for plan, _ in call.candidates]
+        streams: dict[tuple[bytes, int, int, int], int] = {}
+        stream_of = [streams.setdefault(p.domain_key, len(streams)) for p in plans]
+        taken = call.taken
+        units = np.array([p.sequence_units for p in plans] + [0], np.int64)[taken]
+        records = np.array([p.records for p in plans] + [0], np.int64)[taken]
+        received = np.array([p.templates_received for p in plans] + [0], np.int64)
+        stream = np.array([*stream_of, -1], np.int64)[taken]
+        steps = seqs[1:] - seqs[:-1]
+        np.cumsum(records, out=call.before[1:])
+        tables = _Tables()
+        tables.plans = plans
+        tables.seqs = seqs.tolist()
+        tables.units = units.tolist()
+        tables.records = call.before.tolist()
+        tables.received = _running(received[taken])
+        tables.off_by_one = _running((steps - 1) & _MASK32 != 0)
+        tables.off_by_units = _running((steps - units[:-1]) & _MASK32 != 0)
+        tables.several = _running(units > 1)
+        tables.switches = _running(stream[1:] != stream[:-1])
+        tables.present = (
+            [_running(taken == q) for q in range(len(plans))] if len(plans) > 1 else []
+        )
+        return tables
+
+    def _walk_bulk(  # noqa: PLR0917 - the bulk loop
+        self,
+        payloads: list[bytes],
+        received: list[int],
+        exporter: bytes,
+        port: int,
+        counters: ExporterCounters,
+        batch: RecordBatch,
+    ) -> None:
+        """walk_many's bulk path (see there); ``_progress`` follows it."""
+        n = len(payloads)
+        sizes = np.fromiter(map(len, payloads), np.int64, n)
+        data = b"".join(payloads)
+        offsets = np.cumsum(sizes) - sizes
+        call = BulkCall(self.PROTO, n)
+        self._match(data, sizes, offsets, 0, exporter, port, call)
+        if not call.candidates:
+            self._walk_each(payloads, received, 0, exporter, port, counters, batch)
+            return
+        # Header sequence numbers, read at any byte offset (clipped: rows
+        # too short for one never match a plan).
+        numbers = np.ndarray(
+            buffer=data, dtype=">u4", shape=(len(data) - 3,), strides=(1,)
+        )
+        seqs = numbers[np.minimum(offsets + self.SEQ_OFFSET, len(data) - 4)].astype(
+            np.int64
+        )
+        tables = self._tables(call, seqs)
+        walk = self.walk
+        version = self._plans_version
+        rematches = 0
+        queue: BulkQueue | None = None
+        missing = np.flatnonzero(call.taken < 0).tolist()
+        miss = 0  # index into missing
+        i = 0
+        while i < n:
+            self._progress = i
+            while miss < len(missing) and missing[miss] < i:
+                miss += 1
+            j = missing[miss] if miss < len(missing) else n
+            walked = j
+            if j - i >= _RUN_MIN:
+                if queue is None or not queue.live:
+                    queue = BulkQueue(call, counters)
+                    self._bulk.append(queue)
+                if not self._run(i, j, call, tables, queue, counters, batch):
+                    walked = i  # a plan is gone: match again from here
+            else:
+                self._walk_each(
+                    payloads[i:j], received[i:j], 0, exporter, port, counters, batch
+                )
+            if walked == j and j < n:
+                self._progress = j
+                try:
+                    walk(payloads[j], exporter, port, received[j], counters, batch)
+                except Exception:
+                    self._bug(counters, port)
+                walked = j + 1
+            i = walked
+            if self._plans_version != version:
+                # Plans came or went: match what is left again (a few times
+                # per call at most; then it is walked).
+                version = self._plans_version
+                call.taken[i:] = -1
+                if rematches < _MAX_REMATCH:
+                    rematches += 1
+                    self._match(data, sizes, offsets, i, exporter, port, call)
+                tables = self._tables(call, seqs)
+                missing = np.flatnonzero(call.taken < 0).tolist()
+                miss = 0
+
+    def _run(  # noqa: PLR0917 - walk_many's own helper
+        self,
+        i: int,
+        j: int,
+        call: BulkCall,
+        tables: _Tables,
+        queue: BulkQueue,
+        counters: ExporterCounters,
+        batch: RecordBatch,
+    ) -> bool:
+        """Account datagrams ``i:j``, which all matched a plan, as their
+        walks would; False (nothing done) if a plan no longer holds."""
+        plans = tables.plans
+        if tables.present:
+            chosen = [q for q, seen in enumerate(tables.present) if seen[j] - seen[i]]
+        else:
+            chosen = [0]
+        generation = self.templates.generation
+        for q in chosen:
+            plan = plans[q]
+            if plan.generation != generation and not self._holds(
+                plan, (plan.exporter, plan.port, plan.size)
+            ):
+                return False
+        sampling = self.sampling.generation
+        init = self.init_generation
+        for q in chosen:
+            plan = plans[q]
+            if plan.rate_generation != sampling or plan.context_generation != init:
+                before = (plan.rate, plan.init)
+                self._look_up(plan)
+                if plan.payloads and (plan.rate, plan.init) != before:
+                    # walk() queued some of this plan's datagrams: theirs
+                    # is the old rate.
+                    plan.marks.append((len(plan.payloads), plan.rate, plan.init))
+            if plan.deferred:
+                batch.deferred = True
+            queue.mark(q, i, plan.rate, plan.init)
+        if tables.switches[j - 1] == tables.switches[i]:
+            self._sequence_run(plans[chosen[0]].domain_key, i, j, tables, counters)
+        else:
+            # Several streams (domains) in the run: each datagram on its
+            # own (streams are independent; each keeps its order).
+            for k in range(i, j):
+                self._sequence_run(
+                    plans[int(call.taken[k])].domain_key, k, k + 1, tables, counters
+                )
+        records = tables.records
+        total = records[j] - records[i]
+        call.base[i:j] = batch.total - records[i]
+        batch.total += total
+        counters.records += total
+        counters.templates_received += tables.received[j] - tables.received[i]
+        queue.runs.append((i, j))
+        return True
+
+    def _sequence_run(
+        self,
+        key: tuple[bytes, int, int, int],
+        i: int,
+        j: int,
+        tables: _Tables,
+        counters: ExporterCounters,
+    ) -> None:
+        """Account the sequence numbers of datagrams ``i:j`` of one stream
+        as :meth:`SequenceTracker.check` does one by one (IPFIX)."""
+        seqs = tables.seqs
+        units = tables.units
+        stream = self.sequences.streams.get(key)
+        off = tables.off_by_units
+        if stream is not None and stream.expected == seqs[i] and off[j - 1] == off[i]:
+            stream.expected = (seqs[j - 1] + units[j - 1]) & _MASK32
+            stream.last_seq = seqs[j - 1]
+            return
+        check = self.sequences.check
+        for k in range(i, j):
+            check(key, seqs[k], units[k], counters)
 
     def _bug(self, counters: ExporterCounters, port: int) -> None:
         """Count (and now and then log) a datagram whose walk raised."""
@@ -217,19 +539,26 @@ class TemplatedDecoder:
         for plan, _ in self._queued:
             plan.clear()
         self._queued = []
+        for queue in self._bulk:
+            queue.live = False
+        self._bulk = []
         self._batch = batch
         batch.on_settle(self._flush)
 
     def _flush(self) -> None:
         """Read every plan's queued datagrams into the bound batch."""
         queued = self._queued
-        if not queued:
+        bulk = self._bulk
+        if not queued and not bulk:
             return
         self._queued = []
+        self._bulk = []
         batch = self._batch
         assert batch is not None
         for plan, counters in queued:
             flush_plan(plan, self.PROTO, batch, counters)
+        for queue in bulk:
+            queue.read(batch)
 
     def _holds(self, plan: DatagramPlan, key: tuple[bytes, int, int]) -> bool:
         """The template cache changed since the plan was checked: whether
@@ -238,6 +567,7 @@ class TemplatedDecoder:
             plan.generation = self.templates.generation
             return True
         self.plans.pop(key, None)
+        self._plans_version += 1
         return False
 
     def _queue(
@@ -342,6 +672,7 @@ class TemplatedDecoder:
             defined.append((offset, raw, seen))
         if len(self.plans) >= MAX_PLANS:
             self.plans.clear()
+            self._plans_version += 1
         plan = make_plan(
             proto=self.PROTO,
             exporter=exporter,
@@ -357,6 +688,7 @@ class TemplatedDecoder:
         # Layouts of one size share the key: a short chain, newest first.
         plan.next = self.plans.get(key)
         self.plans[key] = plan
+        self._plans_version += 1
         depth = 1
         link = plan
         while link.next is not None:
@@ -614,6 +946,38 @@ class NetflowV9Decoder(TemplatedDecoder):
     """Walk NetFlow v9 datagrams."""
 
     PROTO = ExportProtocol.NETFLOW_V9
+
+    def _sequence_run(
+        self,
+        key: tuple[bytes, int, int, int],
+        i: int,
+        j: int,
+        tables: _Tables,
+        counters: ExporterCounters,
+    ) -> None:
+        """Account the sequence numbers of datagrams ``i:j`` of one stream
+        as :meth:`SequenceTracker.check_v9` does one by one."""
+        seqs = tables.seqs
+        units = tables.units
+        stream = self.sequences.streams.get(key)
+        if stream is not None and stream.expected == seqs[i]:
+            off = tables.off_by_units if stream.by_records else tables.off_by_one
+            if off[j - 1] == off[i]:
+                several = tables.several
+                if stream.last_records > 1 or several[j - 1] != several[i]:
+                    # An in-order datagram after one of several records:
+                    # RFC behaviour, so the record-counting votes are void.
+                    stream.votes = stream.vote_gaps = stream.vote_lost = 0
+                last = units[j - 1]
+                stream.expected = (
+                    seqs[j - 1] + (last if stream.by_records else 1)
+                ) & _MASK32
+                stream.last_seq = seqs[j - 1]
+                stream.last_records = last
+                return
+        check = self.sequences.check_v9
+        for k in range(i, j):
+            check(key, seqs[k], units[k], counters)
 
     def walk(  # noqa: PLR0917 - once per datagram: positional is cheaper
         self,
