@@ -12,13 +12,18 @@ import json
 import re
 import shutil
 import struct
+import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
 from edge_agent.bench import command
 from edge_agent.bench.decode import Replicas, load_inputs
 from edge_agent.flows.decoder import FlowDecoder
+
+if TYPE_CHECKING:
+    from cloud.bench.relay import RelayResult
 
 #: One small capture per protocol.
 TINY = {
@@ -136,3 +141,97 @@ def test_bench_replicas_continue_each_export_stream(captures_dir: Path) -> None:
             for index in range(3):
                 decoder.decode_many(replicas.replica(index)[0].datagrams)
             assert decoder.stats.totals().sequence_gaps == 0, stream.capture
+
+
+def test_verdicts_map_to_the_exit_code(capsys: pytest.CaptureFixture[str]) -> None:
+    """Without --check every verdict list exits 0; with it, any FAIL exits 1
+    with one stderr line counting the failures, and all PASS (or none)
+    exits 0 silently."""
+    for verdicts in ([], [True], [True, False], [False, False]):
+        assert command.verdicts_exit_code("bench x", verdicts, check=False) == 0
+    assert capsys.readouterr().err == ""
+    assert command.verdicts_exit_code("bench x", [], check=True) == 0
+    assert command.verdicts_exit_code("bench x", [True, True], check=True) == 0
+    assert capsys.readouterr().err == ""
+    assert command.verdicts_exit_code("bench x", [True, False], check=True) == 1
+    assert capsys.readouterr().err == "bench x: --check: 1 target(s) FAIL\n"
+    assert command.verdicts_exit_code("bench x", iter([False] * 3), check=True) == 1
+    assert capsys.readouterr().err == "bench x: --check: 3 target(s) FAIL\n"
+
+
+def test_bench_decode_check_exits_1_exactly_when_a_line_fails(
+    tiny_captures: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`bench decode --check` exits 1 when the report holds a FAIL line and
+    0 when every target line reads PASS (the verdicts themselves are
+    timings, so either may occur; without --check the exit is 0, see
+    test_bench_decode_prints_every_protocol)."""
+    argv = ["bench", "decode", "--captures", str(tiny_captures), "--check"]
+    argv += ["--seconds", "0.05", "--min-round-records", "1"]
+    code = run(argv)
+    captured = capsys.readouterr()
+    lines = re.findall(r"^(PASS|FAIL) ", captured.out, re.M)
+    # Four rate targets and three netflow-package ratios.
+    assert len(lines) == 7
+    failed = lines.count("FAIL")
+    assert code == (1 if failed else 0)
+    if failed:
+        assert f"--check: {failed} target(s) FAIL" in captured.err
+    else:
+        assert captured.err == ""
+
+
+def _relay_result(rss_mb: float) -> RelayResult:
+    from cloud.bench.relay import RelayResult  # noqa: PLC0415 - cloud side
+
+    # 2,500,000 records in 10 s of sending: 250,000 records/s, nothing lost.
+    return RelayResult(
+        sent={"seconds": 10.0, "datagrams": 100_000, "records": 2_500_000},
+        rate=250_000.0,
+        received=100_000,
+        decoded_datagrams=100_000,
+        records=2_500_000,
+        kernel_drops=0,
+        queue_full=0,
+        decode_errors={},
+        estimated_lost=0,
+        other_drops={},
+        decode_s=10.5,
+        acked_s=12.0,
+        cpu_s=5.0,
+        peak_rss_kb=int(rss_mb * 1024),
+        rcvbuf=1 << 20,
+        batches_shipped=10,
+        bytes_shipped=1_000_000,
+        rows_out=50_000,
+        express_rows=0,
+        filter_model="none",
+        passthrough={},
+        stream_records=2_500_000,
+        stream_batches=10,
+    )
+
+
+def test_bench_relay_check_follows_its_printed_verdicts(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """`bench relay` takes --check; its report returns the verdicts it
+    prints: 250,000 records/s without loss passes the 200,000 target, a
+    peak RSS of 100 MB passes and one of 200 MB fails the 150 MB target,
+    and --check turns only the failing report into exit 1."""
+    from cloud.bench import relay  # noqa: PLC0415 - cloud side
+
+    parser = argparse.ArgumentParser(prog="sampleflow")
+    command.register(parser.add_subparsers())
+    assert parser.parse_args(["bench", "relay", "--check"]).check is True
+    assert parser.parse_args(["bench", "relay"]).check is False
+    for rss_mb, expected in ((100.0, [True, True]), (200.0, [True, False])):
+        verdicts = relay.print_report(_relay_result(rss_mb), None, sys.stdout)
+        out = capsys.readouterr().out
+        printed = re.findall(r"^(PASS|FAIL) ", out, re.M)
+        assert [ok for _, ok in verdicts] == expected
+        assert printed == ["PASS" if ok else "FAIL" for ok in expected]
+        code = command.verdicts_exit_code(
+            "sampleflow bench relay", [ok for _, ok in verdicts], check=True
+        )
+        assert code == (0 if all(expected) else 1)

@@ -17,7 +17,11 @@ import sys
 import tempfile
 from pathlib import Path
 
-from edge_agent.bench.command import DEFAULT_CAPTURES
+from edge_agent.bench.command import (
+    DEFAULT_CAPTURES,
+    add_check_flag,
+    verdicts_exit_code,
+)
 
 Subparsers = argparse._SubParsersAction  # argparse exposes no public name
 
@@ -96,6 +100,7 @@ def register_relay(benchmarks: Subparsers[argparse.ArgumentParser]) -> None:
         "--workdir", type=Path, metavar="DIR", help="keep logs and state here"
     )
     p.add_argument("--json", type=Path, metavar="FILE", help="write the figures")
+    add_check_flag(p)
     p.set_defaults(func=run_relay_bench)
 
 
@@ -149,12 +154,14 @@ def run_relay_bench(args: argparse.Namespace) -> int:
             f"relay core {args.relay_core}, sender core {args.sender_core}; "
             f"{len(streams)} streams from {captures}"
         )
-        bench.print_report(result, peer, sys.stdout)
+        verdicts = bench.print_report(result, peer, sys.stdout)
         if args.json:
             args.json.write_text(
                 json.dumps(bench.result_json(result, peer), indent=2, default=str)
             )
-    return 0
+    return verdicts_exit_code(
+        "sampleflow bench relay", [ok for _, ok in verdicts], args.check
+    )
 
 
 def _client(endpoint: str) -> object:

@@ -607,8 +607,11 @@ def _read_stream(kinesis: Any, stream_name: str) -> tuple[int, int]:
     return records, batches
 
 
-def print_report(relay: RelayResult, peer: PeerResult | None, stream: TextIO) -> None:
-    """The figures, the loss by where, the peer ratio and the targets."""
+def print_report(
+    relay: RelayResult, peer: PeerResult | None, stream: TextIO
+) -> list[tuple[str, bool]]:
+    """The figures, the loss by where, the peer ratio and the targets;
+    returns the targets printed as (label, passed)."""
 
     def line(label: str, value: str) -> None:
         print(f"{label:<34} {value}", file=stream)
@@ -712,6 +715,7 @@ def print_report(relay: RelayResult, peer: PeerResult | None, stream: TextIO) ->
     ]
     for label, ok in verdicts:
         print(f"{'PASS' if ok else 'FAIL'} {label}", file=stream)
+    return verdicts
 
 
 def _opt(value: int | None) -> str:

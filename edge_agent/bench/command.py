@@ -9,14 +9,20 @@ entry-point group: each entry is a ``register(benchmarks)`` callable adding
 its subcommand to the ``bench`` subparsers, as the top-level commands do
 with ``sampleflow.commands`` (so the edge package never imports the cloud
 one; a relay-only install lists fewer benchmarks).
+
+Benchmarks that judge targets (``decode``, ``relay``) print PASS/FAIL lines
+and exit 0 whatever they read, because timings on a shared machine report
+rather than judge; ``--check`` makes any FAIL exit 1.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Iterable
 from importlib.metadata import entry_points
 from pathlib import Path
+from typing import TextIO
 
 import edge_agent
 from edge_agent.bench import decode as decode_bench
@@ -53,6 +59,33 @@ def _positive_int(text: str) -> int:
 
 
 Subparsers = argparse._SubParsersAction  # argparse exposes no public name
+
+#: ``--check``'s help, the same for every benchmark that judges targets.
+CHECK_HELP = (
+    "exit 1 when any target line reads FAIL (default: exit 0 whatever the "
+    "verdicts: on a shared machine a benchmark reports, it does not judge)"
+)
+
+
+def add_check_flag(parser: argparse.ArgumentParser) -> None:
+    """Add ``--check`` to a benchmark that prints PASS/FAIL lines."""
+    parser.add_argument("--check", action="store_true", help=CHECK_HELP)
+
+
+def verdicts_exit_code(
+    command: str, verdicts: Iterable[bool], check: bool, err: TextIO | None = None
+) -> int:
+    """The exit code of a benchmark whose targets gave ``verdicts`` (True:
+    PASS): 1 when ``check`` is set and any is False, saying so in one line
+    on ``err`` (default stderr); else 0."""
+    failed = sum(1 for ok in verdicts if not ok)
+    if not (check and failed):
+        return 0
+    print(
+        f"{command}: --check: {failed} target(s) FAIL",
+        file=sys.stderr if err is None else err,
+    )
+    return 1
 
 
 def register(subparsers: Subparsers[argparse.ArgumentParser]) -> None:
@@ -140,6 +173,7 @@ def _register_decode(benchmarks: Subparsers[argparse.ArgumentParser]) -> None:
         action="store_true",
         help="do not run the netflow package",
     )
+    add_check_flag(decode)
     decode.set_defaults(func=run_decode)
 
 
@@ -208,7 +242,9 @@ def run_decode(args: argparse.Namespace) -> int:
         return 2
     print(f"captures: {captures}")
     decode_bench.print_report(results, sys.stdout)
-    return 0
+    # print_report writes one PASS/FAIL line per check of a measured protocol.
+    verdicts = [ok for r in results if r.ours is not None for ok in r.checks.values()]
+    return verdicts_exit_code("sampleflow bench decode", verdicts, args.check)
 
 
 def run_wire(args: argparse.Namespace) -> int:
