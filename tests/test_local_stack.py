@@ -20,10 +20,16 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from prometheus_client import CollectorRegistry
 
 from cloud.local.settings import LocalSettings, SettingsError, load_settings
-from cloud.local.stack import LocalStack, group_members
+from cloud.local.stack import LocalStack, group_members, pick_free_port
+from edge_agent.relay.metrics import MetricsServer
 from tests.servers import free_port
+
+#: The engine's own default status port (cloud/engine/defaults.py), which the
+#: stack must leave alone.
+ENGINE_DEFAULT_STATUS_PORT = 9466
 
 PARTS = ("ministack", "store", "model-service", "engine", "relay")
 
@@ -125,19 +131,35 @@ def read_until(proc: subprocess.Popen[str], prefix: str) -> list[str]:
     pytest.fail(f"no line starting {prefix!r}:\n" + "".join(seen))
 
 
+def hold_port(port: int) -> socket.socket | None:
+    """A listening socket on 127.0.0.1:``port``, or None if it is taken."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.bind(("127.0.0.1", port))
+    except OSError:
+        sock.close()
+        return None
+    sock.listen()
+    return sock
+
+
 @pytest.mark.integration
 @pytest.mark.slow
 def test_up_status_down_leaves_no_process(tmp_path: Path) -> None:
     """`local up` brings every part up healthy on the configured ports and
-    supervises; `local status` (another process) says so; `local down`
-    (another process) stops them all and the supervising `up` ends with
-    exit 0: no pid of any part or of its process group is left."""
+    supervises, while 9466 (the engine's default status port) is held by
+    someone else: the engine serves /healthz on a port the stack picked and
+    shows; `local status` (another process) says so; `local down` (another
+    process) stops them all and the supervising `up` ends with exit 0: no
+    pid of any part or of its process group is left."""
     config = tmp_path / "local.toml"
     ports = write_config(config)
+    # As a user's own engine would (if 9466 is taken already, the same holds).
+    squatter = hold_port(ENGINE_DEFAULT_STATUS_PORT)
     up = start_up(config, tmp_path)
     state_dir = tmp_path / ".sampleflow"
     try:
-        read_until(up, "supervising")
+        started = read_until(up, "supervising")
         processes = recorded_processes(state_dir)
         assert set(processes) == set(PARTS)
         # The engine's JVM is a child in the engine's group.
@@ -149,6 +171,16 @@ def test_up_status_down_leaves_no_process(tmp_path: Path) -> None:
             assert lines[part].endswith("healthy"), lines[part]
             assert lines[part].split()[1] == str(processes[part][0])
         assert f"udp {ports['relay_port']}" in lines["relay"]
+        recorded = json.loads((state_dir / "stack.json").read_text())
+        engine_port = recorded["settings"]["engine_status_port"]
+        assert engine_port not in (0, ENGINE_DEFAULT_STATUS_PORT, *ports.values())
+        assert lines["engine"].split()[2] == str(engine_port)
+        assert any(f"starting engine (127.0.0.1:{engine_port})" in x for x in started)
+        # The engine's own answer on that port.
+        url = f"http://127.0.0.1:{engine_port}/healthz"
+        with urllib.request.urlopen(url, timeout=5) as resp:
+            assert resp.status == 200
+            assert json.loads(resp.read())["query_running"] is True
         # Real answers on the configured loopback ports.
         url = f"http://127.0.0.1:{ports['relay_metrics_port']}/healthz"
         with urllib.request.urlopen(url, timeout=5) as resp:
@@ -168,6 +200,8 @@ def test_up_status_down_leaves_no_process(tmp_path: Path) -> None:
         if up.stdout is not None:
             up.stdout.close()
         cli("local", "down", cwd=tmp_path)
+        if squatter is not None:
+            squatter.close()
     assert down.returncode == 0, down.stdout + down.stderr
     assert "stopped: relay, engine, model-service, store, ministack" in down.stdout
     assert up.returncode == 0, rest
@@ -264,6 +298,61 @@ def test_settings_precedence_and_errors(tmp_path: Path) -> None:
         load_settings(path, None, {})
     with pytest.raises(SettingsError, match=r"relay_port=0.*1 to 65535"):
         load_settings(None, {"relay_port": 0}, {})
+    assert LocalSettings().engine_status_port == 0
+    with pytest.raises(SettingsError, match=r"engine_status_port=4566.*is also"):
+        load_settings(None, {"engine_status_port": 4566}, {})
+    with pytest.raises(SettingsError, match=r"engine_status_port=70000.*0 \(a free"):
+        load_settings(None, {"engine_status_port": 70000}, {})
+
+
+def test_engine_health_is_the_engines_healthz(tmp_path: Path) -> None:
+    """The stack judges the engine by GET /healthz on its status port, served
+    by the engine's own HTTP server class: 200 is healthy; a 503 with the
+    query stopped is unhealthy with the engine's error; a 503 while the
+    query runs (no recent micro-batch: an idle stack) counts as healthy; no
+    server is unhealthy, naming the URL."""
+    answer: tuple[bool, dict[str, object]] = (True, {"query_running": True})
+    server = MetricsServer(CollectorRegistry(), lambda: answer, port=0)
+    server.start()
+    try:
+        settings = LocalSettings(state_dir=tmp_path, engine_status_port=server.port)
+        stack = LocalStack(settings)
+        [engine] = [p for p in stack.parts() if p.name == "engine"]
+        assert [u.port for u in engine.ports] == [server.port]
+        i = engine.argv.index("--status-port")
+        assert engine.argv[i - 2 : i + 2] == [
+            "--status-address",
+            "127.0.0.1",
+            "--status-port",
+            str(server.port),
+        ]
+        assert engine.health() is None
+        answer = (False, {"query_running": False, "error": "StreamingQuery died"})
+        assert engine.health() == "/healthz answered 503: StreamingQuery died"
+        answer = (False, {"query_running": True, "error": "no micro-batch for 61 s"})
+        assert engine.health() is None
+    finally:
+        server.stop()
+    reason = engine.health()
+    assert reason is not None
+    assert reason.startswith(f"no answer from http://127.0.0.1:{server.port}/healthz")
+    unset = LocalStack(LocalSettings(state_dir=tmp_path))
+    [engine] = [p for p in unset.parts() if p.name == "engine"]
+    assert engine.ports == ()
+    assert engine.health() == "no engine_status_port recorded (stack.json predates it)"
+
+
+def test_picked_port_is_free_and_below_the_ephemeral_range() -> None:
+    """The port the stack picks for the engine can be bound and lies below
+    the kernel's ephemeral range (read here from /proc), where outgoing
+    connections and binds to port 0 do not land."""
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    for _ in range(5):
+        port = pick_free_port()
+        assert 10_000 <= port < low
+        held = hold_port(port)
+        assert held is not None
+        held.close()
 
 
 def test_relay_config_is_valid_for_the_relay(tmp_path: Path) -> None:

@@ -59,6 +59,10 @@ class LocalSettings:
     relay_port: int = 4739
     #: the relay's /metrics and /healthz
     relay_metrics_port: int = 9464
+    #: the engine's /metrics and /healthz; 0 picks a free port at each
+    #: ``up`` (kept in stack.json), so a second stack or an engine of one's
+    #: own on the engine's default 9466 does not collide
+    engine_status_port: int = 0
     region: str = "us-east-1"
     stream_name: str = "sampleflow-flows"
     bucket: str = "sampleflow-models"
@@ -98,9 +102,17 @@ class LocalSettings:
                 raise SettingsError(key, port, "must be a port, 1 to 65535")
         if not 0 <= self.mqtt_port <= 65535:
             raise SettingsError("mqtt_port", self.mqtt_port, "must be 0 (off) to 65535")
+        if not 0 <= self.engine_status_port <= 65535:
+            raise SettingsError(
+                "engine_status_port",
+                self.engine_status_port,
+                "must be 0 (a free port at each up) to 65535",
+            )
         tcp = {k: v for k, v in ports.items() if k != "relay_port"}
         if self.mqtt_port:
             tcp["mqtt_port"] = self.mqtt_port
+        if self.engine_status_port:
+            tcp["engine_status_port"] = self.engine_status_port
         seen: dict[int, str] = {}
         for key, port in tcp.items():
             if port in seen:
@@ -165,6 +177,12 @@ class LocalSettings:
     def model_service_url(self) -> str:
         """The model service's base URL."""
         return f"http://{HOST}:{self.model_service_port}"
+
+    @property
+    def engine_status_url(self) -> str:
+        """The engine's status base URL (``/healthz``, ``/metrics``); port 0
+        until ``up`` picked one."""
+        return f"http://{HOST}:{self.engine_status_port}"
 
     @property
     def relay_metrics_url(self) -> str:

@@ -15,7 +15,11 @@
 ``engine``
     the Spark engine (``python -m cloud.engine run``), reading the stream
     and writing window estimates.  Its checkpoint is reset at each ``up``
-    because the stream is new.
+    because the stream is new.  Its ``/metrics`` and ``/healthz`` listen on
+    ``engine_status_port``: unless set, a free port picked at each ``up``
+    (not the engine's default 9466, which a second stack or an engine of
+    one's own would hold), recorded in ``stack.json`` and shown by
+    ``status``.
 ``relay``
     the edge relay (``python -m edge_agent.cli relay run``) with a
     generated ``relay.toml``: UDP collector on ``relay_port``, batches to
@@ -33,9 +37,9 @@ Every part runs in its own session and process group with its output in
 kept in ``<state_dir>/stack.json`` so that ``down`` and ``status`` work
 from another process.  A part counts as started once its health check
 passes (MiniStack's ``/_ministack/health`` lists the services, the store
-answers ``ping``, the model service's ``/readyz`` answers 200, the engine
-has logged ``engine_start``, the relay's ``/healthz`` answers 200)
-within ``start_timeout_s``; otherwise ``up`` stops what it started and
+answers ``ping``, the model service's ``/readyz`` answers 200, the engine's
+``/healthz`` answers 200 on ``engine_status_port``, the relay's ``/healthz``
+answers 200) within ``start_timeout_s``; otherwise ``up`` stops what it started and
 raises :class:`StackError` naming the part and its log.  Stopping goes
 in reverse order (the relay first, so it drains to a live stream):
 SIGTERM to the part's main process, after ``stop_timeout_s`` SIGTERM then
@@ -54,6 +58,7 @@ import dataclasses
 import errno
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -92,8 +97,6 @@ MINISTACK_SERVICES = ("kinesis", "dynamodb", "s3", "iot", "monitoring")
 #: (``--max-future``): 30 days of accelerated replays.
 REPLAY_MAX_FUTURE_S = 30 * 24 * 3600
 PART_ORDER = ("ministack", "store", "model-service", "engine", "relay")
-#: The engine's structlog event once its streaming query runs.
-ENGINE_STARTED_EVENT = "engine_start"
 _POLL_S = 0.2
 
 Progress = Callable[[str], None]
@@ -320,11 +323,18 @@ class LocalStack:
                     s.engine_master,
                     "--shuffle-partitions",
                     "2",
+                    "--status-address",
+                    HOST,
+                    "--status-port",
+                    str(s.engine_status_port),
                     *self._engine_output_flags(),
                 ],
                 {"AWS_DEFAULT_REGION": s.region},
                 self.engine_dir,
-                (),
+                # Port 0: not picked yet (up picks it before anything starts).
+                (PortUse("engine_status_port", s.engine_status_port),)
+                if s.engine_status_port
+                else (),
                 self._engine_health,
                 None
                 if _has_module("pyspark")
@@ -405,6 +415,10 @@ class LocalStack:
                 "stack",
                 f"the local stack in {self.state_dir} is already running: {names}; "
                 "stop it with `sampleflow local down`",
+            )
+        if not self.settings.engine_status_port:
+            self.settings = dataclasses.replace(
+                self.settings, engine_status_port=pick_free_port()
             )
         parts = {p.name: p for p in self.available_parts()}
         for part in self.parts():
@@ -686,19 +700,34 @@ class LocalStack:
             return f"no answer from {url} ({_short(exc)})"
 
     def _engine_health(self) -> str | None:
-        # Known shortcoming: the engine serves no health endpoint, so its
-        # log is read for the event it logs once its query runs.
-        path = self.logs_dir / "engine.log"
+        """The engine's own ``/healthz``: 200 is healthy; a 503 says why.
+
+        Known shortcoming: a 503 while the query runs (no micro-batch within
+        the engine's stale window, 60 s here) counts as healthy, because an
+        idle local stack gets no records and /healthz cannot tell idle from
+        stuck.
+        """
+        if not self.settings.engine_status_port:
+            return "no engine_status_port recorded (stack.json predates it)"
+        url = f"{self.settings.engine_status_url}/healthz"
         try:
-            with path.open("rb") as handle:
-                text = handle.read()
-        except OSError:
-            return "no log yet"
-        if ENGINE_STARTED_EVENT.encode() not in text:
-            return "streaming query not started yet"
-        if b"engine_failed" in text:
-            return "the engine logged engine_failed"
-        return None
+            with urllib.request.urlopen(url, timeout=2.0) as resp:
+                code = resp.status
+        except urllib.error.HTTPError as exc:
+            try:
+                body = json.loads(exc.read())
+            except (OSError, ValueError):
+                body = {}
+            finally:
+                exc.close()
+            if not isinstance(body, dict):
+                body = {}
+            if exc.code == 503 and body.get("query_running") is True:
+                return None
+            return f"/healthz answered {exc.code}: {body.get('error', 'no reason')}"
+        except OSError as exc:
+            return f"no answer from {url} ({_short(exc)})"
+        return None if code == 200 else f"/healthz answered {code}"
 
     def _relay_health(self) -> str | None:
         url = f"http://{HOST}:{self.settings.relay_metrics_port}/healthz"
@@ -874,6 +903,38 @@ def engine_options() -> frozenset[str]:
 
 
 # -- ports --------------------------------------------------------------------
+
+
+def pick_free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free now, below the kernel's
+    ephemeral range when one there is free.
+
+    Why below: the port stays unbound until the engine's driver binds it,
+    after its JVM started (20-60 s); an ephemeral port could meanwhile be
+    taken as the local end of an outgoing connection or by another
+    program's bind to port 0.
+    """
+    low = _ephemeral_low()
+    candidates = random.sample(range(10_000, low), min(64, max(0, low - 10_000)))
+    for port in [*candidates, 0]:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                sock.bind((HOST, port))
+            except OSError:
+                continue
+            bound: int = sock.getsockname()[1]
+            return bound
+    raise StackError("ports", f"no free TCP port on {HOST}")
+
+
+def _ephemeral_low() -> int:
+    """The lowest port of the kernel's ephemeral range (32768 if unknown)."""
+    try:
+        text = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text()
+        return int(text.split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
 
 
 def check_ports(uses: Iterable[PortUse]) -> None:
