@@ -97,6 +97,35 @@ def test_network_tables_add_up_across_buckets() -> None:
     assert network.merge_tables([], 5).distinct_hosts_observed == 0
 
 
+def test_windows_merged_together_by_hand() -> None:
+    """Several windows closed at once over shared buckets get each its own
+    statistics: the window holding both buckets those of all the rows, the
+    one holding the second bucket alone those of its three rows, an empty
+    one none."""
+    _, first = network.bucket_tables(ROWS[:3])
+    _, second = network.bucket_tables(ROWS[3:])
+    got = network.merge_windows(
+        [(0, first), (10_000, second)], [0, 10_000, 30_000], 20_000, top_k=2
+    )
+    whole = got[0]  # as in test_network_bucket_statistics_by_hand
+    assert (whole.distinct_hosts_observed, whole.distinct_hosts) == (6, 7.0)
+    assert (whole.distinct_ports_observed, whole.distinct_ports) == (3, 3.25)
+    assert [t["host"] for t in whole.top_talkers] == ["10.0.0.1", "10.0.0.3"]
+    # Rows 4-6: 10.0.0.2 in two records; 1.1.1.1, 9.9.9.9, 10.0.0.3 and
+    # 8.8.8.8 in one each -> S_obs 5, f1 4, f2 1 -> 5 + 16/2 = 13.  Port 25
+    # twice -> 1 + 0.  Sent bytes x 100 (rate 0 left out): 10.0.0.3 8,400,
+    # 10.0.0.2 6,000.
+    late = got[10_000]
+    assert (late.distinct_hosts_observed, late.distinct_hosts) == (5, 13.0)
+    assert (late.distinct_ports_observed, late.distinct_ports) == (1, 1.0)
+    assert late.top_talkers == [
+        {"host": "10.0.0.3", "bytes": 8_400.0},
+        {"host": "10.0.0.2", "bytes": 6_000.0},
+    ]
+    empty = got[30_000]
+    assert (empty.distinct_hosts_observed, empty.top_talkers) == (0, [])
+
+
 def test_top_talkers_keep_ties_in_address_order() -> None:
     """The k largest values come largest first, and values tied at the
     cut-off are taken in index (address) order, as a stable sort would."""

@@ -140,16 +140,23 @@ class FlowAnalysis:
     def network_finals(
         self, closed: Iterable[tuple[str, int]]
     ) -> dict[tuple[str, int], NetworkStats]:
-        """Closing network statistics of estimate windows closed now."""
-        return {
-            (tenant, start): network.merge_tables(
-                self.store.bucket_data(
-                    network.KIND, tenant, start, start + self.window_ms
-                ),
-                self.config.top_talkers,
+        """Closing network statistics of estimate windows closed now: per
+        tenant, the buckets of all of them read once and each table sorted
+        once (:func:`cloud.engine.network.merge_windows`)."""
+        by_tenant: dict[str, list[int]] = {}
+        for tenant, start in closed:
+            by_tenant.setdefault(tenant, []).append(start)
+        out: dict[tuple[str, int], NetworkStats] = {}
+        for tenant, seen in sorted(by_tenant.items()):
+            starts = sorted(set(seen))
+            items = self.store.bucket_items(
+                network.KIND, tenant, starts[0], starts[-1] + self.window_ms
             )
-            for tenant, start in closed
-        }
+            merged = network.merge_windows(
+                items, starts, self.window_ms, self.config.top_talkers
+            )
+            out.update(((tenant, start), stats) for start, stats in merged.items())
+        return out
 
     def drop_network_buckets(self, tenants: Iterable[str], micro_batch: int) -> None:
         """Forget network buckets every window of which was closed by an

@@ -26,6 +26,8 @@ estimates only; ``flow_starts`` is additive and given on every update.
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -68,6 +70,20 @@ def flow_starts(records: np.ndarray) -> np.ndarray:
     )
     rate = records["sampling_rate"].astype(np.float64)
     return syn * records["flow_count"].astype(np.float64) * rate
+
+
+def _key_order(keys: np.ndarray) -> np.ndarray:
+    """A stable order of ``keys`` ascending (``V16`` addresses by their
+    bytes, on one native word when the high words agree)."""
+    if keys.size == 0:
+        return np.zeros(0, dtype=np.intp)
+    if keys.dtype.itemsize == 16 and keys.dtype.kind == "V":
+        halves = np.ascontiguousarray(keys).view(">u8").reshape(-1, 2)
+        high, low = halves[:, 0], halves[:, 1]
+        if bool((high == high[0]).all()):
+            return np.argsort(low.astype(np.uint64), kind="stable")
+        return np.lexsort((low, high))
+    return np.argsort(keys, kind="stable")
 
 
 def _sum_by_key(keys: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -145,6 +161,107 @@ def top_indices(values: np.ndarray, k: int) -> np.ndarray:
     return chosen[np.argsort(-values[chosen], kind="stable")]
 
 
+class _SpanTable:
+    """One table (keys and weights) of a run of buckets, its keys given ids
+    in ascending key order by one sort over all of them."""
+
+    def __init__(
+        self, parts: list[dict[str, bytes]], key: str, kdt: str, wkey: str, wdt: str
+    ) -> None:
+        keys = [np.frombuffer(p[key], dtype=kdt) for p in parts]
+        self.offsets = [0, *itertools.accumulate(k.size for k in keys)]
+        self.weights = (
+            np.concatenate([np.frombuffer(p[wkey], dtype=wdt) for p in parts])
+            if parts
+            else np.zeros(0, dtype=wdt)
+        )
+        joined = np.concatenate(keys) if keys else np.zeros(0, dtype=kdt)
+        order = _key_order(joined)
+        ordered = joined[order]
+        change = np.ones(order.size, dtype=bool)
+        if kdt == "V16":
+            pairs = ordered.view(">u8").reshape(-1, 2)
+            change[1:] = (pairs[1:] != pairs[:-1]).any(axis=1)
+        else:
+            change[1:] = ordered[1:] != ordered[:-1]
+        self.keys = ordered[change]  # distinct, ascending
+        self.ids = np.empty(order.size, dtype=np.int64)
+        self.ids[order] = np.cumsum(change) - 1
+
+    def window(self, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
+        """Distinct keys of buckets ``lo``..``hi - 1`` (ids, ascending) and
+        their summed weights."""
+        a, b = self.offsets[lo], self.offsets[hi]
+        ids = self.ids[a:b]
+        n = int(self.keys.size)
+        seen = np.flatnonzero(np.bincount(ids, minlength=n))
+        sums = np.bincount(ids, weights=self.weights[a:b], minlength=n)[seen]
+        return seen, sums
+
+
+def merge_windows(
+    items: list[tuple[int, bytes]], starts: list[int], window_ms: int, top_k: int
+) -> dict[int, NetworkStats]:
+    """:func:`merge_tables` of each window ``[start, start + window_ms)``
+    over ``items``, the (bucket start, blob) of every bucket those windows
+    hold in store order (start, then micro-batch): each table is sorted
+    once for all the windows, not once per window.
+
+    Equal to :func:`merge_tables` window by window: counts are integers
+    and scaled bytes are integer-valued (bytes x rate), so their float64
+    sums do not depend on the order of adding (below 2^53).
+    """
+    parts = [msgpack.unpackb(b) for _, b in items]
+    bucket_starts = [b for b, _ in items]
+    addrs = _SpanTable(parts, "a", "V16", "an", "<i8")
+    ports = _SpanTable(parts, "p", "<u2", "pn", "<i8")
+    talkers = _SpanTable(parts, "t", "V16", "tb", "<f8")
+    out: dict[int, NetworkStats] = {}
+    for start in starts:
+        lo = bisect.bisect_left(bucket_starts, start)
+        hi = bisect.bisect_left(bucket_starts, start + window_ms)
+        _, addr_n = addrs.window(lo, hi)
+        _, port_n = ports.window(lo, hi)
+        talker_ids, talker_b = talkers.window(lo, hi)
+        out[start] = _close(
+            np.rint(addr_n).astype(np.int64),
+            np.rint(port_n).astype(np.int64),
+            talkers.keys[talker_ids],
+            talker_b,
+            top_k,
+        )
+    return out
+
+
+def _close(
+    addr_n: np.ndarray,
+    port_n: np.ndarray,
+    talkers: np.ndarray,
+    talker_b: np.ndarray,
+    top_k: int,
+) -> NetworkStats:
+    """A window's statistics from its distinct addresses' and ports' record
+    counts and its talkers (ascending) with their scaled bytes."""
+    one = np.zeros(1, dtype=np.int64)
+    hosts = (
+        chao1(np.zeros(addr_n.size, dtype=np.int64), addr_n, 1) if addr_n.size else one
+    )
+    port_est = (
+        chao1(np.zeros(port_n.size, dtype=np.int64), port_n, 1) if port_n.size else one
+    )
+    top = top_indices(talker_b, top_k)
+    return NetworkStats(
+        distinct_hosts=float(hosts[0]),
+        distinct_hosts_observed=int(addr_n.size),
+        distinct_ports=float(port_est[0]),
+        distinct_ports_observed=int(port_n.size),
+        top_talkers=[
+            {"host": address_text(bytes(talkers[i])), "bytes": float(talker_b[i])}
+            for i in top.tolist()
+        ],
+    )
+
+
 def merge_tables(blobs: list[bytes], top_k: int) -> NetworkStats:
     """Add up the bucket tables of one window and close its statistics."""
     parts = [msgpack.unpackb(b) for b in blobs]
@@ -153,24 +270,7 @@ def merge_tables(blobs: list[bytes], top_k: int) -> NetworkStats:
         arrays = [np.frombuffer(p[key], dtype=dtype) for p in parts]
         return np.concatenate(arrays) if arrays else np.zeros(0, dtype=dtype)
 
-    addrs, addr_n = _sum_by_key(column("a", "V16"), column("an", "<i8"))
-    ports, port_n = _sum_by_key(column("p", "<u2"), column("pn", "<i8"))
+    _, addr_n = _sum_by_key(column("a", "V16"), column("an", "<i8"))
+    _, port_n = _sum_by_key(column("p", "<u2"), column("pn", "<i8"))
     talkers, talker_b = _sum_by_key(column("t", "V16"), column("tb", "<f8"))
-    one = np.zeros(1, dtype=np.int64)
-    hosts = (
-        chao1(np.zeros(addrs.size, dtype=np.int64), addr_n, 1) if addrs.size else one
-    )
-    port_est = (
-        chao1(np.zeros(ports.size, dtype=np.int64), port_n, 1) if ports.size else one
-    )
-    top = top_indices(talker_b, top_k)
-    return NetworkStats(
-        distinct_hosts=float(hosts[0]),
-        distinct_hosts_observed=int(addrs.size),
-        distinct_ports=float(port_est[0]),
-        distinct_ports_observed=int(ports.size),
-        top_talkers=[
-            {"host": address_text(bytes(talkers[i])), "bytes": float(talker_b[i])}
-            for i in top.tolist()
-        ],
-    )
+    return _close(addr_n, port_n, talkers, talker_b, top_k)
