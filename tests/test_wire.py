@@ -24,15 +24,12 @@ import zstandard
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from edge_agent.aggregate import AGG_COLUMNS, AGG_DTYPE, reduce_rows, to_aggregate_rows
+from edge_agent.aggregate import AGG_COLUMNS, AGG_DTYPE
 from edge_agent.cli import main as cli_main
-from edge_agent.collect.pcap import read_capture
-from edge_agent.flows.decoder import FlowDecoder
 from edge_agent.flows.schema import address_bytes
 from edge_agent.wire import (
     KINESIS_MAX_RECORD_BYTES,
     CorruptBatchError,
-    HeaderFields,
     OversizedBatchError,
     TruncatedColumnsError,
     UnknownVersionError,
@@ -43,40 +40,21 @@ from edge_agent.wire import (
 )
 from edge_agent.wire.dictionary import DICTIONARY_V1
 from tests.reference import read_csv, read_datagrams
+from tests.wire_helpers import (
+    FIELDS,
+    ROUND_TRIP_CAPTURES,
+    ROW,
+    assert_caller_header,
+    assert_split,
+    capture_rows,
+    flip_middle_byte,
+    rows_from_bytes,
+    rows_of,
+    seqs,
+)
 
 #: The version 1 writer.
 encode_v1 = functools.partial(encode_batches, format_major=1)
-
-FIELDS = HeaderFields("acme", "relay-7", 1_700_000_000_000, 1_700_000_010_000, "m-3")
-ROW = AGG_DTYPE.itemsize
-
-
-def seqs(start: int = 100) -> Any:
-    """A next_seq callable counting from ``start``."""
-    return itertools.count(start).__next__
-
-
-def rows_of(n: int, seed: int = 1) -> np.ndarray:
-    """n aggregated rows with varied, partly random values."""
-    rng = np.random.default_rng(seed)
-    rows = np.zeros(n, dtype=AGG_DTYPE)
-    addr = np.zeros((n, 16), dtype=np.uint8)
-    addr[:, 10:12] = 0xFF
-    addr[:, 12:] = rng.integers(0, 256, (n, 4))
-    rows["src_addr"] = addr.view("V16").ravel()
-    rows["dst_addr"] = np.void(address_bytes("198.51.100.7"))
-    rows["exporter"] = np.void(address_bytes("192.0.2.1"))
-    rows["src_port"] = rng.integers(0, 65536, n)
-    rows["dst_port"] = 443
-    rows["protocol"] = 6
-    rows["bytes"] = rng.integers(40, 10**9, n)
-    rows["packets"] = rng.integers(1, 10**6, n)
-    rows["flow_count"] = rng.integers(1, 50, n)
-    rows["time_start"] = 1_700_000_000_000 + rng.integers(0, 10_000, n)
-    rows["time_end"] = rows["time_start"] + rng.integers(0, 60_000, n)
-    rows["sampling_rate"] = 100
-    return rows
-
 
 #: SHA-256 of the v1 dictionary, copied from docs/wire-format.md.
 DICTIONARY_SHA256 = "6ac910be057508b1a0d22d37b8463f9e0f3387735c3a112e55790326b3163421"
@@ -126,37 +104,16 @@ def minimal_body(n: int = 2) -> dict[str, Any]:
 # --- round trips ----------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    "name",
-    [
-        "nf5-freebsd-ng_netflow.pcap",
-        "nf9-nprobe-many-templates.pcap",
-        "ipfix-cisco-ipv6-exporter.pcap",
-        "w-goflow2-sflow.pcap",
-    ],
-)
+@pytest.mark.parametrize("name", ROUND_TRIP_CAPTURES)
 def test_real_capture_rows_survive_a_round_trip(captures_dir: Path, name: str) -> None:
     """Aggregated rows of a real capture come back bit for bit, with the
     header the caller gave."""
-    datagrams, _ = read_capture(captures_dir / name)
-    rows = reduce_rows(to_aggregate_rows(FlowDecoder().decode_many(datagrams)))
+    rows = capture_rows(captures_dir / name)
     [batch] = encode_v1(rows, FIELDS, seqs(), "192.0.2.1", now_ms=42)
     decoded = decode_batch(batch.data)
     assert np.array_equal(decoded.records(), rows)
-    h = decoded.header
-    assert (h.tenant_id, h.relay_id, h.seq, h.record_count) == (
-        "acme",
-        "relay-7",
-        100,
-        len(rows),
-    )
-    assert (h.window_start_ms, h.window_end_ms) == (
-        1_700_000_000_000,
-        1_700_000_010_000,
-    )
-    assert (h.model_version, h.part, h.parts, h.created_ms) == ("m-3", 0, 1, 42)
-    assert h.batch_id == batch.header.batch_id
-    assert h.version == (1, 0)
+    assert_caller_header(decoded.header, batch, len(rows), created_ms=42)
+    assert decoded.header.version == (1, 0)
 
 
 @settings(max_examples=60, deadline=None)
@@ -167,9 +124,7 @@ def test_real_capture_rows_survive_a_round_trip(captures_dir: Path, name: str) -
 def test_any_rows_survive_a_round_trip(raw_rows: list[bytes], repeat: int) -> None:
     """Arbitrary bytes as rows (negative times, full-range counters, random
     addresses; repeated rows for constant columns) round-trip exactly."""
-    rows = np.frombuffer(b"".join(raw_rows) * repeat, dtype=AGG_DTYPE).copy()
-    rows["_kpad"] = np.void(bytes(7))
-    rows["_vpad"] = np.void(bytes(2))
+    rows = rows_from_bytes(raw_rows, repeat)
     [batch] = encode_v1(rows, FIELDS, seqs(), "k")
     assert decode_batch(batch.data).records().tobytes() == rows.tobytes()
 
@@ -329,13 +284,7 @@ def test_large_window_splits_under_the_record_limit() -> None:
     rows = rows_of(20_000)
     key = "p" * 200
     batches = encode_v1(rows, FIELDS, seqs(50), key, max_record_bytes=60_000)
-    assert len(batches) > 3
-    for i, batch in enumerate(batches):
-        assert len(batch.data) + len(key) <= 60_000
-        assert batch.record_bytes <= 60_000
-        assert (batch.header.part, batch.header.parts) == (i, len(batches))
-        assert batch.header.seq == 50 + i
-    assert len({b.header.batch_id for b in batches}) == len(batches)
+    assert_split(batches, key, 60_000, first_seq=50)
     back = np.concatenate([decode_batch(b.data).records() for b in batches])
     assert np.array_equal(back, rows)
 
@@ -400,10 +349,8 @@ def test_truncated_record_is_corrupt() -> None:
 def test_flipped_byte_fails_the_checksum() -> None:
     """A corrupted byte inside the frame is caught (zstd checksum)."""
     [batch] = encode_v1(rows_of(50), FIELDS, seqs(), "k")
-    damaged = bytearray(batch.data)
-    damaged[len(damaged) // 2] ^= 0xFF
     with pytest.raises(CorruptBatchError):
-        decode_batch(bytes(damaged))
+        decode_batch(flip_middle_byte(batch.data))
 
 
 def test_trailing_bytes_are_corrupt() -> None:

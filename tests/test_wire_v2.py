@@ -11,7 +11,6 @@ just that the encoder and decoder agree with each other.
 from __future__ import annotations
 
 import hashlib
-import itertools
 import uuid
 from pathlib import Path
 from typing import Any
@@ -23,14 +22,11 @@ import zstandard
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from edge_agent.aggregate import AGG_COLUMNS, AGG_DTYPE, reduce_rows, to_aggregate_rows
-from edge_agent.collect.pcap import read_capture
-from edge_agent.flows.decoder import FlowDecoder
+from edge_agent.aggregate import AGG_COLUMNS, AGG_DTYPE
 from edge_agent.flows.schema import address_bytes
 from edge_agent.wire import (
     KINESIS_MAX_RECORD_BYTES,
     CorruptBatchError,
-    HeaderFields,
     OversizedBatchError,
     TruncatedColumnsError,
     WireFormatError,
@@ -39,18 +35,24 @@ from edge_agent.wire import (
 )
 from edge_agent.wire.batch import MAX_BATCH_ROWS
 from tests.reference import read_csv
+from tests.wire_helpers import (
+    FIELDS,
+    ROUND_TRIP_CAPTURES,
+    ROW,
+    assert_caller_header,
+    assert_split,
+    capture_rows,
+    flip_middle_byte,
+    multiset,
+    rows_from_bytes,
+    rows_of,
+    seqs,
+)
 
-FIELDS = HeaderFields("acme", "relay-7", 1_700_000_000_000, 1_700_000_010_000, "m-3")
-ROW = AGG_DTYPE.itemsize
 ROOT = Path(__file__).resolve().parents[1]
 
 #: SHA-256 of the v2 dictionary, copied from docs/wire-format.md.
 DICTIONARY_SHA256 = "846e6df718506025c08cd333eb4599146f502fcb451f8a9b81591f62a4dc410e"
-
-
-def seqs(start: int = 100) -> Any:
-    """A next_seq callable counting from ``start``."""
-    return itertools.count(start).__next__
 
 
 def spec_dictionary() -> zstandard.ZstdCompressionDict:
@@ -109,36 +111,6 @@ def with_columns(n: int, *entries: list[Any]) -> dict[str, Any]:
     given = {entry[0] for entry in entries}
     zero = sum(1 << cid for cid in range(1, 21) if cid not in given)
     return header(n, z=zero, c=list(entries))
-
-
-def rows_of(n: int, seed: int = 1) -> np.ndarray:
-    """n aggregated rows with varied, partly random values."""
-    rng = np.random.default_rng(seed)
-    rows = np.zeros(n, dtype=AGG_DTYPE)
-    addr = np.zeros((n, 16), dtype=np.uint8)
-    addr[:, 10:12] = 0xFF
-    addr[:, 12:] = rng.integers(0, 256, (n, 4))
-    rows["src_addr"] = addr.view("V16").ravel()
-    rows["dst_addr"] = np.void(address_bytes("198.51.100.7"))
-    rows["exporter"] = np.void(address_bytes("192.0.2.1"))
-    rows["src_port"] = rng.integers(0, 65536, n)
-    rows["dst_port"] = 443
-    rows["protocol"] = 6
-    rows["bytes"] = rng.integers(40, 10**9, n)
-    rows["packets"] = rng.integers(1, 10**6, n)
-    rows["flow_count"] = rng.integers(1, 50, n)
-    rows["time_start"] = 1_700_000_000_000 + rng.integers(0, 10_000, n)
-    rows["time_end"] = rows["time_start"] + rng.integers(0, 60_000, n)
-    rows["sampling_rate"] = 100
-    return rows
-
-
-def multiset(rows: np.ndarray, scores: np.ndarray | None = None) -> list[bytes]:
-    """Rows (with their score's bytes) as a sorted list: order-free equality."""
-    raw = [bytes(r) for r in rows.view(np.dtype((np.void, ROW)))]
-    if scores is not None:
-        raw = [r + s.tobytes() for r, s in zip(raw, scores, strict=True)]
-    return sorted(raw)
 
 
 def ip(text: str) -> bytes:
@@ -301,9 +273,7 @@ def test_any_rows_survive_a_round_trip(
     """Arbitrary bytes as rows (negative times, full-range counters, random
     addresses and scores, NaN patterns included; repeats for CONST and
     DICT) come back as the same rows, each with its score."""
-    rows = np.frombuffer(b"".join(raw_rows) * repeat, dtype=AGG_DTYPE).copy()
-    rows["_kpad"] = np.void(bytes(7))
-    rows["_vpad"] = np.void(bytes(2))
+    rows = rows_from_bytes(raw_rows, repeat)
     scores = None
     if raw_scores is not None:
         scores = np.frombuffer(raw_scores, dtype="<f4")[: rows.shape[0]].copy()
@@ -314,32 +284,15 @@ def test_any_rows_survive_a_round_trip(
     )
 
 
-@pytest.mark.parametrize(
-    "name",
-    [
-        "nf5-freebsd-ng_netflow.pcap",
-        "nf9-nprobe-many-templates.pcap",
-        "ipfix-cisco-ipv6-exporter.pcap",
-        "w-goflow2-sflow.pcap",
-    ],
-)
+@pytest.mark.parametrize("name", ROUND_TRIP_CAPTURES)
 def test_real_capture_rows_survive_a_round_trip(captures_dir: Path, name: str) -> None:
     """Aggregated rows of a real capture come back as the same rows, with
     the header the caller gave."""
-    datagrams, _ = read_capture(captures_dir / name)
-    rows = reduce_rows(to_aggregate_rows(FlowDecoder().decode_many(datagrams)))
+    rows = capture_rows(captures_dir / name)
     [batch] = encode_batches(rows, FIELDS, seqs(), "192.0.2.1", now_ms=42)
     decoded = decode_batch(batch.data)
     assert multiset(decoded.records()) == multiset(rows)
-    h = decoded.header
-    assert (h.tenant_id, h.relay_id, h.seq, h.record_count) == (
-        "acme",
-        "relay-7",
-        100,
-        len(rows),
-    )
-    assert (h.model_version, h.part, h.parts, h.created_ms) == ("m-3", 0, 1, 42)
-    assert h.batch_id == batch.header.batch_id
+    assert_caller_header(decoded.header, batch, len(rows), created_ms=42)
 
 
 @pytest.mark.parametrize(
@@ -351,8 +304,7 @@ def test_totals_conserved_against_tshark(captures_dir: Path, name: str) -> None:
     reference = [
         r for r in read_csv(captures_dir / f"{name}.tshark.csv") if r["bytes"] != ""
     ]
-    datagrams, _ = read_capture(captures_dir / name)
-    rows = reduce_rows(to_aggregate_rows(FlowDecoder().decode_many(datagrams)))
+    rows = capture_rows(captures_dir / name)
     batches = encode_batches(rows, FIELDS, seqs(), "k", max_record_bytes=400)
     assert len(batches) > 1
     cols = [decode_batch(b.data).columns for b in batches]
@@ -394,8 +346,7 @@ def test_version_1_and_2_give_the_same_columns() -> None:
 
 def test_v2_is_smaller_than_v1_on_real_rows(captures_dir: Path) -> None:
     """On a real capture's rows, version 2 ships fewer bytes than version 1."""
-    datagrams, _ = read_capture(captures_dir / "nf9-nprobe-many-templates.pcap")
-    rows = reduce_rows(to_aggregate_rows(FlowDecoder().decode_many(datagrams)))
+    rows = capture_rows(captures_dir / "nf9-nprobe-many-templates.pcap")
     sizes = {
         major: sum(
             len(b.data)
@@ -416,13 +367,8 @@ def test_large_window_splits_under_the_record_limit() -> None:
     rows = rows_of(20_000)
     key = "p" * 200
     batches = encode_batches(rows, FIELDS, seqs(50), key, max_record_bytes=60_000)
-    assert len(batches) > 3
-    for i, batch in enumerate(batches):
-        assert batch.data[:4] == b"SFB\x02"
-        assert len(batch.data) + len(key) <= 60_000
-        assert (batch.header.part, batch.header.parts) == (i, len(batches))
-        assert batch.header.seq == 50 + i
-    assert len({b.header.batch_id for b in batches}) == len(batches)
+    assert_split(batches, key, 60_000, first_seq=50)
+    assert all(batch.data[:4] == b"SFB\x02" for batch in batches)
     back = np.concatenate([decode_batch(b.data).records() for b in batches])
     assert multiset(back) == multiset(rows)
 
@@ -502,10 +448,8 @@ def test_truncated_and_extended_records_are_corrupt() -> None:
 def test_flipped_byte_fails_the_checksum() -> None:
     """A corrupted byte inside the frame is caught (zstd checksum)."""
     [batch] = encode_batches(rows_of(50), FIELDS, seqs(), "k")
-    damaged = bytearray(batch.data)
-    damaged[len(damaged) // 2] ^= 0xFF
     with pytest.raises(CorruptBatchError):
-        decode_batch(bytes(damaged))
+        decode_batch(flip_middle_byte(batch.data))
 
 
 U8 = (1).to_bytes(8, "little")
