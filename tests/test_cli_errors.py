@@ -48,11 +48,13 @@ def clean_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def sampleflow(
-    *args: str, env: dict[str, str] | None = None, cwd: Path | None = None
+def run_command(
+    argv: list[str], env: dict[str, str] | None = None, cwd: Path | None = None
 ) -> subprocess.CompletedProcess[str]:
+    """Run ``argv`` as its own process, no stdin, output captured as text
+    (by default: in the project root, the environment of :func:`clean_env`)."""
     return subprocess.run(
-        [*SAMPLEFLOW, *args],
+        argv,
         capture_output=True,
         check=False,
         text=True,
@@ -63,6 +65,13 @@ def sampleflow(
     )
 
 
+def sampleflow(
+    *args: str, env: dict[str, str] | None = None, cwd: Path | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run ``sampleflow ARGS`` (see :func:`run_command`)."""
+    return run_command([*SAMPLEFLOW, *args], env, cwd)
+
+
 def assert_one_line(result: subprocess.CompletedProcess[str], prefix: str) -> str:
     """The error is one stderr line starting with ``prefix``; returns it."""
     assert "Traceback" not in result.stderr, result.stderr
@@ -70,6 +79,15 @@ def assert_one_line(result: subprocess.CompletedProcess[str], prefix: str) -> st
     assert len(lines) == 1, result.stderr
     assert lines[0].startswith(prefix), result.stderr
     return lines[0]
+
+
+def error_line(code: int, *args: str, env: dict[str, str] | None = None) -> str:
+    """Run ``sampleflow ARGS``, check it exits ``code`` with one stderr line
+    ``sampleflow <command> <subcommand>: error: ...`` (the first two of
+    ``args``) and return that line."""
+    result = sampleflow(*args, env=env)
+    assert result.returncode == code, result.stderr
+    return assert_one_line(result, f"sampleflow {args[0]} {args[1]}: error: ")
 
 
 @pytest.fixture
@@ -91,9 +109,7 @@ def test_unwritable_output_is_one_line_and_debug_shows_the_traceback(
     is one line naming the file, exit 1; SAMPLEFLOW_DEBUG=1 and --debug show
     the traceback instead."""
     out = tmp_path / "missing" / "openapi.json"
-    result = sampleflow("model-service", "openapi", "--out", str(out))
-    assert result.returncode == 1
-    line = assert_one_line(result, "sampleflow model-service openapi: error: ")
+    line = error_line(1, "model-service", "openapi", "--out", str(out))
     assert str(out) in line and "No such file or directory" in line
     for run in (
         sampleflow(
@@ -124,16 +140,7 @@ def test_missing_cloud_extra_is_named_with_the_install_command(
 ) -> None:
     """A cloud command whose dependency is not installed (a relay-only
     install) says to install the cloud extra and names the module, exit 1."""
-    result = subprocess.run(
-        [*WITHOUT_MODULES, missing, *args],
-        capture_output=True,
-        check=False,
-        text=True,
-        timeout=TIMEOUT_S,
-        env=clean_env(),
-        cwd=tmp_path,
-        stdin=subprocess.DEVNULL,
-    )
+    result = run_command([*WITHOUT_MODULES, missing, *args], cwd=tmp_path)
     assert result.returncode == 1, result.stderr
     line = assert_one_line(result, f"sampleflow {command}: error: ")
     assert "pip install 'sampleflow[cloud]'" in line
@@ -198,24 +205,21 @@ def test_status_into_a_closed_pipe_exits_quietly() -> None:
 
 def test_status_of_a_relay_that_does_not_answer() -> None:
     """relay status of a closed port: one line naming the URL, exit 1."""
-    result = sampleflow("relay", "status", "--url", "http://127.0.0.1:1")
-    assert result.returncode == 1
-    line = assert_one_line(result, "sampleflow relay status: error: ")
+    line = error_line(1, "relay", "status", "--url", "http://127.0.0.1:1")
     assert "cannot read http://127.0.0.1:1/metrics" in line
 
 
 def test_status_with_a_url_that_is_not_one() -> None:
     """relay status --url notaurl is a usage error (2) naming the URL."""
-    result = sampleflow("relay", "status", "--url", "notaurl")
-    assert result.returncode == 2
-    line = assert_one_line(result, "sampleflow relay status: error: ")
+    line = error_line(2, "relay", "status", "--url", "notaurl")
     assert "'notaurl'" in line and "http://" in line
 
 
 def test_keygen_into_a_missing_folder() -> None:
     """models keygen --private /nonexistent/dir/x.pem: one line naming the
     folder, exit 1."""
-    result = sampleflow(
+    line = error_line(
+        1,
         "models",
         "keygen",
         "--private",
@@ -223,15 +227,14 @@ def test_keygen_into_a_missing_folder() -> None:
         "--public",
         "/nonexistent/dir/p.pem",
     )
-    assert result.returncode == 1
-    line = assert_one_line(result, "sampleflow models keygen: error: ")
     assert "/nonexistent/dir does not exist" in line
 
 
 def test_models_status_against_a_closed_port() -> None:
     """models status --endpoint-url http://127.0.0.1:1: one line naming the
     URL, exit 1."""
-    result = sampleflow(
+    line = error_line(
+        1,
         "models",
         "status",
         "job-1",
@@ -241,16 +244,12 @@ def test_models_status_against_a_closed_port() -> None:
         "us-east-1",
         env=clean_env(**DUMMY_AWS_ENV),
     )
-    assert result.returncode == 1
-    line = assert_one_line(result, "sampleflow models status: error: ")
     assert "http://127.0.0.1:1/jobs/job-1" in line
 
 
 def test_evaluate_a_missing_manifest() -> None:
     """models evaluate /nonexistent.json: one line naming the file, exit 1."""
-    result = sampleflow("models", "evaluate", "/nonexistent.json")
-    assert result.returncode == 1
-    line = assert_one_line(result, "sampleflow models evaluate: error: ")
+    line = error_line(1, "models", "evaluate", "/nonexistent.json")
     assert "/nonexistent.json" in line
 
 
@@ -305,15 +304,8 @@ def test_modelsync_agent_with_a_bad_config(tmp_path: Path, content: str | None) 
     config = tmp_path / "modelsync.json"
     if content is not None:
         config.write_text(content)
-    result = subprocess.run(
-        [sys.executable, "-m", "edge_agent.modelsync", "run", "--config", str(config)],
-        capture_output=True,
-        check=False,
-        text=True,
-        timeout=TIMEOUT_S,
-        env=clean_env(),
-        cwd=PROJECT_ROOT,
-        stdin=subprocess.DEVNULL,
+    result = run_command(
+        [sys.executable, "-m", "edge_agent.modelsync", "run", "--config", str(config)]
     )
     assert result.returncode == 2
     line = assert_one_line(result, "python -m edge_agent.modelsync run: error: ")
@@ -410,6 +402,27 @@ def test_relay_udp_port_in_use_names_the_settings(tmp_path: Path) -> None:
     assert "collector.ports" in line
 
 
+def engine_run(stream: str, checkpoint: Path, endpoint: str) -> str:
+    """``engine run`` on ``stream`` at a Kinesis ``endpoint`` (us-east-1,
+    dummy credentials); returns its one error line, after checking it
+    exited 1."""
+    result = sampleflow(
+        "engine",
+        "run",
+        "--stream",
+        stream,
+        "--checkpoint",
+        str(checkpoint),
+        "--endpoint-url",
+        endpoint,
+        "--region",
+        "us-east-1",
+        env=clean_env(**DUMMY_AWS_ENV),
+    )
+    assert result.returncode == 1
+    return engine_error(result)
+
+
 def engine_error(result: subprocess.CompletedProcess[str]) -> str:
     """engine run's one error line; the rest is at most its JSON log line."""
     assert "Traceback" not in result.stderr, result.stderr
@@ -425,21 +438,7 @@ def engine_error(result: subprocess.CompletedProcess[str]) -> str:
 def test_engine_run_with_an_unreachable_endpoint_is_one_line(tmp_path: Path) -> None:
     """engine run against a Kinesis endpoint nothing listens on exits 1
     naming the endpoint, before Spark starts (no Java trace)."""
-    result = sampleflow(
-        "engine",
-        "run",
-        "--stream",
-        "s",
-        "--checkpoint",
-        str(tmp_path / "cp"),
-        "--endpoint-url",
-        "http://127.0.0.1:1",
-        "--region",
-        "us-east-1",
-        env=clean_env(**DUMMY_AWS_ENV),
-    )
-    assert result.returncode == 1
-    line = engine_error(result)
+    line = engine_run("s", tmp_path / "cp", "http://127.0.0.1:1")
     assert "cannot reach Kinesis at http://127.0.0.1:1" in line
 
 
@@ -448,20 +447,6 @@ def test_engine_run_on_a_missing_stream_names_it(
 ) -> None:
     """engine run on a stream the (real, local) Kinesis does not have exits
     1 saying so, before Spark starts."""
-    result = sampleflow(
-        "engine",
-        "run",
-        "--stream",
-        "no-such-stream",
-        "--checkpoint",
-        str(tmp_path / "cp"),
-        "--endpoint-url",
-        ministack.endpoint_url,
-        "--region",
-        "us-east-1",
-        env=clean_env(**DUMMY_AWS_ENV),
-    )
-    assert result.returncode == 1
-    line = engine_error(result)
+    line = engine_run("no-such-stream", tmp_path / "cp", ministack.endpoint_url)
     assert "'no-such-stream'" in line
     assert "ResourceNotFoundException" in line
