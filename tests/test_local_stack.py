@@ -131,6 +131,17 @@ def read_until(proc: subprocess.Popen[str], prefix: str) -> list[str]:
     pytest.fail(f"no line starting {prefix!r}:\n" + "".join(seen))
 
 
+def clean_up(up: subprocess.Popen[str], cwd: Path) -> None:
+    """After a test, whatever happened: kill ``up`` if it still runs, close
+    its pipe, and stop any part it left (`local down`)."""
+    if up.poll() is None:
+        up.kill()
+        up.wait()
+    if up.stdout is not None:
+        up.stdout.close()
+    cli("local", "down", cwd=cwd)
+
+
 def hold_port(port: int) -> socket.socket | None:
     """A listening socket on 127.0.0.1:``port``, or None if it is taken."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -194,12 +205,7 @@ def test_up_status_down_leaves_no_process(tmp_path: Path) -> None:
         down = cli("local", "down", cwd=tmp_path)
         rest, _ = up.communicate(timeout=60)
     finally:
-        if up.poll() is None:
-            up.kill()
-            up.wait()
-        if up.stdout is not None:
-            up.stdout.close()
-        cli("local", "down", cwd=tmp_path)
+        clean_up(up, tmp_path)
         if squatter is not None:
             squatter.close()
     assert down.returncode == 0, down.stdout + down.stderr
@@ -232,12 +238,7 @@ def test_ctrl_c_while_starting_stops_everything(tmp_path: Path) -> None:
         up.send_signal(signal.SIGINT)
         rest, _ = up.communicate(timeout=120)
     finally:
-        if up.poll() is None:
-            up.kill()
-            up.wait()
-        if up.stdout is not None:
-            up.stdout.close()
-        cli("local", "down", cwd=tmp_path)
+        clean_up(up, tmp_path)
     assert up.returncode == 130, rest
     assert "interrupted while starting" in rest
     assert "stopping engine" in rest

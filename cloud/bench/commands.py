@@ -20,20 +20,11 @@ from pathlib import Path
 from edge_agent.bench.command import (
     DEFAULT_CAPTURES,
     add_check_flag,
+    positive_float,
     verdicts_exit_code,
 )
 
 Subparsers = argparse._SubParsersAction  # argparse exposes no public name
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
-    return value
 
 
 def _default_cores() -> tuple[int | None, int | None]:
@@ -61,14 +52,14 @@ def register_relay(benchmarks: Subparsers[argparse.ArgumentParser]) -> None:
     )
     p.add_argument(
         "--rate",
-        type=_positive_float,
+        type=positive_float,
         default=250_000.0,
         metavar="N",
         help="flow records per second to send (default 250000)",
     )
     p.add_argument(
         "--seconds",
-        type=_positive_float,
+        type=positive_float,
         default=10.0,
         metavar="S",
         help="seconds of sending (default 10)",
@@ -94,7 +85,7 @@ def register_relay(benchmarks: Subparsers[argparse.ArgumentParser]) -> None:
         help="a running Kinesis (e.g. the local stack's); default: start MiniStack",
     )
     p.add_argument("--no-peer", action="store_true", help="skip the peer loop")
-    p.add_argument("--window-s", type=_positive_float, default=2.0, metavar="S")
+    p.add_argument("--window-s", type=positive_float, default=2.0, metavar="S")
     p.add_argument("--lateness-s", type=float, default=1.0, metavar="S")
     p.add_argument(
         "--workdir", type=Path, metavar="DIR", help="keep logs and state here"
@@ -210,7 +201,7 @@ def register_wire_ctu13(benchmarks: Subparsers[argparse.ArgumentParser]) -> None
     )
     p.add_argument(
         "--window-s",
-        type=_positive_float,
+        type=positive_float,
         action="append",
         metavar="S",
         help="aggregation window, repeatable for a sweep (default 10, the relay's)",

@@ -38,7 +38,8 @@ DEFAULT_CAPTURES = Path(edge_agent.__file__).resolve().parents[1].parent / (
 )
 
 
-def _positive_float(text: str) -> float:
+def positive_float(text: str) -> float:
+    """argparse type: a number > 0."""
     try:
         value = float(text)
     except ValueError:
@@ -143,7 +144,7 @@ def _register_decode(benchmarks: Subparsers[argparse.ArgumentParser]) -> None:
     )
     decode.add_argument(
         "--seconds",
-        type=_positive_float,
+        type=positive_float,
         default=2.0,
         metavar="N",
         help="seconds of timing per decoder and protocol (default 2)",
@@ -194,7 +195,7 @@ def _register_wire(benchmarks: Subparsers[argparse.ArgumentParser]) -> None:
         default=None,
         help=f"folder of .pcap files (default: {DEFAULT_CAPTURES})",
     )
-    wire.add_argument("--window-s", type=_positive_float, default=10.0, metavar="S")
+    wire.add_argument("--window-s", type=positive_float, default=10.0, metavar="S")
     wire.add_argument("--lateness-s", type=float, default=30.0, metavar="S")
     wire.add_argument(
         "--speed-records",
