@@ -26,6 +26,16 @@ datagrams as 24-byte units).  What must happen in arrival order happens
 when a datagram arrives: sampling announcements (a new header tail starts
 a new run), the rate lookup (redone only when the sampling table changed)
 and the reservation of the records' output positions.
+
+:meth:`NetflowV5Decoder.queue_many` takes a run of consecutive v5
+datagrams from the front door's pre-pass with their headers already read
+as one array: when no datagram changes its socket's header tail or
+announces a new interval, only each socket's first datagram is queued as
+above and the others join its run in bulk, with positions reserved in
+arrival order; a run that is the whole batch keeps the batch's joined
+bytes, so reading it joins nothing again.  Runs of many exporters
+interleaved gain little: each exporter's records are still read and
+built as a group of its own.
 """
 
 from __future__ import annotations
