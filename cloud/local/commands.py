@@ -79,6 +79,13 @@ def _help(parser: argparse.ArgumentParser) -> int:
     return 2
 
 
+#: What a default of 0 means, for the settings where it is not a port.
+_ZERO_MEANS = {
+    "mqtt_port": ": off",
+    "engine_status_port": ": a free port picked at each up, shown by status",
+}
+
+
 def _settings_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group(
         "settings (also SAMPLEFLOW_LOCAL_<KEY> or [local] in --config)"
@@ -96,7 +103,7 @@ def _settings_flags(parser: argparse.ArgumentParser) -> None:
             type=kind if kind in (int, float) else str,
             metavar=key.upper().rsplit("_", 1)[-1] if kind is not Path else "DIR",
             default=None,
-            help=f"(default {getattr(defaults, key)})",
+            help=f"(default {getattr(defaults, key)}{_ZERO_MEANS.get(key, '')})",
         )
 
 
