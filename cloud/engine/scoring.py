@@ -42,7 +42,7 @@ from typing import Any, Protocol
 import numpy as np
 import structlog
 
-from cloud.engine.store import HostWindowSet, SqliteStore
+from cloud.engine.store import ALERT_KEY, HostWindowSet, SqliteStore
 from cloud.scoring_client import (
     ScoreResult,
     ScoringRejectedError,
@@ -70,10 +70,6 @@ class RowScorer(Protocol):
         hosts: Sequence[str] | None = None,
         window_starts_ms: np.ndarray | None = None,
     ) -> ScoreResult: ...
-
-
-#: A noted alert as :meth:`SqliteStore.alert_keys_since` gives it.
-_ALERT_KEY = np.dtype([("host", "V16"), ("start", ">i8")])
 
 
 @dataclass(frozen=True)
@@ -107,12 +103,12 @@ class Hysteresis:
         seen = store.alert_keys_since(tenant_id, int(starts[idx].min()) - span)
         # One lookup per alerting row and earlier window, on the store's
         # key bytes (host, then the window start as 8 big-endian bytes).
-        keys = np.empty(idx.size, dtype=_ALERT_KEY)
+        keys = np.empty(idx.size, dtype=ALERT_KEY)
         keys["host"] = np.ascontiguousarray(hosts, dtype="V16")[idx]
         count = np.zeros(idx.size, dtype=np.int64)
         for j in range(self.n):
             keys["start"] = starts[idx] - j * self.slide_ms
-            raw = keys.view(f"V{_ALERT_KEY.itemsize}").tolist()
+            raw = keys.view(f"V{ALERT_KEY.itemsize}").tolist()
             count += np.fromiter((k in seen for k in raw), bool, idx.size)
         out = np.zeros(alert.shape, dtype=bool)
         out[idx] = count >= self.k
