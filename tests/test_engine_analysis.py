@@ -310,6 +310,38 @@ def test_hysteresis_needs_k_of_the_last_n_windows(tmp_path: Path) -> None:
     again.close()
 
 
+def test_hysteresis_counts_alerts_of_an_older_state_file(tmp_path: Path) -> None:
+    """An alert noted one row per host (the layout before alert sets) still
+    counts towards K of N, and is forgotten like the others."""
+    import sqlite3  # noqa: PLC0415
+
+    m = 60_000
+    a = _addr("10.0.0.1")
+    path = tmp_path / "state.sqlite"
+    old = sqlite3.connect(path)
+    old.execute(
+        "CREATE TABLE host_alerts (tenant_id TEXT NOT NULL, host BLOB NOT NULL, "
+        "window_start_ms INTEGER NOT NULL, "
+        "PRIMARY KEY (tenant_id, host, window_start_ms))"
+    )
+    old.execute("INSERT INTO host_alerts VALUES ('t', ?, 0)", (a.tobytes(),))
+    old.commit()
+    old.close()
+    store = SqliteStore(path)
+    rule = Hysteresis(k=2, n=3, slide_ms=m)
+    hosts = np.array([a], dtype="V16")
+    # a@0 (old row) and a@m: 2 of {-m, 0, m}.
+    assert rule.apply(store, "t", hosts, np.array([m]), np.array([True])).tolist() == [
+        True
+    ]
+    # a@5m alone in {3m, 4m, 5m}; then what is before 3m is forgotten: the
+    # old row a@0 and a@m.
+    got = rule.apply(store, "t", hosts, np.array([5 * m]), np.array([True]))
+    assert got.tolist() == [False]
+    assert store.alert_keys_since("t", 0) == {a.tobytes() + (5 * m).to_bytes(8, "big")}
+    store.close()
+
+
 def test_tenant_figures_by_hand() -> None:
     """Effective rate is scaled over sampled packets for known rates;
     exporters keep their latest flow end; relays their latest batch."""

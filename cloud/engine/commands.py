@@ -513,7 +513,7 @@ def _register_bench(subparsers: Any) -> None:
         help="flow rows/s through the engine, micro-batch overhead, latency",
         description=(
             "Measure the engine on synthetic relay batches (2,000 internal "
-            "hosts, 1:100): rows/s of the executors' decode and the driver's "
+            "hosts, 1:100): rows/s of the wire-format decode and the driver's "
             "per-micro-batch work (estimates, features, scoring) "
             "in-process, with the model service in-process and over HTTP; "
             "then the Spark engine on a local Kinesis (MiniStack): rows/s, "

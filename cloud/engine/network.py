@@ -20,7 +20,8 @@ State is kept per *bucket* (``gcd(window, slide)`` long, so a window is a
 union of buckets) and micro-batch: :func:`bucket_tables` reduces one
 micro-batch's rows to small tables (one entry per distinct address, port
 and talker), :func:`merge_tables` adds the buckets of one window up when
-it closes.  Distinct counts and talkers are therefore given on final
+it closes (:func:`merge_windows` those of several windows closing together,
+sorting each table once).  Distinct counts and talkers are therefore given on final
 estimates only; ``flow_starts`` is additive and given on every update.
 """
 
