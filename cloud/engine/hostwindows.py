@@ -15,7 +15,7 @@ the features read (source, destination, destination port, protocol, TCP
 flags, rate: bytes, packets and flow counts summed, which changes no
 feature), and computes a window's rows once the tenant's watermark passes
 its end.  Measured (``sampleflow bench engine``, docs/engine.md) the
-driver's whole per-micro-batch work runs at about 10^5 flow rows per
+driver's whole per-micro-batch work runs at 2-3 x 10^5 flow rows per
 CPU-second, so this holds for modest volumes; the limit is that one core
 and the driver's disk for the open windows' rows.  Beyond it, features
 belong on the executors: group the flows by (tenant, host) with Spark
