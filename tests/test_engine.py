@@ -33,7 +33,7 @@ from cloud.engine.estimates import (
 from cloud.engine.job import MicroBatchProcessor, start_engine
 from cloud.engine.metrics import LogPublisher
 from cloud.engine.sinks import MemorySink, WindowEstimate
-from cloud.engine.spark import build_spark_session
+from cloud.engine.spark import build_spark_session, local_worker_python
 from cloud.engine.store import BatchClaim, SqliteStore, WindowPartial
 from cloud.engine.transform import flows_partition
 from cloud.engine.windows import assign_windows, sum_by_window
@@ -50,6 +50,33 @@ Z95 = 1.959963984540054
 def _stats(packets: list[int], bytes_: list[int], rates: list[int]) -> Any:
     rows = row_statistics(np.array(packets), np.array(bytes_), np.array(rates))
     return sum_statistics(rows, np.zeros(len(packets), dtype=np.int64), 1)
+
+
+def test_local_worker_python_drops_sparks_zipped_pyspark_only() -> None:
+    """The local-mode worker interpreter leaves Spark's pyspark.zip and py4j
+    zip off PYTHONPATH, keeps every other entry in order, and imports the
+    installed pyspark."""
+    import pyspark  # noqa: PLC0415
+
+    script = local_worker_python()
+    assert script != sys.executable  # this venv's pip-installed pyspark
+    lib = Path(pyspark.__file__).resolve().parent / "python" / "lib"
+    path = f"/a b:{lib}/pyspark.zip:/c*:{lib}/py4j-0.10.9.9-src.zip:/d"
+    out = subprocess.run(
+        [
+            script,
+            "-c",
+            "import os, pyspark; print(os.environ['PYTHONPATH']); "
+            "print(pyspark.__file__)",
+        ],
+        env={"PYTHONPATH": path, "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    ).stdout.splitlines()
+    assert out[0] == "/a b:/c*:/d"
+    assert Path(out[1]).resolve() == Path(pyspark.__file__).resolve()
 
 
 def test_z_matches_the_normal_table() -> None:

@@ -6,6 +6,7 @@ import atexit
 import os
 import shlex
 import shutil
+import subprocess
 import sys
 import tempfile
 from collections.abc import Mapping
@@ -58,7 +59,8 @@ def local_worker_python() -> str:
     behind a small ``sh`` script that leaves Spark's zipped pyspark and
     py4j off their path (see :data:`_WORKER_PYTHON_SCRIPT`), or
     :data:`sys.executable` itself when Spark is not this pip-installed
-    pyspark (``SPARK_HOME`` elsewhere) or the script cannot be written.
+    pyspark (``SPARK_HOME`` elsewhere) or the script cannot be written or
+    run (a temporary folder mounted noexec).
     The script lives in a temporary folder removed at exit."""
     home = os.environ.get("SPARK_HOME")
     if home is not None and Path(home).resolve() != _PIP_SPARK_LIB.parents[1]:
@@ -76,7 +78,9 @@ def local_worker_python() -> str:
             )
         )
         script.chmod(0o755)
-    except OSError:
+        # A temporary folder mounted noexec would fail every Python worker.
+        subprocess.run([str(script), "-c", "pass"], check=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
         return sys.executable
     return str(script)
 
