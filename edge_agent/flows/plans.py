@@ -49,9 +49,9 @@ MAX_PLANS = 4096
 CHAIN = 4
 #: Plans with fewer queued datagrams than this are read datagram by
 #: datagram (the matrix pass costs a few dozen numpy calls whatever its
-#: size; 12 took the fewest instructions on the shared v9 captures, 8 and
-#: 16 a few percent more, 32 about 8% more).
-VECTOR_MIN = 12
+#: size).  12 instead made no difference beyond noise (1%) for v9 and cost
+#: 1-2% more instructions for IPFIX on the shared captures.
+VECTOR_MIN = 32
 
 _MINUS_ONE = np.array(-1, dtype=np.int64)
 
