@@ -530,6 +530,11 @@ def _ntp_ms(value: np.ndarray) -> np.ndarray:
     return secs * 1000 + ((frac * np.uint64(1000)) >> np.uint64(32)).astype(np.int64)
 
 
+#: Reductions called as ufunc methods (np.min/np.max add a Python-level
+#: wrapper that costs more than the reduction of a small block).
+_MIN = np.minimum.reduce
+_MAX = np.maximum.reduce
+
 #: (ms since epoch, valid mask or None when every record is valid)
 _Times = tuple[np.ndarray | None, np.ndarray | None]
 
@@ -539,8 +544,8 @@ def _uptime_abs(
 ) -> _Times:
     """Convert sysUptime milliseconds to absolute ms.
 
-    ``base`` caches unix_secs*1000 - sysUptime for the block (shared by
-    the start and the end).
+    ``base`` caches unix_secs*1000 - sysUptime for the block and the
+    smallest header uptime (shared by the start and the end).
     """
     v = value if value.dtype == np.int64 else value.astype(np.int64)
     if ctx.proto == ExportProtocol.IPFIX:
@@ -548,13 +553,17 @@ def _uptime_abs(
         # systemInitTimeMilliseconds, from the record or from options data.
         valid = ctx.init_ms >= 0
         return ctx.init_ms + v, None if _all(valid) else valid
+    uptime = ctx.sysuptime_ms
     if not base:
-        base.append(ctx.unix_secs * 1000 - ctx.sysuptime_ms)
+        base.append(ctx.unix_secs * 1000 - uptime)
+        base.append(_MIN(uptime, axis=None) if uptime.size else uptime)
     ms = base[0] + v
     # sysUptime is a u32 that wraps every 49.7 days: a value more than 2^31
-    # above the header's uptime was taken before the wrap.
-    wrapped = (v - ctx.sysuptime_ms) > (1 << 31)
-    if np.count_nonzero(wrapped):
+    # above the header's uptime was taken before the wrap.  No record can be
+    # when the largest value is within 2^31 of the smallest header uptime
+    # (one reduction instead of a subtraction, a comparison and a count).
+    if v.size and int(_MAX(v, axis=None)) - int(base[1]) > 1 << 31:
+        wrapped = (v - uptime) > (1 << 31)
         ms[wrapped] -= 1 << 32
     return ms, None
 
@@ -700,6 +709,7 @@ _TIME_END = int(Field.TIME_END)
 _NEXT_HOP = int(Field.NEXT_HOP)
 _DST_PORT = int(Field.DST_PORT)
 _DIRECTION = int(Field.DIRECTION)
+_SAMPLER_ID = int(Field.SAMPLER_ID)
 
 
 def build_records(
@@ -938,7 +948,7 @@ def _rates(
     if ctx.override:
         return ctx.override
     rate: np.ndarray = ctx.rate
-    if ctx.sampler_lookup is not None and present & Field.SAMPLER_ID:
+    if ctx.sampler_lookup is not None and present & _SAMPLER_ID:
         # The ids as the sampler_id column holds them (32 bits).
         ids = sampler_ids(view, fields)
         assert ids is not None
