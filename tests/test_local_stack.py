@@ -309,9 +309,8 @@ def test_settings_precedence_and_errors(tmp_path: Path) -> None:
 def test_engine_health_is_the_engines_healthz(tmp_path: Path) -> None:
     """The stack judges the engine by GET /healthz on its status port, served
     by the engine's own HTTP server class: 200 is healthy; a 503 with the
-    query stopped is unhealthy with the engine's error; a 503 while the
-    query runs (no recent micro-batch: an idle stack) counts as healthy; no
-    server is unhealthy, naming the URL."""
+    query stopped, or with its trigger stuck, is unhealthy with the
+    engine's error; no server is unhealthy, naming the URL."""
     answer: tuple[bool, dict[str, object]] = (True, {"query_running": True})
     server = MetricsServer(CollectorRegistry(), lambda: answer, port=0)
     server.start()
@@ -330,8 +329,8 @@ def test_engine_health_is_the_engines_healthz(tmp_path: Path) -> None:
         assert engine.health() is None
         answer = (False, {"query_running": False, "error": "StreamingQuery died"})
         assert engine.health() == "/healthz answered 503: StreamingQuery died"
-        answer = (False, {"query_running": True, "error": "no micro-batch for 61 s"})
-        assert engine.health() is None
+        answer = (False, {"query_running": True, "error": "trigger busy for 61 s"})
+        assert engine.health() == "/healthz answered 503: trigger busy for 61 s"
     finally:
         server.stop()
     reason = engine.health()

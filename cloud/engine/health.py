@@ -7,12 +7,15 @@ families (prefix ``sampleflow_engine_``) and :func:`engine_health` into
 the ``/healthz`` answer; the HTTP server is the relay's
 (:class:`edge_agent.relay.metrics.MetricsServer`, one implementation).
 
-Healthy means the streaming query is running and a micro-batch finished
-(or, before the first, the engine started) within ``stale_after_s``
-(:func:`stale_after_s`: ten trigger intervals, at least 60 s).  A
-micro-batch only runs when records arrive, so a stream that gets none for
-that long reads as unhealthy too, with the reason; relays write far more
-often than that.
+Healthy means the streaming query is running and is not stuck: stuck is
+a trigger (Spark's ``isTriggerActive``: reading offsets, running a
+micro-batch) seen busy for longer than ``stale_after_s``
+(:func:`stale_after_s`: ten trigger intervals, at least 60 s) with no
+micro-batch finishing meanwhile.  An idle stream (no records, so no
+micro-batches; the trigger only looks for data and goes quiet) stays
+healthy and says ``idle_s``.  The trigger is looked at when ``/healthz``
+is asked, so a stretch busy from before the first probe is counted from
+that probe.
 """
 
 from __future__ import annotations
@@ -120,6 +123,7 @@ class StatusPublisher:
     _last_batch_at: float | None = None
     _lag_ms: dict[str, int] = field(default_factory=dict)
     _started_at: float = field(init=False, default=0.0)
+    _busy_since: float | None = None
 
     def __post_init__(self) -> None:
         self._started_at = self.clock()
@@ -135,6 +139,16 @@ class StatusPublisher:
             self._last = dict(values)
             self._last_micro_batch = micro_batch
             self._last_batch_at = self.clock()
+
+    def note_trigger(self, active: bool) -> float | None:
+        """Record whether Spark's trigger is busy now; return since when it
+        has been seen busy without a break (None while it is not)."""
+        with self._lock:
+            if not active:
+                self._busy_since = None
+            elif self._busy_since is None:
+                self._busy_since = self.clock()
+            return self._busy_since
 
     def publish_lag(self, millis_behind_latest: Mapping[str, int]) -> None:
         with self._lock:
@@ -218,26 +232,41 @@ def engine_health(
     status: StatusPublisher,
     query_state: QueryState,
     stale_after_s: float | None = None,
+    trigger_active: Callable[[], bool] | None = None,
 ) -> tuple[bool, dict[str, Any]]:
     """``/healthz``: healthy while the query runs and, with
-    ``stale_after_s`` (seconds), a micro-batch finished within it (before
-    the first: the engine started within it); the details an operator
-    looks at first (see the module doc).  Unhealthy answers carry
-    ``error``: the query's, or why it looks stuck."""
+    ``stale_after_s`` (seconds) and ``trigger_active`` (whether Spark's
+    trigger is busy now), is not stuck: busy for longer than
+    ``stale_after_s`` with no micro-batch finishing meanwhile (see the
+    module doc); the details an operator looks at first.  Unhealthy
+    answers carry ``error``: the query's, or why it looks stuck."""
     s = status.snapshot()
     running, error = query_state()
     now = status.clock()
-    since = s.started_at if s.last_batch_at is None else s.last_batch_at
-    stale = running and stale_after_s is not None and now - since > stale_after_s
+    last = s.started_at if s.last_batch_at is None else s.last_batch_at
+    busy_since = None
+    if running and trigger_active is not None:
+        busy_since = status.note_trigger(trigger_active())
+    stuck_for = None if busy_since is None else now - max(busy_since, last)
+    stale = (
+        stale_after_s is not None
+        and stuck_for is not None
+        and stuck_for > stale_after_s
+    )
     if stale and error is None:
-        what = "engine start" if s.last_batch_at is None else "last micro-batch"
         error = (
-            f"no micro-batch finished for {now - since:.0f} s since the {what} "
-            f"(unhealthy after {stale_after_s:.0f} s): the query may be stuck, "
-            "or no records arrive"
+            f"the trigger has been busy for {stuck_for:.0f} s with no micro-batch "
+            f"finished (unhealthy after {stale_after_s:.0f} s): the query looks "
+            "stuck (a source read or a micro-batch that does not return)"
         )
     details: dict[str, Any] = {
         "query_running": running,
+        "trigger_busy_s": None if stuck_for is None else round(stuck_for, 3),
+        "idle_s": (
+            round(now - last, 3)
+            if running and trigger_active is not None and busy_since is None
+            else None
+        ),
         "micro_batches": s.micro_batches,
         "last_micro_batch": s.last_micro_batch,
         "last_batch_age_s": (

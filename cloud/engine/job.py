@@ -444,6 +444,11 @@ class Engine:
         error = self.query.exception()
         return False, None if error is None else str(error)
 
+    def trigger_active(self) -> bool:
+        """Whether Spark's trigger is busy now (reading offsets or running
+        a micro-batch), from the query's status."""
+        return bool(self.query.status.get("isTriggerActive"))
+
     def close(self, drain_timeout_s: float = 120.0) -> None:
         """Stop the query if it runs (after the micro-batch in flight, if
         any, within ``drain_timeout_s``), publish its last lag, close the
@@ -664,7 +669,9 @@ def _start_status_server(config: EngineConfig, engine: Engine) -> MetricsServer 
     stale_s = stale_after_s(config.trigger_interval_s)
     server = MetricsServer(
         status_registry(engine.status, engine.query_state),
-        lambda: engine_health(engine.status, engine.query_state, stale_s),
+        lambda: engine_health(
+            engine.status, engine.query_state, stale_s, engine.trigger_active
+        ),
         address=config.status_address,
         port=int(config.status_port or 0),
     )

@@ -700,13 +700,8 @@ class LocalStack:
             return f"no answer from {url} ({_short(exc)})"
 
     def _engine_health(self) -> str | None:
-        """The engine's own ``/healthz``: 200 is healthy; a 503 says why.
-
-        Known shortcoming: a 503 while the query runs (no micro-batch within
-        the engine's stale window, 60 s here) counts as healthy, because an
-        idle local stack gets no records and /healthz cannot tell idle from
-        stuck.
-        """
+        """The engine's own ``/healthz``: 200 is healthy (an idle engine
+        too); a 503 says why (the query stopped, or its trigger is stuck)."""
         if not self.settings.engine_status_port:
             return "no engine_status_port recorded (stack.json predates it)"
         url = f"{self.settings.engine_status_url}/healthz"
@@ -722,8 +717,6 @@ class LocalStack:
                 exc.close()
             if not isinstance(body, dict):
                 body = {}
-            if exc.code == 503 and body.get("query_running") is True:
-                return None
             return f"/healthz answered {exc.code}: {body.get('error', 'no reason')}"
         except OSError as exc:
             return f"no answer from {url} ({_short(exc)})"
