@@ -219,15 +219,6 @@ def test_sflow_rate_after_v9_records_in_one_batch() -> None:
     assert_same(DecoderConfig(), items, [len(items)])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=TypeError,
-    reason=(
-        "the pre-pass looks a bytearray payload's first two bytes up in a "
-        "frozenset (unhashable): a batch of 32 or more starting with one raises "
-        "TypeError, while decode takes the same datagrams"
-    ),
-)
 def test_bytearray_payloads_in_a_large_batch() -> None:
     """Payloads given as bytearray decode the same in a batch of 36 (through
     the pre-pass) as one by one: the capture's 30 records (30 tshark lines)

@@ -249,14 +249,21 @@ class FlowDecoder:
         handling.
         """
         n = len(items)
-        if (
-            items[0][0][:2] not in _BULK_VERSIONS
-            and items[-1][0][:2] not in _BULK_VERSIONS
-        ):
-            # Most likely nothing for the bulk paths (an sFlow batch): not
-            # worth joining the batch to find out.
+        try:
+            if (
+                items[0][0][:2] not in _BULK_VERSIONS
+                and items[-1][0][:2] not in _BULK_VERSIONS
+            ):
+                # Most likely nothing for the bulk paths (an sFlow batch):
+                # not worth joining the batch to find out.
+                return False
+        except TypeError:  # an unhashable payload (bytearray): one by one
             return False
         payloads, exporters, ports, received = zip(*items, strict=True)
+        if set(map(type, payloads)) != {bytes}:
+            # bytearray or memoryview payloads: the bulk paths key and
+            # compare by bytes; one by one takes any of them.
+            return False
         try:
             if len(set(exporters)) * _DATAGRAMS_PER_SOCKET > n:
                 # Few datagrams per exporter: bulk queueing has little to
