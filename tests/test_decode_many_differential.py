@@ -194,15 +194,6 @@ def test_pending_expiry_across_batches(plans: bool) -> None:
     assert_same(config, items, [33, 1, 129])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "sFlow announces a sampling rate without settling the batch: NetFlow "
-        "records decoded earlier in the same decode_many batch, of the same "
-        "exporter address and a domain equal to the sFlow sub-agent id, get "
-        "the rate announced after them"
-    ),
-)
 def test_sflow_rate_after_v9_records_in_one_batch() -> None:
     """v9 records decoded before an sFlow datagram of the same exporter
     announces a rate keep the rate known when they arrived (none: 0), as one

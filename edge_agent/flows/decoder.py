@@ -224,8 +224,19 @@ class FlowDecoder:
         self._v5.bind(batch)
         self._v9.bind(batch)
         self._ipfix.bind(batch)
-        if len(items) < _PREPASS_MIN or not self._decode_classified(items, batch):
-            self._decode_each(items, 0, len(items), batch)
+
+        def settle_deferred() -> None:
+            # An sFlow rate about to change the table: records of other
+            # protocols already in the batch take the rates known now.
+            if batch.deferred:
+                self._settle(batch)
+
+        self.sflow.before_rate_change = settle_deferred
+        try:
+            if len(items) < _PREPASS_MIN or not self._decode_classified(items, batch):
+                self._decode_each(items, 0, len(items), batch)
+        finally:
+            self.sflow.before_rate_change = None
         records = batch.build(self.sampling.lookup, self.sampling.override)
         stats = self.stats
         for address, port, count in batch.failures:

@@ -54,7 +54,7 @@ from __future__ import annotations
 
 import collections
 import struct
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from types import MappingProxyType
 from typing import NamedTuple
 
@@ -512,6 +512,10 @@ class SflowDecoder:
                 f"{drop_notifications_maxlen}"
             )
         self.sampling = sampling
+        #: Called before an announced rate changes a lookup of the table:
+        #: the caller settles records of other protocols that would look it
+        #: up later (see FlowDecoder.decode_many); None: nothing to settle.
+        self.before_rate_change: Callable[[], None] | None = None
         #: Counter samples kept as counters: one :class:`CounterRecord` per
         #: counter record, oldest first; a consumer pops from the left.  When
         #: full the oldest is discarded and :attr:`counter_samples_overflow`
@@ -886,6 +890,10 @@ class SflowDecoder:
                     if sampler_id != last_sampler or rate != last_rate:
                         last_sampler = sampler_id
                         last_rate = rate
+                        if self.before_rate_change is not None and sampling.changes(
+                            exporter, sub_agent, sampler_id, rate
+                        ):
+                            self.before_rate_change()
                         sampling.announce(exporter, sub_agent, sampler_id, rate)
                     effective_rate = rate
                 else:
