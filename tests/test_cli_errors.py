@@ -450,3 +450,58 @@ def test_engine_run_on_a_missing_stream_names_it(
     line = engine_run("no-such-stream", tmp_path / "cp", ministack.endpoint_url)
     assert "'no-such-stream'" in line
     assert "ResourceNotFoundException" in line
+
+
+# -- found by a fresh-user pass (session 3) ------------------------------------
+
+
+def test_engine_status_with_a_url_that_is_not_one() -> None:
+    """engine status --url notaurl is a usage error (2) naming the URL, not
+    urllib's traceback; a timeout of 0 or less is refused by the parser."""
+    line = error_line(2, "engine", "status", "--url", "notaurl")
+    assert "'notaurl'" in line and "http://HOST:PORT" in line
+    result = sampleflow("engine", "status", "--timeout", "-1")
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert "seconds > 0 are required, got '-1'" in result.stderr
+
+
+def test_engine_status_of_a_server_that_is_not_an_engine(tmp_path: Path) -> None:
+    """engine status against an HTTP server that answers 404 (not an engine)
+    says the status code in one line, exit 1; a --url ending in /healthz is
+    taken as the endpoint itself (one /healthz, not two)."""
+    server = http.server.ThreadingHTTPServer(
+        ("127.0.0.1", 0),
+        lambda *a: http.server.SimpleHTTPRequestHandler(*a, directory=str(tmp_path)),
+    )
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        line = error_line(1, "engine", "status", "--url", url + "/healthz")
+        assert f"{url}/healthz answered HTTP 404" in line
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_relay_config_that_is_not_utf8_is_one_line(tmp_path: Path) -> None:
+    """A relay config file in Latin-1 (byte 0xe9 for 'é') is a configuration
+    error naming the file and the byte, exit 2, for check-config and run;
+    check-config takes the file as --config too."""
+    bad = tmp_path / "latin1.toml"
+    bad.write_bytes(b'[relay]\ntenant_id = "caf\xe9"\n')
+    for argv in (
+        ("relay", "check-config", str(bad)),
+        ("relay", "check-config", "--config", str(bad)),
+        ("relay", "run", "--config", str(bad)),
+    ):
+        result = sampleflow(*argv)
+        assert result.returncode == 2, result.stderr
+        assert "Traceback" not in result.stderr
+        assert "not UTF-8 text (byte 0xe9 at offset 24)" in result.stderr
+    good = tmp_path / "good.toml"
+    good.write_text('# café, in UTF-8\n[relay]\ntenant_id = "cafe"\n', encoding="utf-8")
+    result = sampleflow("relay", "check-config", "--config", str(good))
+    assert result.returncode == 0, result.stderr
+    assert "cafe" in result.stdout

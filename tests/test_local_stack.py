@@ -345,7 +345,8 @@ def test_engine_health_is_the_engines_healthz(tmp_path: Path) -> None:
 def test_picked_port_is_free_and_below_the_ephemeral_range() -> None:
     """The port the stack picks for the engine can be bound and lies below
     the kernel's ephemeral range (read here from /proc), where outgoing
-    connections and binds to port 0 do not land."""
+    connections and binds to port 0 do not land; ports to avoid are not
+    picked."""
     low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
     for _ in range(5):
         port = pick_free_port()
@@ -353,6 +354,12 @@ def test_picked_port_is_free_and_below_the_ephemeral_range() -> None:
         held = hold_port(port)
         assert held is not None
         held.close()
+    # Ports to avoid (the stack's other ports, not bound yet) are never
+    # picked: with the whole range below the ephemeral one avoided, the
+    # port comes from the kernel's own choice.
+    avoid = frozenset(range(10_000, low))
+    for _ in range(5):
+        assert pick_free_port(avoid) not in avoid
 
 
 def test_relay_config_is_valid_for_the_relay(tmp_path: Path) -> None:

@@ -151,8 +151,9 @@ def register(subparsers: Any) -> None:
         help="print a running engine's health and last micro-batch",
         description=(
             "Read a running engine's /healthz and print it for a person.  "
-            "Exit 0 when the query runs, 1 when it does not or the engine "
-            "cannot be reached."
+            "Exit 0 when it is healthy (the query runs and is not stuck; an "
+            "idle engine is healthy), 1 when it is not or cannot be reached, "
+            "2 for a --url that is not one."
         ),
     )
     status.add_argument(
@@ -162,7 +163,10 @@ def register(subparsers: Any) -> None:
         f"{DEFAULT_STATUS_PORT})",
     )
     status.add_argument(
-        "--timeout", type=float, default=5.0, help="seconds to wait (default 5)"
+        "--timeout",
+        type=_positive_seconds,
+        default=5.0,
+        help="seconds to wait (default 5)",
     )
     status.set_defaults(func=status_command)
     _register_bench(subparsers)
@@ -294,17 +298,46 @@ def _port_or_none(value: str) -> int | None:
     return port
 
 
+def _positive_seconds(text: str) -> float:
+    """``--timeout``: seconds, more than 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"seconds > 0 are required, got {text!r}")
+    return value
+
+
 def status_command(args: argparse.Namespace) -> int:
     """``engine status``: fetch /healthz and print it, one field a line."""
-    url = args.url.rstrip("/") + "/healthz"
+    base = args.url.rstrip("/")
+    if base.endswith("/healthz"):  # the endpoint itself was given
+        base = base[: -len("/healthz")]
+    url = base + "/healthz"
     try:
         with urllib.request.urlopen(url, timeout=args.timeout) as response:
             body = response.read()
     except urllib.error.HTTPError as exc:  # 503: answered, not healthy
         body = exc.read()
+        if exc.code != 503:
+            print(
+                f"sampleflow engine status: error: {url} answered HTTP {exc.code} "
+                "(not a sampleflow engine? `sampleflow local status` shows the "
+                "local stack's engine port)",
+                file=sys.stderr,
+            )
+            return 1
+    except ValueError as exc:  # not a URL urllib can open
+        print(
+            f"sampleflow engine status: error: --url {args.url!r}: {exc} "
+            "(give http://HOST:PORT)",
+            file=sys.stderr,
+        )
+        return 2
     except (urllib.error.URLError, OSError) as exc:
         print(
-            f"sampleflow engine status: cannot read {url}: {exc} "
+            f"sampleflow engine status: error: cannot read {url}: {exc} "
             "(is the engine running, with --status-port?)",
             file=sys.stderr,
         )
@@ -312,7 +345,10 @@ def status_command(args: argparse.Namespace) -> int:
     try:
         health = json.loads(body)
     except ValueError:
-        print(f"sampleflow engine status: {url} did not answer JSON", file=sys.stderr)
+        print(
+            f"sampleflow engine status: error: {url} did not answer JSON",
+            file=sys.stderr,
+        )
         return 1
     width = max((len(k) for k in health), default=0)
     for key, value in health.items():

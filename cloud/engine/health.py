@@ -261,7 +261,7 @@ def engine_health(
         )
     details: dict[str, Any] = {
         "query_running": running,
-        "trigger_busy_s": None if stuck_for is None else round(stuck_for, 3),
+        "trigger_busy_s": None if stuck_for is None else round(max(0.0, stuck_for), 3),
         "idle_s": (
             round(now - last, 3)
             if running and trigger_active is not None and busy_since is None
@@ -275,7 +275,7 @@ def engine_health(
         "last_duration_s": (
             None
             if s.last_micro_batch is None
-            else float(s.last.get("total_ms", 0.0)) / 1000
+            else round(float(s.last.get("total_ms", 0.0)) / 1000, 3)
         ),
         "last_records": s.last.get("records"),
         "last_flows": s.last.get("flows"),

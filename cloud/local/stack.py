@@ -418,7 +418,8 @@ class LocalStack:
             )
         if not self.settings.engine_status_port:
             self.settings = dataclasses.replace(
-                self.settings, engine_status_port=pick_free_port()
+                self.settings,
+                engine_status_port=pick_free_port(self._configured_ports()),
             )
         parts = {p.name: p for p in self.available_parts()}
         for part in self.parts():
@@ -699,6 +700,22 @@ class LocalStack:
         except OSError as exc:
             return f"no answer from {url} ({_short(exc)})"
 
+    def _configured_ports(self) -> frozenset[int]:
+        """The ports the stack's parts are set to use (0: none)."""
+        s = self.settings
+        return frozenset(
+            p
+            for p in (
+                s.ministack_port,
+                s.mqtt_port,
+                s.store_port,
+                s.model_service_port,
+                s.relay_port,
+                s.relay_metrics_port,
+            )
+            if p
+        )
+
     def _engine_health(self) -> str | None:
         """The engine's own ``/healthz``: 200 is healthy (an idle engine
         too); a 503 says why (the query stopped, or its trigger is stuck)."""
@@ -898,9 +915,10 @@ def engine_options() -> frozenset[str]:
 # -- ports --------------------------------------------------------------------
 
 
-def pick_free_port() -> int:
-    """A TCP port on 127.0.0.1 that is free now, below the kernel's
-    ephemeral range when one there is free.
+def pick_free_port(avoid: frozenset[int] = frozenset()) -> int:
+    """A TCP port on 127.0.0.1 that is free now and not in ``avoid`` (the
+    stack's other ports, not all bound yet), below the kernel's ephemeral
+    range when one there is free.
 
     Why below: the port stays unbound until the engine's driver binds it,
     after its JVM started (20-60 s); an ephemeral port could meanwhile be
@@ -909,7 +927,7 @@ def pick_free_port() -> int:
     """
     low = _ephemeral_low()
     candidates = random.sample(range(10_000, low), min(64, max(0, low - 10_000)))
-    for port in [*candidates, 0]:
+    for port in [*(p for p in candidates if p not in avoid), 0]:
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:

@@ -69,6 +69,13 @@ def register(subparsers: Subparsers[argparse.ArgumentParser]) -> None:
         description="Exit 0 and print every setting with its source, or exit 2.",
     )
     check.add_argument("config", type=Path, nargs="?", metavar="FILE")
+    check.add_argument(
+        "--config",
+        type=Path,
+        metavar="FILE",
+        dest="config_option",
+        help="the same as FILE (as relay run takes it)",
+    )
     check.set_defaults(func=check_config)
 
     status = commands.add_parser(
@@ -104,7 +111,15 @@ def check_config(args: argparse.Namespace) -> int:
     Settings ``relay run`` needs but that are not set (the tenant) do not
     fail the check; they are named on stderr.
     """
-    settings = _load(args.config, "check-config")
+    option = getattr(args, "config_option", None)
+    if option is not None and args.config is not None and option != args.config:
+        print(
+            "sampleflow relay check-config: error: two files given "
+            f"({args.config} and --config {option}); give one",
+            file=sys.stderr,
+        )
+        return 2
+    settings = _load(args.config or option, "check-config")
     if settings is None:
         return 2
     sys.stdout.write(render_settings(settings))

@@ -615,6 +615,14 @@ def load_settings(
             ) from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError("--config", str(path), f"not valid TOML: {exc}") from None
+        except UnicodeDecodeError as exc:
+            # TOML files are UTF-8 (tomllib decodes before it parses).
+            raise ConfigError(
+                "--config",
+                str(path),
+                f"not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset "
+                f"{exc.start}): TOML files are UTF-8",
+            ) from None
 
     by_name = {cls.SECTION: cls for cls in SECTIONS}  # type: ignore[attr-defined]
     known = (*by_name, MODELSYNC_SECTION)
