@@ -382,3 +382,35 @@ def test_relay_config_is_valid_for_the_relay(tmp_path: Path) -> None:
     assert 'listen_addresses = ["127.0.0.1"]' in result.stdout
     assert "ports = [31000]" in result.stdout
     assert 'endpoint_url = "http://127.0.0.1:4566"' in result.stdout
+
+
+def test_engine_lateness_is_passed_and_scaled_for_replays(tmp_path: Path) -> None:
+    """A set engine_lateness_s reaches the engine as --lateness; unset, the
+    engine keeps its own default.  The demo's lateness for a stack it starts
+    covers 3 wall seconds of replay (3 x speedup event seconds), never under
+    the engine's 120 s: 60x -> 180 s, 600x -> 1800 s, 10x -> 120 s."""
+    from cloud.local.demo import replay_lateness_s  # noqa: PLC0415
+
+    assert [replay_lateness_s(x) for x in (10, 60, 600, 333.3)] == [
+        120,
+        180,
+        1800,
+        1000,
+    ]
+    [engine] = [
+        p
+        for p in LocalStack(
+            LocalSettings(state_dir=tmp_path, engine_lateness_s=1800)
+        ).parts()
+        if p.name == "engine"
+    ]
+    i = engine.argv.index("--lateness")
+    assert engine.argv[i + 1] == "1800"
+    [engine] = [
+        p
+        for p in LocalStack(LocalSettings(state_dir=tmp_path)).parts()
+        if p.name == "engine"
+    ]
+    assert "--lateness" not in engine.argv
+    with pytest.raises(SettingsError, match=r"engine_lateness_s=-1.*>= 0"):
+        load_settings(None, {"engine_lateness_s": -1}, {})

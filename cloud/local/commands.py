@@ -83,6 +83,7 @@ def _help(parser: argparse.ArgumentParser) -> int:
 _ZERO_MEANS = {
     "mqtt_port": ": off",
     "engine_status_port": ": a free port picked at each up, shown by status",
+    "engine_lateness_s": ": the engine's 120 s; a stack the demo starts scales it",
 }
 
 

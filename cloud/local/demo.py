@@ -34,7 +34,9 @@ datagram sent, for Wireshark or an independent decoder.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import math
 import sys
 import threading
 import time
@@ -155,6 +157,11 @@ def main(args: argparse.Namespace, settings: Any, stop: threading.Event) -> int:
         else:
             print(f"starting the local stack in {stack.state_dir}")
             started_here = True
+            if not stack.settings.engine_lateness_s:
+                stack.settings = dataclasses.replace(
+                    stack.settings,
+                    engine_lateness_s=replay_lateness_s(args.speedup),
+                )
             stack.up(lambda text: print("  " + text, flush=True), stop)
         pids = {r.name: r.pid for r in stack.running_parts()}
         run = DemoRun(args, stack, stop)
@@ -191,6 +198,23 @@ def main(args: argparse.Namespace, settings: Any, stop: threading.Event) -> int:
             except StackError as exc:
                 print(f"sampleflow demo: {exc}", file=sys.stderr)
     return 0
+
+
+#: Wall seconds by which one exporter's relay batches may trail another's
+#: (the relay's 1 s window and 1 s lateness, shipping, a micro-batch).
+REPLAY_LAG_WALL_S = 3.0
+#: The engine's own default lateness, s.
+ENGINE_LATENESS_S = 120
+
+
+def replay_lateness_s(speedup: float) -> int:
+    """The engine lateness (event time, s) for a replay at ``speedup``: a
+    few wall seconds of relay and engine delay are ``speedup`` times as
+    many event seconds, and rows behind the watermark would be left out
+    of the estimates.  At least the engine's default of 120 s (60x gives
+    180 s, 600x 1800 s).
+    """
+    return max(ENGINE_LATENESS_S, math.ceil(REPLAY_LAG_WALL_S * speedup))
 
 
 def check_running_stack(stack: LocalStack) -> None:

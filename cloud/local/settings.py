@@ -63,6 +63,10 @@ class LocalSettings:
     #: ``up`` (kept in stack.json), so a second stack or an engine of one's
     #: own on the engine's default 9466 does not collide
     engine_status_port: int = 0
+    #: how long (event time, s) the engine keeps a window open for rows that
+    #: arrive late; 0: the engine's default (120 s), or, for a stack the demo
+    #: starts, scaled to its --speedup (see cloud.local.demo.replay_lateness_s)
+    engine_lateness_s: int = 0
     region: str = "us-east-1"
     stream_name: str = "sampleflow-flows"
     bucket: str = "sampleflow-models"
@@ -102,6 +106,10 @@ class LocalSettings:
                 raise SettingsError(key, port, "must be a port, 1 to 65535")
         if not 0 <= self.mqtt_port <= 65535:
             raise SettingsError("mqtt_port", self.mqtt_port, "must be 0 (off) to 65535")
+        if self.engine_lateness_s < 0:
+            raise SettingsError(
+                "engine_lateness_s", self.engine_lateness_s, "must be >= 0"
+            )
         if not 0 <= self.engine_status_port <= 65535:
             raise SettingsError(
                 "engine_status_port",

@@ -379,6 +379,8 @@ class LocalStack:
             # to the slice's length (more over repeated replays).
             ("--max-future", str(REPLAY_MAX_FUTURE_S)),
         ]
+        if s.engine_lateness_s:
+            wanted.append(("--lateness", str(s.engine_lateness_s)))
         out: list[str] = []
         for flag, value in wanted:
             if flag in known:
