@@ -62,11 +62,21 @@ def tiny_captures(captures_dir: Path, tmp_path: Path) -> Path:
 def test_bench_decode_prints_every_protocol(
     tiny_captures: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """One round per protocol holds exactly the capture's export packets
-    and tshark record count; sFlow has no netflow-package column; every
-    target is judged."""
+    """With one-datagram batches, one round per protocol holds exactly the
+    capture's export packets and tshark record count; sFlow has no
+    netflow-package column; every target is judged.  With 5-datagram
+    batches a round replays each capture until it fills them: ceil(5 / k)
+    passes of a k-datagram capture."""
     argv = ["bench", "decode", "--captures", str(tiny_captures)]
     argv += ["--seconds", "0.05", "--min-round-records", "1"]
+    assert run([*argv, "--batch", "5"]) == 0
+    out = capsys.readouterr().out
+    for label, name in TINY.items():
+        row = re.search(rf"^{re.escape(label)}\s+\d+\s+(\d+)\s", out, re.M)
+        assert row is not None, label
+        packets = export_packets(tiny_captures / name)
+        assert int(row.group(1)) == -(-5 // packets) * packets, label
+    argv += ["--batch", "1"]
     assert run(argv) == 0
     out = capsys.readouterr().out
     for label, name in TINY.items():
@@ -112,12 +122,14 @@ def test_bench_wire_is_part_of_the_bench_command(
 def test_bench_replicas_continue_each_export_stream(captures_dir: Path) -> None:
     """Replica i of a NetFlow v5 capture differs from the capture only in
     the header sequence number, moved on by i times the records of one pass
-    (hand-summed header counts); the captures tshark finds no gap in give
-    the decoder no gap over consecutive replicas."""
+    (hand-summed header counts), and in its receive time: i ms after the
+    capture's last datagram; the captures tshark finds no gap in give the
+    decoder no gap over consecutive replicas."""
     inputs = load_inputs(captures_dir)
     freebsd = next(s for s in inputs["netflow_v5"] if s.capture.startswith("nf5-f"))
     counts = [struct.unpack_from(">H", d.payload, 2)[0] for d in freebsd.datagrams]
     replicas = Replicas([freebsd])
+    last_ms = max(d.received_ms for d in freebsd.datagrams)
     for index in (1, 3):
         [replica] = replicas.replica(index)
         for original, moved in zip(freebsd.datagrams, replica.datagrams, strict=True):
@@ -127,6 +139,7 @@ def test_bench_replicas_continue_each_export_stream(captures_dir: Path) -> None:
             )
             assert moved.payload[:16] == original.payload[:16]
             assert moved.payload[20:] == original.payload[20:]
+            assert moved.received_ms == last_ms + index
     # (sFlow summaries list no sequence gaps; the v5 datagrams of the sFlow
     # counters capture have a summary of their own.)
     for protocol in ("netflow_v5", "netflow_v9", "ipfix"):

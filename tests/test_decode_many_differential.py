@@ -221,3 +221,26 @@ def test_bytearray_payloads_in_a_large_batch() -> None:
     assert sum(len(expected.decode(*item)) for item in items) == 30 * 3
     records = FlowDecoder().decode_many(items)
     assert len(records) == 30 * 3
+
+
+@pytest.mark.parametrize(
+    ("name", "copies"),
+    [
+        ("nf9-cisco-reordered-sequence.pcap", 12),
+        ("nf9-nprobe-many-templates.pcap", 6),
+        ("ipfix-cisco-ipv6-exporter.pcap", 40),
+        ("w-ipfix-mikrotik.pcap", 120),
+    ],
+)
+def test_sequence_breaks_inside_bulk_runs(name: str, copies: int) -> None:
+    """One socket's replicated stream with the capture's own sequence gaps
+    and reordering, plus datagrams dropped, repeated and swapped, goes
+    through walk_many's bulk path (runs of 128 and more) and leaves the
+    same sequence state, gap and loss counts and records as one by one."""
+    stream = replicated(capture(name), copies)
+    items = [d._replace(exporter=address(6), exporter_port=2055) for d in stream]
+    del items[150]  # a lost datagram
+    items.insert(200, items[190])  # a duplicate, late
+    items[240], items[241] = items[241], items[240]  # reordered
+    for size in (256, 1024):
+        assert_same(DecoderConfig(), items, [size])

@@ -11,9 +11,19 @@ Each replica of a capture continues its export streams: the header
 sequence numbers are moved on by what one pass of the capture advances
 them, so the decoder sees a live exporter (with the capture's own gaps and
 reordering), not the same datagrams over and over, which its sequence
-tracking would count as late duplicates.  The renumbered datagrams are
-made before a round starts, outside the timing, and both decoders get the
-same bytes.
+tracking would count as late duplicates.  Replicas are received after the
+capture, one millisecond apart (all datagrams of a replica in the same
+millisecond): at these rates an exporter's datagrams arrive microseconds
+apart, not minutes apart as in some captures, whose receive times would
+otherwise span more than the held-data age within one batch.  The
+renumbered datagrams are made before a round starts, outside the timing,
+and both decoders get the same bytes.
+
+Our decoder's rounds hold enough replicas of every capture to fill whole
+``batch``-datagram calls (the collector's batches are full when exporters
+send this fast); the ``netflow`` package decodes datagram by datagram, so
+its rounds only hold ``min_round_records`` records.  The ratio is per
+datagram, on replicas of the same captures in the same proportions.
 
 The rates reported are medians over rounds, one from ``time.perf_counter``
 and one per second of process CPU time (this process is single-threaded).
@@ -221,13 +231,16 @@ class Replicas:
     capture advances it (the decoder's expected next number after a pass,
     minus the first number seen), so consecutive replicas look like one
     exporter that kept sending.  Streams the decoder cannot follow (no
-    expected number after a pass) keep their numbers.
+    expected number after a pass) keep their numbers.  Every datagram of
+    replica ``i`` is received ``i`` ms after the capture's last datagram.
     """
 
     def __init__(self, streams: Sequence[Stream]) -> None:
         self.streams = list(streams)
         #: per stream, per datagram: (sequence offset, first seq, span) or None
         self.plans: list[list[tuple[int, int, int] | None]] = []
+        #: per stream: the last receive time of the capture (UTC ms)
+        self.last_ms: list[int] = []
         for stream in self.streams:
             decoder = FlowDecoder(DecoderConfig())
             located = [locate_sequence(d) for d in stream.datagrams]
@@ -253,24 +266,32 @@ class Replicas:
                     for item in located
                 ]
             )
+            # Replicas arrive after the capture, one millisecond apart.
+            self.last_ms.append(
+                max((d.received_ms for d in stream.datagrams), default=0)
+            )
 
     def replica(self, index: int) -> list[Stream]:
         """Replica ``index`` of every stream (0: the datagrams as captured)."""
         if index == 0:
             return self.streams
         out = []
-        for stream, plan in zip(self.streams, self.plans, strict=True):
+        for stream, plan, last_ms in zip(
+            self.streams, self.plans, self.last_ms, strict=True
+        ):
             datagrams = []
+            received_ms = last_ms + index
             for datagram, where in zip(stream.datagrams, plan, strict=True):
                 if where is None:
-                    datagrams.append(datagram)
+                    datagrams.append(datagram._replace(received_ms=received_ms))
                     continue
                 offset, seq, span = where
                 payload = datagram.payload
                 number = _U32.pack((seq + index * span) & _MASK)
                 datagrams.append(
                     datagram._replace(
-                        payload=payload[:offset] + number + payload[offset + 4 :]
+                        payload=payload[:offset] + number + payload[offset + 4 :],
+                        received_ms=received_ms,
                     )
                 )
             out.append(Stream(stream.capture, datagrams))
@@ -550,8 +571,12 @@ def run_benchmark(
         probe = FlowDecoder(DecoderConfig())
         per_pass = sum(len(probe.decode_many(s.datagrams)) for s in streams)
         factor = max(1, -(-min_round_records // max(per_pass, 1)))
+        # Ours also replays every capture long enough to fill whole batches,
+        # as the collector's are when exporters send at these rates.
+        shortest = min(len(s.datagrams) for s in streams)
+        filled = max(factor, -(-batch // max(shortest, 1)))
         replicas = Replicas(streams)
-        runners = [prepare_ours(streams, batch, factor, replicas)]
+        runners = [prepare_ours(streams, batch, filled, replicas)]
         if protocol == "sflow":
             result.theirs_note = "n/a (no sFlow decoder)"
         elif not have_netflow:

@@ -29,6 +29,7 @@ Error reasons counted here (``ExporterCounters.errors``):
 from __future__ import annotations
 
 import struct
+from bisect import bisect_right
 from collections.abc import Callable
 from typing import Any
 
@@ -510,18 +511,30 @@ class TemplatedDecoder:
         counters: ExporterCounters,
     ) -> None:
         """Account the sequence numbers of datagrams ``i:j`` of one stream
-        as :meth:`SequenceTracker.check` does one by one (IPFIX)."""
+        as :meth:`SequenceTracker.check` does one by one (IPFIX).
+
+        Each stretch without a break in the numbering that starts where
+        the stream expects it is taken at once (each of its datagrams would
+        take check's in-order path); a datagram that does not is checked on
+        its own.
+        """
         seqs = tables.seqs
         units = tables.units
-        stream = self.sequences.streams.get(key)
+        streams = self.sequences.streams
         off = tables.off_by_units
-        if stream is not None and stream.expected == seqs[i] and off[j - 1] == off[i]:
-            stream.expected = (seqs[j - 1] + units[j - 1]) & _MASK32
-            stream.last_seq = seqs[j - 1]
-            return
         check = self.sequences.check
-        for k in range(i, j):
-            check(key, seqs[k], units[k], counters)
+        k = i
+        while k < j:
+            stream = streams.get(key)
+            if stream is not None and stream.expected == seqs[k]:
+                # The stretch k:end, up to the next break (or j).
+                end = bisect_right(off, off[k], k, j)
+                stream.expected = (seqs[end - 1] + units[end - 1]) & _MASK32
+                stream.last_seq = seqs[end - 1]
+                k = end
+            else:
+                check(key, seqs[k], units[k], counters)
+                k += 1
 
     def _bug(self, counters: ExporterCounters, port: int) -> None:
         """Count (and now and then log) a datagram whose walk raised."""
@@ -956,28 +969,33 @@ class NetflowV9Decoder(TemplatedDecoder):
         counters: ExporterCounters,
     ) -> None:
         """Account the sequence numbers of datagrams ``i:j`` of one stream
-        as :meth:`SequenceTracker.check_v9` does one by one."""
+        as :meth:`SequenceTracker.check_v9` does one by one: stretches
+        without a break in the numbering at once, as in the IPFIX version."""
         seqs = tables.seqs
         units = tables.units
-        stream = self.sequences.streams.get(key)
-        if stream is not None and stream.expected == seqs[i]:
-            off = tables.off_by_units if stream.by_records else tables.off_by_one
-            if off[j - 1] == off[i]:
-                several = tables.several
-                if stream.last_records > 1 or several[j - 1] != several[i]:
+        streams = self.sequences.streams
+        several = tables.several
+        check = self.sequences.check_v9
+        k = i
+        while k < j:
+            stream = streams.get(key)
+            if stream is not None and stream.expected == seqs[k]:
+                off = tables.off_by_units if stream.by_records else tables.off_by_one
+                end = bisect_right(off, off[k], k, j)
+                if stream.last_records > 1 or several[end - 1] != several[k]:
                     # An in-order datagram after one of several records:
                     # RFC behaviour, so the record-counting votes are void.
                     stream.votes = stream.vote_gaps = stream.vote_lost = 0
-                last = units[j - 1]
+                last = units[end - 1]
                 stream.expected = (
-                    seqs[j - 1] + (last if stream.by_records else 1)
+                    seqs[end - 1] + (last if stream.by_records else 1)
                 ) & _MASK32
-                stream.last_seq = seqs[j - 1]
+                stream.last_seq = seqs[end - 1]
                 stream.last_records = last
-                return
-        check = self.sequences.check_v9
-        for k in range(i, j):
-            check(key, seqs[k], units[k], counters)
+                k = end
+            else:
+                check(key, seqs[k], units[k], counters)
+                k += 1
 
     def walk(  # noqa: PLR0917 - once per datagram: positional is cheaper
         self,
