@@ -244,3 +244,43 @@ def test_sequence_breaks_inside_bulk_runs(name: str, copies: int) -> None:
     items[240], items[241] = items[241], items[240]  # reordered
     for size in (256, 1024):
         assert_same(DecoderConfig(), items, [size])
+
+
+def test_options_announcements_inside_bulk_runs() -> None:
+    """A v9 exporter that re-announces its sampling rate every four
+    datagrams (the 212-byte options datagram: four records, each with rate
+    30000 in IEs 50 and 34), and for a while announces 20000 instead, then
+    flips between the two: the runs walk_many reads in bulk give each record
+    the rate one-by-one decoding gives it, and the same counters (options
+    records included)."""
+    stream = replicated(capture("nf9-options-sampling-30000.pcap"), 100)
+    items = [d._replace(exporter=address(7), exporter_port=2055) for d in stream]
+    old, new = (30000).to_bytes(4, "big"), (20000).to_bytes(4, "big")
+    assert items[1].payload.count(old) == 8
+    for index in [*range(161, 241, 4), 281, 289, 297]:
+        payload = items[index].payload
+        assert len(payload) == 212, index
+        items[index] = items[index]._replace(payload=payload.replace(old, new))
+    for size in (129, 256, 1024):
+        assert_same(DecoderConfig(), items, [size])
+    records, _ = one_by_one(DecoderConfig(), items)
+    assert set(records["sampling_rate"].tolist()) == {30000, 20000}
+
+
+@pytest.mark.parametrize(
+    ("name", "copies"),
+    [
+        ("nf9-nprobe-many-templates.pcap", 6),
+        ("w-pynetflow-softflowd-ipfix.pcap", 150),
+        ("ipfix-physical-interfaces.pcap", 300),
+        ("ipfix-mpls-labels.pcap", 300),
+    ],
+)
+def test_options_resent_inside_bulk_runs(name: str, copies: int) -> None:
+    """Captures whose datagrams carry options records (sampling, system init
+    time) next to templates and data, replicated on one socket, decode the
+    same in large batches as one by one."""
+    stream = replicated(capture(name), copies)
+    items = [d._replace(exporter=address(8), exporter_port=4739) for d in stream]
+    for size in (256, 1024):
+        assert_same(DecoderConfig(), items, [size])

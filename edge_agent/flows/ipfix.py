@@ -235,7 +235,7 @@ class IpfixDecoder(TemplatedDecoder):
             sets = None
         self.sequences.check(domain_key, seq, records, counters)
         if sets:
-            self._remember_plan(exporter, port, domain, size, sets, resends)
+            self._remember_plan(exporter, port, domain, size, sets, resends, payload)
 
     def _walk_messages(  # noqa: PLR0917 - same arguments as walk
         self,

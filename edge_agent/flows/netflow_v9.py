@@ -123,8 +123,10 @@ class _Tables:
     """
 
     __slots__ = (
+        "announcers",
         "off_by_one",
         "off_by_units",
+        "options",
         "plans",
         "present",
         "received",
@@ -139,9 +141,12 @@ class _Tables:
     #: header sequence number and sequence units of each datagram
     seqs: list[int]
     units: list[int]
-    #: running records and template records received
+    #: running records, template records received and options records
     records: list[int]
     received: list[int]
+    options: list[int]
+    #: candidates whose plans read options records
+    announcers: list[int]
     #: running count of links where the number does not go up by one / by
     #: the units of the datagram before
     off_by_one: list[int]
@@ -305,11 +310,12 @@ class TemplatedDecoder:
         port: int,
         counters: ExporterCounters,
         batch: RecordBatch,
+        end: int | None = None,
     ) -> None:
-        """Walk ``payloads[first:]`` one by one."""
+        """Walk ``payloads[first:end]`` one by one."""
         walk = self.walk
         for payload, received_ms in zip(
-            payloads[first:], received[first:], strict=True
+            payloads[first:end], received[first:end], strict=True
         ):
             try:
                 walk(payload, exporter, port, received_ms, counters, batch)
@@ -366,6 +372,10 @@ class TemplatedDecoder:
         tables.units = units.tolist()
         tables.records = call.before.tolist()
         tables.received = _running(received[taken])
+        tables.announcers = [q for q, p in enumerate(plans) if p.options]
+        if tables.announcers:
+            options = np.array([p.options_records for p in plans] + [0], np.int64)
+            tables.options = _running(options[taken])
         tables.off_by_one = _running((steps - 1) & _MASK32 != 0)
         tables.off_by_units = _running((steps - units[:-1]) & _MASK32 != 0)
         tables.several = _running(units > 1)
@@ -416,12 +426,32 @@ class TemplatedDecoder:
                 miss += 1
             j = missing[miss] if miss < len(missing) else n
             walked = j
-            if j - i >= _RUN_MIN:
+            # A datagram whose options records would change the sampling
+            # table (or init time) is walked: the run stops before it.
+            stop = self._announcing(i, j, call, tables) if j - i >= _RUN_MIN else j
+            if stop - i >= _RUN_MIN:
                 if queue is None or not queue.live:
                     queue = BulkQueue(call, counters)
                     self._bulk.append(queue)
-                if not self._run(i, j, call, tables, queue, counters, batch):
+                if not self._run(i, stop, call, tables, queue, counters, batch):
                     walked = i  # a plan is gone: match again from here
+                elif stop < j:
+                    self._walk_each(
+                        payloads,
+                        received,
+                        stop,
+                        exporter,
+                        port,
+                        counters,
+                        batch,
+                        stop + 1,
+                    )
+                    walked = stop + 1
+            elif stop < j:
+                self._walk_each(
+                    payloads, received, i, exporter, port, counters, batch, stop + 1
+                )
+                walked = stop + 1
             else:
                 self._walk_each(
                     payloads[i:j], received[i:j], 0, exporter, port, counters, batch
@@ -499,8 +529,53 @@ class TemplatedDecoder:
         batch.total += total
         counters.records += total
         counters.templates_received += tables.received[j] - tables.received[i]
+        if tables.announcers:
+            # Options records that announce what the table holds already.
+            counters.options_records += tables.options[j] - tables.options[i]
         queue.runs.append((i, j))
         return True
+
+    def _announcing(self, i: int, j: int, call: BulkCall, tables: _Tables) -> int:
+        """The first datagram of ``i:j`` whose options records would change
+        what the decoder knows (a rate, an init time), or ``j``."""
+        if not tables.announcers:
+            return j
+        changing = [q for q in tables.announcers if not self._repeats(tables.plans[q])]
+        if not changing:
+            return j
+        hits = np.flatnonzero(np.isin(call.taken[i:j], changing))
+        return i + int(hits[0]) if len(hits) else j
+
+    def _repeats(self, plan: DatagramPlan) -> bool:
+        """Whether the plan's options records announce only what the
+        sampling table and init times hold now (reading them again would
+        change nothing but the options record counter)."""
+        now = (self.sampling.generation, self.init_generation)
+        if plan.noop_at == now:
+            return plan.noop
+        if plan.effects is None:
+            plan.effects = [
+                (template.key, _read_options(template, raw, count))
+                for (template, _, count), raw in zip(
+                    plan.options, plan.option_bytes, strict=True
+                )
+            ]
+        noop = True
+        changes = self.sampling.changes
+        for (exporter, port, _, domain, _), seen in plan.effects:
+            _, init, invalid, announced = seen
+            if invalid or (
+                init is not None
+                and self.init_times.get((exporter, port, domain)) != init
+            ):
+                noop = False
+                break
+            if any(changes(exporter, domain, sid, rate) for sid, rate in announced):
+                noop = False
+                break
+        plan.noop_at = now
+        plan.noop = noop
+        return noop
 
     def _sequence_run(
         self,
@@ -652,6 +727,7 @@ class TemplatedDecoder:
         size: int,
         sets: list[tuple[int, int, int, Template | None, int]],
         resends: list[tuple[int, bytes, int]],
+        payload: bytes,
     ) -> None:
         """Make a plan from a datagram the general walk read cleanly.
 
@@ -695,6 +771,7 @@ class TemplatedDecoder:
             sets=sets,
             resends=defined,
             generation=self.templates.generation,
+            payload=payload,
         )
         if plan is None:
             return
@@ -1176,7 +1253,7 @@ class NetflowV9Decoder(TemplatedDecoder):
         records += counters.templates_received - templates_before
         self.sequences.check_v9(domain_key, seq, records, counters)
         if sets:
-            self._remember_plan(exporter, port, domain, size, sets, resends)
+            self._remember_plan(exporter, port, domain, size, sets, resends, payload)
 
     def _templates(self, body: memoryview, export: Export) -> list[TemplateKey]:
         """Read a template set; return the keys of the templates it holds."""

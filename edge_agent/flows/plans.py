@@ -17,8 +17,11 @@ A plan is made only from a datagram whose walk took nothing but the fast
 paths: fixed-length data templates already known, template sets read
 without an error (or re-sent), fixed-length options data before or after
 all the data sets (read at once, in arrival order, as the general walk
-reads it).  Held data, withdrawals, padding and errors leave the datagram
-to the general walk.  A plan holds
+reads it).  walk_many accounts such a datagram in bulk too while the
+fields its options records announce (rates, sampler ids, init time) are
+the plan's bytes and announce what the decoder holds already; the first
+that would change something is walked.  Held data, withdrawals, padding
+and errors leave the datagram to the general walk.  A plan holds
 while the template cache's generation is unchanged, or while every
 template it names is still the one it was made with; the sampling rate
 (and IPFIX's systemInitTime) is looked up again when its table changed.
@@ -35,8 +38,10 @@ import numpy as np
 
 from edge_agent.flows.counters import ExporterCounters
 from edge_agent.flows.fields import (
+    RATE_ELEMENTS,
     SAMPLER_ID,
     SELECTOR_ID,
+    SYSTEM_INIT_MILLISECONDS,
     PreparedGroup,
     RecordBatch,
 )
@@ -54,6 +59,13 @@ CHAIN = 4
 VECTOR_MIN = 32
 
 _MINUS_ONE = np.array(-1, dtype=np.int64)
+
+#: Options fields whose values the decoder takes from options records.
+ANNOUNCING_ELEMENTS = RATE_ELEMENTS | {
+    SAMPLER_ID,
+    SELECTOR_ID,
+    SYSTEM_INIT_MILLISECONDS,
+}
 
 #: One data set of a plan: (template, offset of its first record, records,
 #: position of its first record among the datagram's records)
@@ -105,20 +117,27 @@ class DatagramPlan:
     """
 
     __slots__ = (
-        "bulk",
         "checks",
         "context_generation",
         "deferred",
         "domain",
         "domain_key",
+        "effects",
         "exporter",
         "generation",
         "groups",
         "init",
         "marks",
         "next",
+        "noop",
+        "noop_at",
+        "option_bytes",
+        "option_columns",
+        "option_values",
+        "options",
         "options_after",
         "options_before",
+        "options_records",
         "payloads",
         "port",
         "rate",
@@ -158,6 +177,7 @@ class DatagramPlan:
         options_before: tuple[tuple[Template, int, int], ...] = (),
         options_after: tuple[tuple[Template, int, int], ...] = (),
         sig_bytes: tuple[tuple[int, bytes], ...] = (),
+        option_bytes: tuple[bytes, ...] = (),
     ) -> None:
         self.exporter = exporter
         self.port = port
@@ -176,6 +196,17 @@ class DatagramPlan:
         #: data is queued, as the general walk reads them
         self.options_before = options_before
         self.options_after = options_after
+        #: every options set, before then after, with the bytes of its
+        #: records in the datagram the plan was made from
+        self.options = options_before + options_after
+        self.option_bytes = option_bytes
+        self.options_records = sum(step[2] for step in self.options)
+        #: what those records announce (the decoder reads it on first
+        #: need), and whether announcing it again would change nothing, as
+        #: of (sampling generation, init generation) ``noop_at``
+        self.effects: Any = None
+        self.noop = False
+        self.noop_at: tuple[int, int] | None = None
         self.records = sum(step[2] for step in steps)
         groups: dict[int, PlanGroup] = {}
         for template, offset, count, prefix in steps:
@@ -215,9 +246,25 @@ class DatagramPlan:
             (offset, offset + len(raw), np.frombuffer(raw, np.uint8))
             for offset, raw in resends
         )
-        #: whether matching datagrams can be accounted in bulk (options
-        #: sets are read datagram by datagram: they may change the rate)
-        self.bulk = not options_before and not options_after
+        #: the bytes of the options records that the decoder reads (rates,
+        #: sampler ids, init time) must be the remembered ones too (a
+        #: datagram that announces something else is walked); other options
+        #: fields, such as an exporter's running totals, may differ
+        columns: list[int] = []
+        values = bytearray()
+        for (template, offset, count), raw in zip(
+            self.options, option_bytes, strict=True
+        ):
+            width = template.record_length
+            dtype_fields: Any = template.layout.dtype.fields or {}
+            for ie, (name, length) in template.layout.fields.items():
+                if ie in ANNOUNCING_ELEMENTS:
+                    at = dtype_fields[name][1]
+                    for first in range(at, count * width, width):
+                        columns += range(offset + first, offset + first + length)
+                        values += raw[first : first + length]
+        self.option_columns = np.array(columns, dtype=np.intp)
+        self.option_values = np.frombuffer(bytes(values), np.uint8)
 
     def current(self, templates: dict[TemplateKey, Template]) -> bool:
         """Whether every template the plan relies on is still the same."""
@@ -249,13 +296,15 @@ def make_plan(
     sets: list[tuple[int, int, int, Template | None, int]],
     resends: list[tuple[int, bytes, tuple[tuple[TemplateKey, Template], ...]]],
     generation: int,
+    payload: bytes = b"",
 ) -> DatagramPlan | None:
     """A plan for a datagram whose walk took only the fast paths (None if
     its options sets come between data sets).
 
     ``sets`` lists every set as (offset, length, set id, template of a data
     set or None, records); ``resends`` the template sets as (body offset,
-    body bytes, the (key, template) pairs they define).
+    body bytes, the (key, template) pairs they define); ``payload`` is the
+    datagram (its options records are remembered).
     """
     sig_bytes: list[tuple[int, bytes]]
     if proto == ExportProtocol.NETFLOW_V9:
@@ -325,6 +374,10 @@ def make_plan(
         options_before=tuple(before),
         options_after=tuple(after),
         sig_bytes=tuple(sig_bytes),
+        option_bytes=tuple(
+            bytes(payload[offset : offset + count * template.record_length])
+            for template, offset, count in before + after
+        ),
     )
 
 
@@ -498,8 +551,8 @@ def match_rows(
 ) -> list[tuple[DatagramPlan, np.ndarray]]:
     """Which rows of a byte matrix (datagrams of one size) take which plan
     of a chain, as the walkers choose: the first plan whose signature a row
-    has.  Rows of a plan that is not ``bulk``, or whose template re-sends
-    differ from the plan's bytes, are left out (the walkers read them).
+    has.  Rows whose template re-sends or options records differ from the
+    plan's bytes are left out (the walkers read them).
 
     Returns (plan, row indices) for each plan that some rows take.
     """
@@ -513,11 +566,13 @@ def match_rows(
             hit = (rows[left[:, None], plan.sig_columns] == plan.sig_values).all(axis=1)
             taken = left[hit]
         if len(taken):
-            if plan.bulk:
-                for first, end, raw in plan.checks:
-                    taken = taken[(rows[taken, first:end] == raw).all(axis=1)]
-                if len(taken):
-                    out.append((plan, taken))
+            for first, end, raw in plan.checks:
+                taken = taken[(rows[taken, first:end] == raw).all(axis=1)]
+            if len(plan.option_columns) and len(taken):
+                same = rows[taken[:, None], plan.option_columns] == plan.option_values
+                taken = taken[same.all(axis=1)]
+            if len(taken):
+                out.append((plan, taken))
             left = np.flatnonzero(~hit) if left is None else left[~hit]
             if not len(left):
                 break
