@@ -311,7 +311,7 @@ class FlowDecoder:
             # Nothing to hand over in bulk (sFlow, NetFlow v1).
             self._decode_each(items, 0, n, batch)
             return True
-        kind, head = kinds
+        kind, head, data, offsets = kinds
         # A run ends where the kind changes, or (v9, IPFIX) the socket does.
         change = np.ones(n, dtype=bool)
         change[1:] = kind[1:] != kind[:-1]
@@ -359,6 +359,7 @@ class FlowDecoder:
                     port,
                     count,
                     batch,
+                    (data, sizes[first:end], offsets[first:end]),
                 )
                 done = end
         if done < n:
@@ -615,15 +616,16 @@ def _classify(
 ) -> tuple[
     np.ndarray,
     tuple[np.ndarray, np.ndarray, np.ndarray, int] | None,
-    tuple[np.ndarray, np.ndarray] | None,
+    tuple[np.ndarray, np.ndarray, bytes, np.ndarray] | None,
 ]:
     """The pre-pass's look at a batch: (sizes, whole, kinds).
 
     ``whole`` is (the batch as 24-byte units, each datagram's first unit,
     the headers as V5_HEADER_UNIT, total bytes) when every datagram is a
     v5 one of a whole number of units; else ``kinds`` is (each datagram's
-    kind: 5, 9, 10 or _OTHER; its first 24 bytes), or None when no
-    datagram is of a kind handed over in bulk.
+    kind: 5, 9, 10 or _OTHER; its first 24 bytes; the joined batch, padded;
+    each datagram's offset in it), or None when no datagram is of a kind
+    handed over in bulk.
     """
     sizes = np.fromiter(map(len, payloads), np.int64, n)
     # Padded so that the gathers stay in bounds after a short last datagram.
@@ -647,4 +649,4 @@ def _classify(
     if not np.count_nonzero(kind != _OTHER):
         return sizes, None, None
     # The first 24 bytes of every datagram (v5 runs read them).
-    return sizes, None, (kind, padded[offsets[:, None] + _HEAD_BYTES])
+    return sizes, None, (kind, padded[offsets[:, None] + _HEAD_BYTES], data, offsets)

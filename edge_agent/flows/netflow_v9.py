@@ -272,6 +272,7 @@ class TemplatedDecoder:
         port: int,
         counters: ExporterCounters,
         batch: RecordBatch,
+        joined: tuple[bytes, np.ndarray, np.ndarray] | None = None,
     ) -> None:
         """Decode the datagrams of one exporter socket, in arrival order.
 
@@ -286,13 +287,16 @@ class TemplatedDecoder:
         datagrams that match is accounted in bulk (sequence numbers, record
         positions, counters) and its records are read when the batch
         settles.  The others are walked one by one, in their place.
+
+        ``joined`` is (bytes holding every payload, their sizes, their
+        offsets in those bytes) when the caller has them already.
         """
         if len(payloads) < _BULK_MIN or not self.plans:
             self._walk_each(payloads, received, 0, exporter, port, counters, batch)
             return
         self._progress = 0
         try:
-            self._walk_bulk(payloads, received, exporter, port, counters, batch)
+            self._walk_bulk(payloads, received, exporter, port, counters, batch, joined)
         except Exception:
             # A bug in the bulk accounting: the datagram in hand is lost
             # (counted), the rest are walked one by one.
@@ -393,12 +397,16 @@ class TemplatedDecoder:
         port: int,
         counters: ExporterCounters,
         batch: RecordBatch,
+        joined: tuple[bytes, np.ndarray, np.ndarray] | None = None,
     ) -> None:
         """walk_many's bulk path (see there); ``_progress`` follows it."""
         n = len(payloads)
-        sizes = np.fromiter(map(len, payloads), np.int64, n)
-        data = b"".join(payloads)
-        offsets = np.cumsum(sizes) - sizes
+        if joined is None:
+            sizes = np.fromiter(map(len, payloads), np.int64, n)
+            data = b"".join(payloads)
+            offsets = np.cumsum(sizes) - sizes
+        else:
+            data, sizes, offsets = joined
         call = BulkCall(self.PROTO, n)
         self._match(data, sizes, offsets, 0, exporter, port, call)
         if not call.candidates:
