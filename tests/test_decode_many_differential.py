@@ -20,6 +20,7 @@ import pytest
 from edge_agent.bench.decode import Replicas, Stream
 from edge_agent.collect.datagram import Datagram
 from edge_agent.collect.pcap import read_capture
+from edge_agent.flows import plans
 from edge_agent.flows.decoder import DecoderConfig, FlowDecoder
 from edge_agent.flows.schema import FLOW_DTYPE, ExportProtocol
 from tests.conftest import require_shared
@@ -284,3 +285,46 @@ def test_options_resent_inside_bulk_runs(name: str, copies: int) -> None:
     items = [d._replace(exporter=address(8), exporter_port=4739) for d in stream]
     for size in (256, 1024):
         assert_same(DecoderConfig(), items, [size])
+
+
+def test_templates_shared_by_plans_read_at_once_or_plan_by_plan(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The Cisco ASA capture's ten datagram layouts share four templates,
+    the FortiGate's (uptime-relative times) three: walk_many reads each
+    template's records across its plans at once, and if that fails (a bug)
+    plan by plan; either way the records and state are one-by-one
+    decoding's."""
+    items = [
+        d._replace(exporter=address(9), exporter_port=2055)
+        for d in replicated(capture("nf9-cisco-asa-nsel.pcap"), 60)
+    ]
+    items += [
+        d._replace(exporter=address(10), exporter_port=2055)
+        for d in replicated(capture("nf9-fortigate-data-before-template.pcap"), 60)
+    ]
+    calls = {"template": 0, "plan": 0}
+    by_template = plans.BulkQueue._by_template
+    by_plan = plans.BulkQueue._by_plan
+
+    def counting_template(self: Any, *args: Any) -> Any:
+        calls["template"] += 1
+        return by_template(self, *args)
+
+    def counting_plan(self: Any, *args: Any) -> Any:
+        calls["plan"] += 1
+        return by_plan(self, *args)
+
+    monkeypatch.setattr(plans.BulkQueue, "_by_template", counting_template)
+    monkeypatch.setattr(plans.BulkQueue, "_by_plan", counting_plan)
+    assert_same(DecoderConfig(), items, [256])
+    assert calls["template"] > 0
+    assert calls["plan"] == 0
+
+    def failing(self: Any, *args: Any) -> Any:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(plans.BulkQueue, "_by_template", failing)
+    calls["plan"] = 0
+    assert_same(DecoderConfig(), items, [256])
+    assert calls["plan"] > 0

@@ -407,7 +407,7 @@ class TemplatedDecoder:
             offsets = np.cumsum(sizes) - sizes
         else:
             data, sizes, offsets = joined
-        call = BulkCall(self.PROTO, n)
+        call = BulkCall(self.PROTO, n, data, offsets)
         self._match(data, sizes, offsets, 0, exporter, port, call)
         if not call.candidates:
             self._walk_each(payloads, received, 0, exporter, port, counters, batch)

@@ -35,6 +35,7 @@ from itertools import chain
 from typing import Any
 
 import numpy as np
+import structlog
 
 from edge_agent.flows.counters import ExporterCounters
 from edge_agent.flows.fields import (
@@ -47,6 +48,8 @@ from edge_agent.flows.fields import (
 )
 from edge_agent.flows.schema import ExportProtocol
 from edge_agent.flows.templates import Template, TemplateKey
+
+log = structlog.get_logger(__name__)
 
 #: Plans kept per decoder; past the bound the table starts afresh.
 MAX_PLANS = 4096
@@ -75,7 +78,16 @@ DataStep = tuple[Template, int, int, int]
 class PlanGroup:
     """The data sets of one template in a plan and how to gather them."""
 
-    __slots__ = ("columns", "prefixes", "records", "set_counts", "sets", "template")
+    __slots__ = (
+        "columns",
+        "offsets",
+        "positions",
+        "prefixes",
+        "records",
+        "set_counts",
+        "sets",
+        "template",
+    )
 
     def __init__(self, template: Template) -> None:
         self.template = template
@@ -88,6 +100,24 @@ class PlanGroup:
         #: byte columns of the records in a datagram (built on first use)
         self.columns: slice | np.ndarray | None = None
         self.set_counts: np.ndarray | None = None
+        #: each record's byte offset in the datagram and position among
+        #: the datagram's records (built on first use)
+        self.offsets: np.ndarray | None = None
+        self.positions: np.ndarray | None = None
+
+    def record_table(self) -> tuple[np.ndarray, np.ndarray]:
+        """(byte offset in the datagram, position among its records) of
+        every record of this group, in datagram order."""
+        if self.offsets is None or self.positions is None:
+            width = self.template.record_length
+            offsets: list[int] = []
+            positions: list[int] = []
+            for (offset, count), prefix in zip(self.sets, self.prefixes, strict=True):
+                offsets += range(offset, offset + count * width, width)
+                positions += range(prefix, prefix + count)
+            self.offsets = np.array(offsets, dtype=np.int64)
+            self.positions = np.array(positions, dtype=np.int64)
+        return self.offsets, self.positions
 
     def gather(self, rows: np.ndarray) -> np.ndarray:
         """The records of every datagram row, in order, as layout elements."""
@@ -580,6 +610,17 @@ def match_rows(
     return out
 
 
+_read_failures = 0
+
+
+def _log_read_failure(proto: ExportProtocol) -> None:
+    """Log a failed template-wise read, at most once per 1000."""
+    global _read_failures  # noqa: PLW0603 - a process-wide log sampler
+    _read_failures += 1
+    if _read_failures % 1000 == 1:
+        log.exception("bulk_read_failed", proto=str(proto), failures=_read_failures)
+
+
 class BulkCall:
     """What one walk_many call knows of its datagrams (shared by the
     :class:`BulkQueue` values that hold its runs until the batch settles).
@@ -591,11 +632,30 @@ class BulkCall:
     ``base[i]`` what turns that into a batch position.
     """
 
-    __slots__ = ("base", "before", "candidates", "local", "n", "proto", "taken")
+    __slots__ = (
+        "base",
+        "before",
+        "candidates",
+        "data",
+        "local",
+        "n",
+        "offsets",
+        "proto",
+        "taken",
+    )
 
-    def __init__(self, proto: ExportProtocol, n: int) -> None:
+    def __init__(
+        self,
+        proto: ExportProtocol,
+        n: int,
+        data: bytes = b"",
+        offsets: np.ndarray | None = None,
+    ) -> None:
         self.proto = proto
         self.n = n
+        #: bytes holding every datagram of the call, and each one's offset
+        self.data = data
+        self.offsets = np.zeros(n, dtype=np.int64) if offsets is None else offsets
         self.candidates: list[tuple[DatagramPlan, np.ndarray]] = []
         self.taken = np.full(n, -1, dtype=np.intp)
         self.local = np.zeros(n, dtype=np.intp)
@@ -629,7 +689,12 @@ class BulkQueue:
 
     def read(self, batch: RecordBatch) -> None:
         """Hand every queued record to ``batch`` (it is settling).  A
-        failure (a bug) drops the records of that plan, counted."""
+        failure (a bug) drops the records of that plan, counted.
+
+        Each template's records are gathered at once across every plan of
+        the call that holds it (one group per template, straight from the
+        call's joined bytes); if that fails (a bug), plan by plan.
+        """
         self.live = False
         call = self.call
         if not self.runs:
@@ -638,6 +703,128 @@ class BulkQueue:
         for first, end in self.runs:
             mask[first:end] = True
         queued = np.flatnonzero(mask)
+        # Per template: every candidate holding it.
+        holders: dict[int, list[tuple[int, PlanGroup]]] = {}
+        for candidate in self.marks:
+            plan = call.candidates[candidate][0]
+            for group in plan.groups:
+                holders.setdefault(id(group.template), []).append((candidate, group))
+        if len(call.data) and any(len(parts) > 1 for parts in holders.values()):
+            # Several plans share a template: one group for it is cheaper
+            # than one per plan joined later (a plan's own group is
+            # cheapest read from its matrix).
+            try:
+                prepared = self._by_template(queued, holders)
+            except Exception:
+                _log_read_failure(call.proto)
+            else:
+                for part in prepared:
+                    batch.add_prepared(part)
+                self.runs = []
+                self.marks = {}
+                return
+        self._by_plan(batch, queued)
+
+    def _by_template(
+        self, queued: np.ndarray, holders: dict[int, list[tuple[int, PlanGroup]]]
+    ) -> list[PreparedGroup]:
+        """One prepared group per template of the queued datagrams
+        (``holders``: the candidates and plan groups of each template)."""
+        call = self.call
+        taken = call.taken[queued]
+        starts = call.before[queued] + call.base[queued]
+        offsets = call.offsets[queued]
+        words = np.ndarray(
+            buffer=call.data, dtype=">u4", shape=(len(call.data) - 3,), strides=(1,)
+        )
+        v9 = call.proto == ExportProtocol.NETFLOW_V9
+        if v9:
+            uptime: np.ndarray = words[offsets + 4].astype(np.int64)
+            secs = words[offsets + 8].astype(np.int64)
+        else:
+            uptime = _MINUS_ONE
+            secs = words[offsets + 4].astype(np.int64)
+        rates, inits = self._contexts(queued, taken)
+        out: list[PreparedGroup] = []
+        candidates = len(call.candidates)
+        for parts in holders.values():
+            template = parts[0][1].template
+            # Records of the template per candidate, and where each
+            # candidate's record table starts in the joined tables.
+            per = np.zeros(candidates + 1, dtype=np.int64)
+            first = np.zeros(candidates + 1, dtype=np.int64)
+            tables = [group.record_table() for _, group in parts]
+            at = 0
+            for (candidate, group), _ in zip(parts, tables, strict=True):
+                per[candidate] = group.records
+                first[candidate] = at
+                at += group.records
+            record_offsets = np.concatenate([t[0] for t in tables])
+            record_positions = np.concatenate([t[1] for t in tables])
+            k = per[taken]
+            total = int(k.sum())
+            if not total:
+                continue
+            # Index of each record in the joined tables.
+            before = np.cumsum(k) - k
+            index = np.repeat(first[taken] - before, k) + np.arange(total)
+            byte_at = np.repeat(offsets, k) + record_offsets[index]
+            width = template.record_length
+            every = np.ndarray(
+                buffer=call.data,
+                dtype=f"V{width}",
+                shape=(len(call.data) - width + 1,),
+                strides=(1,),
+            )
+            view = np.frombuffer(every[byte_at], dtype=template.layout.dtype)
+            rep_secs = np.repeat(secs, k)
+            columns = [
+                rep_secs,
+                uptime if uptime.ndim == 0 else np.repeat(uptime, k),
+                rep_secs * 1000,
+                _MINUS_ONE
+                if v9
+                else (inits if inits.ndim == 0 else np.repeat(inits, k)),
+                rates if rates.ndim == 0 else np.repeat(rates, k),
+            ]
+            plan = call.candidates[parts[0][0]][0]
+            out.append(
+                PreparedGroup(
+                    layout=template.layout,
+                    exporter=plan.exporter,
+                    port=plan.port,
+                    domain=template.key[3],
+                    proto=call.proto,
+                    view=view,
+                    columns=columns,
+                    counts=np.ones(total, dtype=np.int64),
+                    starts=np.repeat(starts, k) + record_positions[index],
+                )
+            )
+        return out
+
+    def _contexts(
+        self, queued: np.ndarray, taken: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(rate, init) of the queued datagrams: 0-d when alike, else one
+        value per datagram."""
+        marks = self.marks
+        values = {m[1:] for ms in marks.values() for m in ms}
+        if len(values) == 1:
+            rate, init = next(iter(values))
+            return np.array(rate, dtype=np.int64), np.array(init, dtype=np.int64)
+        rates = np.zeros(len(queued), dtype=np.int64)
+        inits = np.zeros(len(queued), dtype=np.int64)
+        for candidate, ms in marks.items():
+            where = np.flatnonzero(taken == candidate)
+            at = np.searchsorted([m[0] for m in ms], queued[where], side="right") - 1
+            rates[where] = np.array([m[1] for m in ms], dtype=np.int64)[at]
+            inits[where] = np.array([m[2] for m in ms], dtype=np.int64)[at]
+        return rates, inits
+
+    def _by_plan(self, batch: RecordBatch, queued: np.ndarray) -> None:
+        """:meth:`read` plan by plan, each from its byte matrix."""
+        call = self.call
         several = len(self.marks) > 1
         for candidate, marks in self.marks.items():
             plan, matrix = call.candidates[candidate]
