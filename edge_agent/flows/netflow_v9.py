@@ -128,7 +128,6 @@ class _Tables:
         "off_by_units",
         "options",
         "plans",
-        "present",
         "received",
         "records",
         "seqs",
@@ -155,8 +154,6 @@ class _Tables:
     several: list[int]
     #: running count of links between different streams
     switches: list[int]
-    #: per candidate (when several), running count of its datagrams
-    present: list[list[int]]
 
 
 class Export:
@@ -384,9 +381,6 @@ class TemplatedDecoder:
         tables.off_by_units = _running((steps - units[:-1]) & _MASK32 != 0)
         tables.several = _running(units > 1)
         tables.switches = _running(stream[1:] != stream[:-1])
-        tables.present = (
-            [_running(taken == q) for q in range(len(plans))] if len(plans) > 1 else []
-        )
         return tables
 
     def _walk_bulk(  # noqa: PLR0917 - the bulk loop
@@ -497,10 +491,9 @@ class TemplatedDecoder:
         """Account datagrams ``i:j``, which all matched a plan, as their
         walks would; False (nothing done) if a plan no longer holds."""
         plans = tables.plans
-        if tables.present:
-            chosen = [q for q, seen in enumerate(tables.present) if seen[j] - seen[i]]
-        else:
-            chosen = [0]
+        chosen: list[int] = (
+            np.unique(call.taken[i:j]).tolist() if len(plans) > 1 else [0]
+        )
         generation = self.templates.generation
         for q in chosen:
             plan = plans[q]
