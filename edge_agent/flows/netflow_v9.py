@@ -377,9 +377,11 @@ class TemplatedDecoder:
         if tables.announcers:
             options = np.array([p.options_records for p in plans] + [0], np.int64)
             tables.options = _running(options[taken])
-        tables.off_by_one = _running((steps - 1) & _MASK32 != 0)
         tables.off_by_units = _running((steps - units[:-1]) & _MASK32 != 0)
-        tables.several = _running(units > 1)
+        if self.PROTO == ExportProtocol.NETFLOW_V9:
+            # Only v9 streams may count datagrams (by one) and vote on it.
+            tables.off_by_one = _running((steps - 1) & _MASK32 != 0)
+            tables.several = _running(units > 1)
         tables.switches = _running(stream[1:] != stream[:-1])
         return tables
 
