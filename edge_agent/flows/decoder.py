@@ -623,9 +623,9 @@ def _classify(
     ``whole`` is (the batch as 24-byte units, each datagram's first unit,
     the headers as V5_HEADER_UNIT, total bytes) when every datagram is a
     v5 one of a whole number of units; else ``kinds`` is (each datagram's
-    kind: 5, 9, 10 or _OTHER; its first 24 bytes; the joined batch, padded;
-    each datagram's offset in it), or None when no datagram is of a kind
-    handed over in bulk.
+    kind: 5, 9, 10 or _OTHER; its first 24 bytes when any is v5, else the
+    padded bytes unread; the joined batch, padded; each datagram's offset
+    in it), or None when no datagram is of a kind handed over in bulk.
     """
     sizes = np.fromiter(map(len, payloads), np.int64, n)
     # Padded so that the gathers stay in bounds after a short last datagram.
@@ -649,4 +649,5 @@ def _classify(
     if not np.count_nonzero(kind != _OTHER):
         return sizes, None, None
     # The first 24 bytes of every datagram (v5 runs read them).
-    return sizes, None, (kind, padded[offsets[:, None] + _HEAD_BYTES], data, offsets)
+    head = padded[offsets[:, None] + _HEAD_BYTES] if np.any(kind == 5) else padded
+    return sizes, None, (kind, head, data, offsets)
