@@ -152,9 +152,9 @@ def _register_decode(benchmarks: Subparsers[argparse.ArgumentParser]) -> None:
     decode.add_argument(
         "--batch",
         type=_positive_int,
-        default=256,
+        default=1024,
         metavar="N",
-        help="datagrams per decode_many call (default 256, the collector's)",
+        help="datagrams per decode_many call (default 1024, the collector's)",
     )
     decode.add_argument(
         "--min-round-records",

@@ -551,7 +551,7 @@ def run_benchmark(
     captures_dir: Path,
     *,
     seconds: float = 2.0,
-    batch: int = 256,
+    batch: int = 1024,
     min_round_records: int = 20_000,
     protocols: Sequence[str] = PROTOCOLS,
     compare: bool = True,
