@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
+import struct
 from collections.abc import Sequence
 from typing import Any
 
@@ -328,3 +329,50 @@ def test_templates_shared_by_plans_read_at_once_or_plan_by_plan(
     calls["plan"] = 0
     assert_same(DecoderConfig(), items, [256])
     assert calls["plan"] > 0
+
+
+def _packet_space_stream(version: int) -> list[Item]:
+    """An exporter whose options records announce samplingPacketInterval 1
+    (IE 305) and samplingPacketSpace (IE 306) 99, then 199 from the 68th
+    data datagram on, each datagram with four records of template 256."""
+
+    def message(seq: int, sets: list[tuple[int, bytes]]) -> bytes:
+        body = b"".join(struct.pack(">HH", sid, 4 + len(b)) + b for sid, b in sets)
+        if version == 9:
+            head = struct.pack(">HHIIII", 9, len(sets), 100000, 1700000000, seq, 1)
+        else:
+            head = struct.pack(">HHIII", 10, 16 + len(body), 1700000000, seq, 1)
+        return head + body
+
+    data_template = (0 if version == 9 else 2, struct.pack(">HH4H", 256, 2, 8, 4, 1, 8))
+    if version == 9:
+        # scope System (1), 4 bytes; 305 and 306
+        options = (1, struct.pack(">HHH6H", 257, 4, 8, 1, 4, 305, 4, 306, 4))
+    else:
+        # scope observationDomainId (149); 305 and 306
+        options = (3, struct.pack(">HHH6H", 257, 3, 1, 149, 4, 305, 4, 306, 4))
+
+    def datagram(i: int, space: int) -> bytes:
+        seq = 1 + i if version == 9 else 4 * i
+        records = struct.pack(">IQ", 0x0A000001, 100) * 4
+        return message(seq, [(257, struct.pack(">III", 1, 1, space)), (256, records)])
+
+    stream = [message(0, [data_template, options])]
+    stream += [datagram(i, 99 if i < 67 else 199) for i in range(131)]
+    return [(p, address(11), 2055, 1000 + i) for i, p in enumerate(stream)]
+
+
+@pytest.mark.parametrize("version", [9, 10])
+def test_packet_space_change_inside_a_bulk_run(version: int) -> None:
+    """A rate announced through samplingPacketSpace alone changing (rate
+    (interval + space) / interval: 100, then 200) is walked, not taken as a
+    repeat: records before it carry 100, after it 200, as one by one
+    (found by a differential fuzzer: IE 306 was left out of the compared
+    bytes)."""
+    items = _packet_space_stream(version)
+    decoder = FlowDecoder()
+    parts = [decoder.decode_many(items[:4]), decoder.decode_many(items[4:])]
+    rates = np.concatenate(parts)["sampling_rate"]
+    # 4 records per data datagram: 67 datagrams at 1 + 99, 64 at 1 + 199.
+    assert rates.tolist() == [100] * (4 * 67) + [200] * (4 * 64)
+    assert_same(DecoderConfig(), items, [4, 1024])

@@ -200,6 +200,16 @@ RATE_ELEMENTS = frozenset(
     }
 )
 
+#: Every element whose value options records announce to the decoder:
+#: what :func:`record_rates` and :func:`sampler_ids` read (packet space
+#: included: it changes the rate), and the system init time.
+ANNOUNCING_ELEMENTS = RATE_ELEMENTS | {
+    SAMPLING_PACKET_SPACE,
+    SAMPLER_ID,
+    SELECTOR_ID,
+    SYSTEM_INIT_MILLISECONDS,
+}
+
 
 @dataclass(frozen=True, slots=True)
 class FieldSpec:

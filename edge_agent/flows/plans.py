@@ -39,10 +39,9 @@ import structlog
 
 from edge_agent.flows.counters import ExporterCounters
 from edge_agent.flows.fields import (
-    RATE_ELEMENTS,
+    ANNOUNCING_ELEMENTS,
     SAMPLER_ID,
     SELECTOR_ID,
-    SYSTEM_INIT_MILLISECONDS,
     PreparedGroup,
     RecordBatch,
 )
@@ -62,13 +61,6 @@ CHAIN = 4
 VECTOR_MIN = 32
 
 _MINUS_ONE = np.array(-1, dtype=np.int64)
-
-#: Options fields whose values the decoder takes from options records.
-ANNOUNCING_ELEMENTS = RATE_ELEMENTS | {
-    SAMPLER_ID,
-    SELECTOR_ID,
-    SYSTEM_INIT_MILLISECONDS,
-}
 
 #: One data set of a plan: (template, offset of its first record, records,
 #: position of its first record among the datagram's records)
