@@ -248,3 +248,17 @@ def test_bench_relay_check_follows_its_printed_verdicts(
             "sampleflow bench relay", [ok for _, ok in verdicts], check=True
         )
         assert code == (0 if all(expected) else 1)
+
+
+def test_bench_decode_no_compare_says_so(
+    tiny_captures: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """With --no-compare the report says the comparison was left out (not
+    that the netflow package is missing) and judges no ratio."""
+    argv = ["bench", "decode", "--captures", str(tiny_captures), "--no-compare"]
+    argv += ["--seconds", "0.05", "--min-round-records", "1", "--batch", "1"]
+    assert run(argv) == 0
+    out = capsys.readouterr().out
+    assert "netflow: n/a (--no-compare)" in out
+    assert "not installed" not in out
+    assert "x the netflow package" not in out

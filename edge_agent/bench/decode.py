@@ -614,6 +614,8 @@ def run_benchmark(
         runners = [prepare_ours(streams, batch, filled, replicas)]
         if protocol == "sflow":
             result.theirs_note = "n/a (no sFlow decoder)"
+        elif not compare:
+            result.theirs_note = "n/a (--no-compare)"
         elif not have_netflow:
             result.theirs_note = "n/a (netflow package not installed)"
         else:
