@@ -161,7 +161,8 @@ def _register_decode(benchmarks: Subparsers[argparse.ArgumentParser]) -> None:
         type=_positive_int,
         default=20_000,
         metavar="N",
-        help="replicate datagrams until a timed round has N records",
+        help="replicate datagrams until a timed round has N records (default "
+        "20000; ours also fills whole --batch calls)",
     )
     decode.add_argument(
         "--protocol",

@@ -71,7 +71,7 @@ LABELS = {
     "sflow": "sFlow v5",
 }
 
-#: Records (sFlow: flow samples) per second per core we aim for.
+#: Records (sFlow: samples, flow and counter alike) per CPU second we aim for.
 TARGET_RATES = {
     "netflow_v5": 5_000_000,
     "netflow_v9": 2_000_000,
@@ -666,7 +666,8 @@ def print_report(results: Sequence[ProtocolResult], stream: TextIO) -> None:
     print(file=stream)
     print(
         "rates: records (sFlow: flow samples) per second on one core, median "
-        "round; ours rec/s: wall clock (perf_counter); rec/cpu-s: per second "
+        "round (the sFlow verdict counts counter samples too, see its note); "
+        "ours rec/s: wall clock (perf_counter); rec/cpu-s: per second "
         "of process CPU time; ratio: datagrams per CPU second, ours over the "
         "netflow package on the same datagrams, rounds alternating; cpu: "
         "process CPU / wall time (under 1 means a busy machine: the wall-clock "
