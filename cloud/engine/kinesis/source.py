@@ -499,9 +499,17 @@ class KinesisStreamReader(DataSourceStreamReader, SupportsTriggerAvailableNow):
                 return
             if not page.records:
                 idle_calls += 1
+                if idle_calls > 100:
+                    return
                 # An empty page with the shard behind means a sparse stretch
-                # of the shard: keep polling (bounded when uncapped too).
-                if not page.millis_behind_latest or idle_calls > 100:
+                # of the shard: keep polling (bounded when uncapped too).  A
+                # closed shard is read until its iterator ends, even when the
+                # page says it is caught up: its children become readable
+                # only then, and an availableNow query that saw a round
+                # without progress would end with them unread.
+                info = self._lineage.get(shard_id)
+                closed = info is not None and info.ending_sequence_number is not None
+                if not page.millis_behind_latest and not closed:
                     return
 
     def _take(
