@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -43,13 +44,23 @@ def free_udp_port() -> int:
 
 
 def write_config(path: Path, **overrides: object) -> dict[str, int]:
-    """A [local] TOML file with free ports; returns the ports."""
+    """A [local] TOML file with free ports, each different from the others
+    and from the overrides (the kernel may hand out a port an override
+    holds); returns the ports."""
+    used = {value for value in overrides.values() if isinstance(value, int)}
+
+    def fresh(pick: Callable[[], int]) -> int:
+        while (port := pick()) in used:
+            pass
+        used.add(port)
+        return port
+
     ports = {
-        "ministack_port": free_port(),
-        "store_port": free_port(),
-        "model_service_port": free_port(),
-        "relay_port": free_udp_port(),
-        "relay_metrics_port": free_port(),
+        "ministack_port": fresh(free_port),
+        "store_port": fresh(free_port),
+        "model_service_port": fresh(free_port),
+        "relay_port": fresh(free_udp_port),
+        "relay_metrics_port": fresh(free_port),
     }
     values: dict[str, object] = {**ports, **overrides}
     lines = ["[local]"]
