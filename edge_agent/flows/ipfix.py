@@ -22,14 +22,18 @@ from __future__ import annotations
 
 import struct
 
+import numpy as np
+
 from edge_agent.flows.counters import ExporterCounters
 from edge_agent.flows.fields import FieldSpec, RecordBatch
 from edge_agent.flows.netflow_v9 import (
     NO_TEMPLATES,
     SET_HEADER,
     Export,
+    RunTables,
     TemplatedDecoder,
 )
+from edge_agent.flows.plans import BulkCall
 from edge_agent.flows.schema import ExportProtocol
 from edge_agent.flows.templates import Template, TemplateKey
 
@@ -44,6 +48,43 @@ class IpfixDecoder(TemplatedDecoder):
 
     PROTO = ExportProtocol.IPFIX
     SEQ_OFFSET = 8
+
+    def _sequences(
+        self,
+        i: int,
+        j: int,
+        call: BulkCall,
+        tables: RunTables,
+        counters: ExporterCounters,
+    ) -> None:
+        """Each stream's datagrams of ``i:j`` through
+        :meth:`SequenceTracker.check_run`, streams in order of first
+        appearance (streams are independent; each keeps its order)."""
+        tracker = self.sequences
+        seqs = tables.seq_array
+        units = tables.unit_array
+        keys = tables.stream_keys
+        if tables.switches[j - 1] == tables.switches[i]:
+            key = keys[int(tables.stream[i])]
+            tracker.check_run(tracker.stream(key), seqs[i:j], units[i:j], counters)
+            return
+        stream = tables.stream[i:j]
+        present, first = np.unique(stream, return_index=True)
+        order = present[np.argsort(first)].tolist()
+        if len(tracker.streams) + len(order) > tracker.max_streams:
+            # New streams could push out ones of this run: one by one, in
+            # arrival order, as the walks would.
+            check = tracker.check
+            for k in range(i, j):
+                check(
+                    keys[int(tables.stream[k])], int(seqs[k]), int(units[k]), counters
+                )
+            return
+        for number in order:
+            where = np.flatnonzero(stream == number) + i
+            tracker.check_run(
+                tracker.stream(keys[number]), seqs[where], units[where], counters
+            )
 
     def walk(  # noqa: PLR0917 - once per datagram: positional is cheaper
         self,

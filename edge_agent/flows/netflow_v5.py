@@ -636,10 +636,9 @@ class NetflowV5Decoder:
             stream.expected = int(seqs[-1] + counts[-1]) & _MASK
             stream.last_seq = int(seqs[-1])
         else:
-            check = self.sequences.check_stream
-            counters = run.counters
-            for seq, count in zip(seqs.tolist(), counts.tolist(), strict=True):
-                check(stream, seq, count, counters)
+            self.sequences.check_run(
+                stream, seqs, counts.astype(np.int64, copy=False), run.counters
+            )
         body = np.ones(units.shape[0], dtype=bool)
         body[heads] = False
         records = np.frombuffer(units[body], dtype=V5_LAYOUT.dtype)

@@ -113,7 +113,7 @@ def _running(flags: np.ndarray) -> list[int]:
     return values
 
 
-class _Tables:
+class RunTables:
     """walk_many's per-datagram values, as lists (TemplatedDecoder._tables).
 
     A running count ``r`` answers "how many in ``i:j``" as ``r[j] - r[i]``.
@@ -130,14 +130,24 @@ class _Tables:
         "plans",
         "received",
         "records",
+        "seq_array",
         "seqs",
         "several",
+        "stream",
+        "stream_keys",
         "switches",
+        "unit_array",
         "units",
     )
 
     plans: list[DatagramPlan]
-    #: header sequence number and sequence units of each datagram
+    #: header sequence number and sequence units of each datagram (int64)
+    seq_array: np.ndarray
+    unit_array: np.ndarray
+    #: each datagram's stream (index into ``stream_keys``; -1: no plan)
+    stream: np.ndarray
+    stream_keys: list[tuple[bytes, int, int, int]]
+    #: v9 only: ``seq_array`` and ``unit_array`` as lists
     seqs: list[int]
     units: list[int]
     #: running records, template records received and options records
@@ -354,7 +364,7 @@ class TemplatedDecoder:
                 call.local[picked] = rows
                 candidates.append((chosen, matrix))
 
-    def _tables(self, call: BulkCall, seqs: np.ndarray) -> _Tables:
+    def _tables(self, call: BulkCall, seqs: np.ndarray) -> RunTables:
         """Per-datagram values and running counts for :meth:`_walk_bulk`
         (index -1, no candidate, reads the zero entry at the end)."""
         plans = [plan for plan, _ in call.candidates]
@@ -365,20 +375,25 @@ class TemplatedDecoder:
         records = np.array([p.records for p in plans] + [0], np.int64)[taken]
         received = np.array([p.templates_received for p in plans] + [0], np.int64)
         stream = np.array([*stream_of, -1], np.int64)[taken]
-        steps = seqs[1:] - seqs[:-1]
         np.cumsum(records, out=call.before[1:])
-        tables = _Tables()
+        tables = RunTables()
         tables.plans = plans
-        tables.seqs = seqs.tolist()
-        tables.units = units.tolist()
+        tables.seq_array = seqs
+        tables.unit_array = units
+        tables.stream = stream
+        tables.stream_keys = list(streams)
         tables.records = call.before.tolist()
         tables.received = _running(received[taken])
         tables.announcers = [q for q, p in enumerate(plans) if p.options]
         if tables.announcers:
             options = np.array([p.options_records for p in plans] + [0], np.int64)
             tables.options = _running(options[taken])
-        tables.off_by_units = _running((steps - units[:-1]) & _MASK32 != 0)
         if self.PROTO == ExportProtocol.NETFLOW_V9:
+            # The v9 walk's stretches (IPFIX's check_run needs none).
+            steps = seqs[1:] - seqs[:-1]
+            tables.seqs = seqs.tolist()
+            tables.units = units.tolist()
+            tables.off_by_units = _running((steps - units[:-1]) & _MASK32 != 0)
             # Only v9 streams may count datagrams (by one) and vote on it.
             tables.off_by_one = _running((steps - 1) & _MASK32 != 0)
             tables.several = _running(units > 1)
@@ -485,7 +500,7 @@ class TemplatedDecoder:
         i: int,
         j: int,
         call: BulkCall,
-        tables: _Tables,
+        tables: RunTables,
         queue: BulkQueue,
         counters: ExporterCounters,
         batch: RecordBatch,
@@ -517,15 +532,7 @@ class TemplatedDecoder:
             if plan.deferred:
                 batch.deferred = True
             queue.mark(q, i, plan.rate, plan.init)
-        if tables.switches[j - 1] == tables.switches[i]:
-            self._sequence_run(plans[chosen[0]].domain_key, i, j, tables, counters)
-        else:
-            # Several streams (domains) in the run: each datagram on its
-            # own (streams are independent; each keeps its order).
-            for k in range(i, j):
-                self._sequence_run(
-                    plans[int(call.taken[k])].domain_key, k, k + 1, tables, counters
-                )
+        self._sequences(i, j, call, tables, counters)
         records = tables.records
         total = records[j] - records[i]
         call.base[i:j] = batch.total - records[i]
@@ -538,7 +545,7 @@ class TemplatedDecoder:
         queue.runs.append((i, j))
         return True
 
-    def _announcing(self, i: int, j: int, call: BulkCall, tables: _Tables) -> int:
+    def _announcing(self, i: int, j: int, call: BulkCall, tables: RunTables) -> int:
         """The first datagram of ``i:j`` whose options records would change
         what the decoder knows (a rate, an init time), or ``j``."""
         if not tables.announcers:
@@ -580,39 +587,17 @@ class TemplatedDecoder:
         plan.noop = noop
         return noop
 
-    def _sequence_run(
+    def _sequences(
         self,
-        key: tuple[bytes, int, int, int],
         i: int,
         j: int,
-        tables: _Tables,
+        call: BulkCall,
+        tables: RunTables,
         counters: ExporterCounters,
     ) -> None:
-        """Account the sequence numbers of datagrams ``i:j`` of one stream
-        as :meth:`SequenceTracker.check` does one by one (IPFIX).
-
-        Each stretch without a break in the numbering that starts where
-        the stream expects it is taken at once (each of its datagrams would
-        take check's in-order path); a datagram that does not is checked on
-        its own.
-        """
-        seqs = tables.seqs
-        units = tables.units
-        streams = self.sequences.streams
-        off = tables.off_by_units
-        check = self.sequences.check
-        k = i
-        while k < j:
-            stream = streams.get(key)
-            if stream is not None and stream.expected == seqs[k]:
-                # The stretch k:end, up to the next break (or j).
-                end = bisect_right(off, off[k], k, j)
-                stream.expected = (seqs[end - 1] + units[end - 1]) & _MASK32
-                stream.last_seq = seqs[end - 1]
-                k = end
-            else:
-                check(key, seqs[k], units[k], counters)
-                k += 1
+        """Account the header sequence numbers of datagrams ``i:j``, which
+        all matched a plan, as their walks would (the protocol's rules)."""
+        raise NotImplementedError
 
     def _bug(self, counters: ExporterCounters, port: int) -> None:
         """Count (and now and then log) a datagram whose walk raised."""
@@ -1040,17 +1025,39 @@ class NetflowV9Decoder(TemplatedDecoder):
 
     PROTO = ExportProtocol.NETFLOW_V9
 
+    def _sequences(
+        self,
+        i: int,
+        j: int,
+        call: BulkCall,
+        tables: RunTables,
+        counters: ExporterCounters,
+    ) -> None:
+        plans = tables.plans
+        if tables.switches[j - 1] == tables.switches[i]:
+            self._sequence_run(
+                plans[int(call.taken[i])].domain_key, i, j, tables, counters
+            )
+        else:
+            # Several streams (domains) in the run: each datagram on its
+            # own (streams are independent; each keeps its order).
+            for k in range(i, j):
+                self._sequence_run(
+                    plans[int(call.taken[k])].domain_key, k, k + 1, tables, counters
+                )
+
     def _sequence_run(
         self,
         key: tuple[bytes, int, int, int],
         i: int,
         j: int,
-        tables: _Tables,
+        tables: RunTables,
         counters: ExporterCounters,
     ) -> None:
         """Account the sequence numbers of datagrams ``i:j`` of one stream
         as :meth:`SequenceTracker.check_v9` does one by one: stretches
-        without a break in the numbering at once, as in the IPFIX version."""
+        without a break in the numbering at once (a bisect on the running
+        count of breaks), the others one by one."""
         seqs = tables.seqs
         units = tables.units
         streams = self.sequences.streams
