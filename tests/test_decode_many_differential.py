@@ -21,7 +21,7 @@ import pytest
 from edge_agent.bench.decode import Replicas, Stream
 from edge_agent.collect.datagram import Datagram
 from edge_agent.collect.pcap import read_capture
-from edge_agent.flows import plans
+from edge_agent.flows import netflow_v9, plans
 from edge_agent.flows.decoder import DecoderConfig, FlowDecoder
 from edge_agent.flows.schema import FLOW_DTYPE, ExportProtocol
 from tests.conftest import require_shared
@@ -376,3 +376,98 @@ def test_packet_space_change_inside_a_bulk_run(version: int) -> None:
     # 4 records per data datagram: 67 datagrams at 1 + 99, 64 at 1 + 199.
     assert rates.tolist() == [100] * (4 * 67) + [200] * (4 * 64)
     assert_same(DecoderConfig(), items, [4, 1024])
+
+
+def alternate(*streams: list[Datagram]) -> list[Datagram]:
+    """The streams' datagrams taken in turn, one from each."""
+    out: list[Datagram] = []
+    for k in range(max(len(s) for s in streams)):
+        out.extend(s[k] for s in streams if k < len(s))
+    return out
+
+
+@pytest.fixture
+def mixed_runs(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """How many walk_many runs accounted in bulk held several sockets."""
+    seen: list[int] = []
+    run = netflow_v9.TemplatedDecoder._run
+
+    def spy(  # noqa: PLR0917 - the spied method's signature
+        self: Any,
+        i: int,
+        j: int,
+        call: Any,
+        tables: Any,
+        queue: Any,
+        sockets: Any,
+        batch: Any,
+    ) -> bool:
+        if sockets.ids is not None and len(set(sockets.id_list[i:j])) > 1:
+            seen.append(j - i)
+        return run(self, i, j, call, tables, queue, sockets, batch)
+
+    monkeypatch.setattr(netflow_v9.TemplatedDecoder, "_run", spy)
+    return seen
+
+
+def test_alternating_sockets_share_a_sampling_domain(mixed_runs: list[int]) -> None:
+    """Two v9 sockets of one address and source id (one sampling domain)
+    whose datagrams alternate, each re-announcing rate 30000 every four
+    datagrams, one of them announcing 20000 for a while: each record
+    carries the rate of its moment in arrival order, the other socket's
+    announcement included, as one by one; the runs go through walk_many's
+    bulk path with both sockets in them."""
+    old, new = (30000).to_bytes(4, "big"), (20000).to_bytes(4, "big")
+    first = moved(
+        replicated(capture("nf9-options-sampling-30000.pcap"), 100), address(10), 2055
+    )
+    second = moved(
+        replicated(capture("nf9-options-sampling-30000.pcap"), 100), address(10), 2056
+    )
+    for index in range(161, 241, 4):
+        payload = first[index].payload
+        assert len(payload) == 212, index
+        first[index] = first[index]._replace(payload=payload.replace(old, new))
+    # Half a period apart: each socket's announcement holds for two of
+    # the other's datagrams.
+    items = first[:2] + alternate(first[2:], second)
+    for size in (128, 256, 1024):
+        assert_same(DecoderConfig(), items, [size])
+    assert mixed_runs
+    records, _ = one_by_one(DecoderConfig(), items)
+    by_port = {
+        port: set(records["sampling_rate"][records["exporter_port"] == port].tolist())
+        for port in (2055, 2056)
+    }
+    # The second socket announces only 30000, yet some of its records
+    # carry the 20000 the first one announced for their shared domain.
+    assert by_port == {2055: {30000, 20000}, 2056: {30000, 20000}}
+
+
+@pytest.mark.parametrize("size", [128, 256, 1024])
+def test_cisco_two_domains_capture_alternating_ports(
+    size: int, mixed_runs: list[int]
+) -> None:
+    """The Cisco capture whose two observation domains come from two ports
+    of one address, datagram about datagram, replicated: walk_many takes
+    runs that hold both sockets, with the same records, counters and
+    sequence state as one by one."""
+    items = replicated(capture("ipfix-cisco-two-domains.pcap"), 400)
+    assert len({d.exporter_port for d in items}) == 2
+    assert_same(DecoderConfig(), items, [size])
+    assert mixed_runs
+
+
+@pytest.mark.parametrize("plans", [True, False])
+def test_held_data_of_alternating_sockets_under_one_bound(plans: bool) -> None:
+    """FortiGate data that comes before its template, from two sockets in
+    turn, under a held-data bound of one set shared by both: what is held,
+    pushed out and released is the same as one by one."""
+    stream = replicated(capture("nf9-fortigate-data-before-template.pcap"), 6)
+    items = alternate(
+        moved(stream, address(11), 2055), moved(stream, address(11), 2056)
+    )
+    items = [d._replace(received_ms=100 * i) for i, d in enumerate(items)]
+    config = DecoderConfig(pending_max_records=1, datagram_plans=plans)
+    for size in (128, 1024):
+        assert_same(config, items, [size])

@@ -21,6 +21,7 @@ from edge_agent.collect.pcap import read_capture
 from edge_agent.flows import netflow_v9
 from edge_agent.flows.decoder import DecoderConfig, FlowDecoder, normalise_exporter
 from edge_agent.flows.fields import RecordBatch
+from edge_agent.flows.netflow_v9 import Sockets
 from edge_agent.flows.sequence import StreamState
 
 EXPORTER = bytes(10) + b"\xff\xff" + bytes([192, 0, 2, 7])
@@ -345,7 +346,9 @@ def _walk_socket(decoder: FlowDecoder, datagrams: list[Datagram], many: bool) ->
         walker = decoder._v9 if version == b"\x00\x09" else decoder._ipfix
         counters = decoder.stats.exporter(address, port)
         if many:
-            walker.walk_many(payloads, received, address, port, counters, batch)
+            walker.walk_many(
+                payloads, received, Sockets([(address, port)], [counters]), batch
+            )
         else:
             for payload, received_ms in zip(payloads, received, strict=True):
                 walker.walk(payload, address, port, received_ms, counters, batch)

@@ -17,7 +17,9 @@ from edge_agent.flows.sequence import SequenceTracker, StreamState
 _WRAP = 1 << 32
 
 
-def run(tracker: SequenceTracker, stream: StreamState, exports: list[tuple[int, int]]):
+def run(
+    tracker: SequenceTracker, stream: StreamState, exports: list[tuple[int, int]]
+) -> ExporterCounters:
     counters = ExporterCounters()
     seqs = np.array([s for s, _ in exports], dtype=np.int64)
     units = np.array([u for _, u in exports], dtype=np.int64)

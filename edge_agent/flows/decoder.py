@@ -20,15 +20,12 @@ a batch of about a thousand datagrams is the sweet spot.  A batch of 32
 datagrams or more is first classified in one numpy pass (version and
 exporter socket of every datagram): consecutive NetFlow v5 datagrams are
 then queued in bulk (:meth:`NetflowV5Decoder.queue_many`), and a run of
-one socket's v9/IPFIX datagrams is handed to its decoder's ``walk_many``,
-so no Python code runs per regular v5 datagram.  v9/IPFIX datagrams of a
-layout their exporter repeats skip the set walk
+v9 (or IPFIX) datagrams is handed to its decoder's ``walk_many``, whatever
+their sockets, so no Python code runs per regular v5 datagram.  v9/IPFIX
+datagrams of a layout their exporter repeats skip the set walk
 (:mod:`edge_agent.flows.plans`).  A lone
 :meth:`FlowDecoder.decode` call pays the fixed numpy cost (tens of
-microseconds) for one datagram: collectors should batch.  Only runs of
-one socket go to ``walk_many``: v9/IPFIX exporters interleaved in a batch
-are walked datagram by datagram, which keeps the records in arrival
-order.
+microseconds) for one datagram: collectors should batch.
 
 Not thread-safe: use one decoder per collector task.
 """
@@ -47,7 +44,7 @@ from edge_agent.flows.counters import DecodeStats, ExporterCounters
 from edge_agent.flows.fields import RecordBatch
 from edge_agent.flows.ipfix import IpfixDecoder
 from edge_agent.flows.netflow_v5 import V5_HEADER_UNIT, V5_UNIT, NetflowV5Decoder
-from edge_agent.flows.netflow_v9 import NetflowV9Decoder
+from edge_agent.flows.netflow_v9 import NetflowV9Decoder, Sockets
 from edge_agent.flows.sampling import SamplingTable
 from edge_agent.flows.schema import V4_MAPPED_PREFIX, address_bytes
 from edge_agent.flows.sequence import SequenceTracker
@@ -252,9 +249,9 @@ class FlowDecoder:
 
         One pass over the batch tells each datagram's version (from the
         joined bytes) and exporter socket.  Then, in arrival order, runs of
-        consecutive NetFlow v5 datagrams (any sockets) go to the v5 decoder
-        in one call, runs of one socket's v9 or IPFIX datagrams to its
-        ``walk_many``, and everything else datagram by datagram.  False
+        consecutive NetFlow v5 datagrams go to the v5 decoder in one call,
+        runs of v9 or IPFIX datagrams to its ``walk_many`` (both for any
+        sockets), and everything else datagram by datagram.  False
         (nothing decoded yet) when a batch has nothing to gain or an
         exporter address that needs the per-datagram path's error
         handling.
@@ -312,11 +309,9 @@ class FlowDecoder:
             self._decode_each(items, 0, n, batch)
             return True
         kind, head, data, offsets = kinds
-        # A run ends where the kind changes, or (v9, IPFIX) the socket does.
+        # A run ends where the kind changes.
         change = np.ones(n, dtype=bool)
         change[1:] = kind[1:] != kind[:-1]
-        if ids is not None:
-            change[1:] |= (ids[1:] != ids[:-1]) & (kind[1:] != 5)
         bounds = np.flatnonzero(change).tolist()
         bounds.append(n)
         run_kinds = kind[change].tolist()
@@ -346,18 +341,11 @@ class FlowDecoder:
                 span = received[first:end]
                 if not self._quiet_pending(span[0], min(span), max(span)):
                     continue  # decoded one by one with what follows
-                socket = 0 if ids is None else int(ids[first])
-                address, port = keys[socket]
-                count = counters[socket]
-                count.datagrams += length
-                count.bytes += int(sizes[first:end].sum())
                 walk_many = self._v9.walk_many if what == 9 else self._ipfix.walk_many
                 walk_many(
                     list(payloads[first:end]),
                     list(span),
-                    address,
-                    port,
-                    count,
+                    _count_sockets(ids, keys, counters, sizes, first, end),
                     batch,
                     (data, sizes[first:end], offsets[first:end]),
                 )
@@ -609,6 +597,31 @@ class FlowDecoder:
         Each dropped set is counted in its exporter's ``pending_expired``.
         """
         return self._expire(now_ms)
+
+
+def _count_sockets(  # noqa: PLR0917 - _decode_classified's own helper
+    ids: np.ndarray | None,
+    keys: list[tuple[bytes, int]],
+    counters: list[ExporterCounters],
+    sizes: np.ndarray,
+    first: int,
+    end: int,
+) -> Sockets:
+    """Count the datagrams ``first:end`` and their bytes to their sockets
+    and describe those sockets for ``walk_many``."""
+    part = None if ids is None else ids[first:end]
+    if part is None or not np.count_nonzero(part != part[0]):
+        number = 0 if part is None else int(part[0])
+        count = counters[number]
+        count.datagrams += end - first
+        count.bytes += int(sizes[first:end].sum())
+        return Sockets([keys[number]], [count])
+    datagrams = np.bincount(part, minlength=len(keys)).tolist()
+    volume = np.bincount(part, weights=sizes[first:end], minlength=len(keys))
+    for number in np.flatnonzero(datagrams).tolist():
+        counters[number].datagrams += datagrams[number]
+        counters[number].bytes += int(volume[number])
+    return Sockets(keys, counters, part)
 
 
 def _classify(

@@ -49,14 +49,7 @@ class IpfixDecoder(TemplatedDecoder):
     PROTO = ExportProtocol.IPFIX
     SEQ_OFFSET = 8
 
-    def _sequences(
-        self,
-        i: int,
-        j: int,
-        call: BulkCall,
-        tables: RunTables,
-        counters: ExporterCounters,
-    ) -> None:
+    def _sequences(self, i: int, j: int, call: BulkCall, tables: RunTables) -> None:
         """Each stream's datagrams of ``i:j`` through
         :meth:`SequenceTracker.check_run`, streams in order of first
         appearance (streams are independent; each keeps its order)."""
@@ -64,9 +57,12 @@ class IpfixDecoder(TemplatedDecoder):
         seqs = tables.seq_array
         units = tables.unit_array
         keys = tables.stream_keys
+        owners = tables.stream_counters
         if tables.switches[j - 1] == tables.switches[i]:
-            key = keys[int(tables.stream[i])]
-            tracker.check_run(tracker.stream(key), seqs[i:j], units[i:j], counters)
+            number = int(tables.stream[i])
+            tracker.check_run(
+                tracker.stream(keys[number]), seqs[i:j], units[i:j], owners[number]
+            )
             return
         stream = tables.stream[i:j]
         present, first = np.unique(stream, return_index=True)
@@ -75,15 +71,13 @@ class IpfixDecoder(TemplatedDecoder):
             # New streams could push out ones of this run: one by one, in
             # arrival order, as the walks would.
             check = tracker.check
-            for k in range(i, j):
-                check(
-                    keys[int(tables.stream[k])], int(seqs[k]), int(units[k]), counters
-                )
+            for k, number in enumerate(stream.tolist(), i):
+                check(keys[number], int(seqs[k]), int(units[k]), owners[number])
             return
         for number in order:
             where = np.flatnonzero(stream == number) + i
             tracker.check_run(
-                tracker.stream(keys[number]), seqs[where], units[where], counters
+                tracker.stream(keys[number]), seqs[where], units[where], owners[number]
             )
 
     def walk(  # noqa: PLR0917 - once per datagram: positional is cheaper

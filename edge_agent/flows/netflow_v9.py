@@ -113,6 +113,34 @@ def _running(flags: np.ndarray) -> list[int]:
     return values
 
 
+class Sockets:
+    """The exporter sockets of one walk_many call.
+
+    Datagram ``k`` came from ``keys[ids[k]]`` (16-byte address, port) and is
+    counted in ``counters[ids[k]]``; ``ids`` is None when every datagram
+    came from ``keys[0]``.
+    """
+
+    __slots__ = ("counters", "id_list", "ids", "keys")
+
+    def __init__(
+        self,
+        keys: list[tuple[bytes, int]],
+        counters: list[ExporterCounters],
+        ids: np.ndarray | None = None,
+    ) -> None:
+        self.keys = keys
+        self.counters = counters
+        self.ids = ids
+        self.id_list: list[int] | None = None if ids is None else ids.tolist()
+
+    def of(self, k: int) -> tuple[bytes, int, ExporterCounters]:
+        """(address, port, counters) of datagram ``k``."""
+        number = 0 if self.id_list is None else self.id_list[k]
+        address, port = self.keys[number]
+        return address, port, self.counters[number]
+
+
 class RunTables:
     """walk_many's per-datagram values, as lists (TemplatedDecoder._tables).
 
@@ -133,7 +161,9 @@ class RunTables:
         "seq_array",
         "seqs",
         "several",
+        "socket_switches",
         "stream",
+        "stream_counters",
         "stream_keys",
         "switches",
         "unit_array",
@@ -147,6 +177,10 @@ class RunTables:
     #: each datagram's stream (index into ``stream_keys``; -1: no plan)
     stream: np.ndarray
     stream_keys: list[tuple[bytes, int, int, int]]
+    #: the counters of each stream's socket
+    stream_counters: list[ExporterCounters]
+    #: several sockets only: running count of links between sockets
+    socket_switches: list[int]
     #: v9 only: ``seq_array`` and ``unit_array`` as lists
     seqs: list[int]
     units: list[int]
@@ -257,7 +291,7 @@ class TemplatedDecoder:
         #: the datagram walk_many is at (for its bug path)
         self._progress = 0
 
-    # -- batches of one socket ----------------------------------------------
+    # -- batches (walk_many) -----------------------------------------------
 
     def walk(  # noqa: PLR0917 - once per datagram: positional is cheaper
         self,
@@ -271,67 +305,83 @@ class TemplatedDecoder:
         """Decode one datagram (the protocol subclasses walk it)."""
         raise NotImplementedError
 
-    def walk_many(  # noqa: PLR0917 - the socket's whole batch in one call
+    def walk_many(
         self,
         payloads: list[bytes],
         received: list[int],
-        exporter: bytes,
-        port: int,
-        counters: ExporterCounters,
+        sockets: Sockets,
         batch: RecordBatch,
         joined: tuple[bytes, np.ndarray, np.ndarray] | None = None,
     ) -> None:
-        """Decode the datagrams of one exporter socket, in arrival order.
+        """Decode datagrams of one or more exporter sockets, in arrival order.
 
         The same records, counters, sequence state, templates, held data and
-        sampling as :meth:`walk` on each ``(payload, received ms)`` in turn;
-        the caller has already counted datagrams and bytes.  ``exporter`` is
-        the 16-byte column form.  A datagram whose walk raises (a bug, not
-        bad input) is counted as ``decoder_bug`` and the next one is walked.
+        sampling as :meth:`walk` on each ``(payload, received ms)`` in turn,
+        from its socket in ``sockets`` (16-byte address form); the caller
+        has already counted datagrams and bytes.  A datagram whose walk
+        raises (a bug, not bad input) is counted as ``decoder_bug`` and the
+        next one is walked.
 
-        Datagrams whose size repeats among them are matched against their
-        plans all at once (one byte matrix per size); a run of consecutive
-        datagrams that match is accounted in bulk (sequence numbers, record
-        positions, counters) and its records are read when the batch
-        settles.  The others are walked one by one, in their place.
+        Datagrams whose socket and size repeat among them are matched
+        against their plans all at once (one byte matrix per socket and
+        size); a run of consecutive datagrams that match is accounted in
+        bulk (sequence numbers, record positions, counters) and its records
+        are read when the batch settles.  The others are walked one by one,
+        in their place.  Sockets may interleave: each keeps its own plans,
+        templates and streams, and what the walks change is changed in
+        arrival order.
 
         ``joined`` is (bytes holding every payload, their sizes, their
         offsets in those bytes) when the caller has them already.
         """
         if len(payloads) < _BULK_MIN or not self.plans:
-            self._walk_each(payloads, received, 0, exporter, port, counters, batch)
+            self._walk_each(payloads, received, 0, sockets, batch)
             return
         self._progress = 0
         try:
-            self._walk_bulk(payloads, received, exporter, port, counters, batch, joined)
+            self._walk_bulk(payloads, received, sockets, batch, joined)
         except Exception:
             # A bug in the bulk accounting: the datagram in hand is lost
             # (counted), the rest are walked one by one.
+            _, port, counters = sockets.of(self._progress)
             self._bug(counters, port)
-            self._walk_each(
-                payloads, received, self._progress + 1, exporter, port, counters, batch
-            )
+            self._walk_each(payloads, received, self._progress + 1, sockets, batch)
 
     def _walk_each(  # noqa: PLR0917 - walk_many's own helper
         self,
         payloads: list[bytes],
         received: list[int],
         first: int,
-        exporter: bytes,
-        port: int,
-        counters: ExporterCounters,
+        sockets: Sockets,
         batch: RecordBatch,
         end: int | None = None,
     ) -> None:
         """Walk ``payloads[first:end]`` one by one."""
         walk = self.walk
-        for payload, received_ms in zip(
-            payloads[first:end], received[first:end], strict=True
+        if sockets.id_list is None:
+            exporter, port = sockets.keys[0]
+            counters = sockets.counters[0]
+            for payload, received_ms in zip(
+                payloads[first:end], received[first:end], strict=True
+            ):
+                try:
+                    walk(payload, exporter, port, received_ms, counters, batch)
+                except Exception:
+                    self._bug(counters, port)
+            return
+        keys = sockets.keys
+        every = sockets.counters
+        for payload, received_ms, number in zip(
+            payloads[first:end],
+            received[first:end],
+            sockets.id_list[first:end],
+            strict=True,
         ):
+            exporter, port = keys[number]
             try:
-                walk(payload, exporter, port, received_ms, counters, batch)
+                walk(payload, exporter, port, received_ms, every[number], batch)
             except Exception:
-                self._bug(counters, port)
+                self._bug(every[number], port)
 
     def _match(  # noqa: PLR0917 - walk_many's own helper
         self,
@@ -339,37 +389,52 @@ class TemplatedDecoder:
         sizes: np.ndarray,
         offsets: np.ndarray,
         first: int,
-        exporter: bytes,
-        port: int,
+        sockets: Sockets,
         call: BulkCall,
     ) -> None:
-        """Match datagrams ``first:`` against the plans of their size (see
-        :class:`~edge_agent.flows.plans.BulkCall`).  Sizes that come fewer
-        than ``_MATCH_MIN`` times are left to the walk."""
+        """Match datagrams ``first:`` against the plans of their socket and
+        size (see :class:`~edge_agent.flows.plans.BulkCall`).  Sizes that
+        come fewer than ``_MATCH_MIN`` times on a socket are left to the
+        walk."""
         tail = sizes[first:]
-        values, counts = np.unique(tail, return_counts=True)
+        ids = sockets.ids
+        if ids is None:
+            shape = tail
+            span = 0
+        else:
+            # One number per (socket, size).
+            span = int(tail.max()) + 1 if len(tail) else 1
+            shape = ids[first:] * span + tail
+        values, counts = np.unique(shape, return_counts=True)
         plans = self.plans
+        keys = sockets.keys
         candidates = call.candidates
-        for size, count in zip(values.tolist(), counts.tolist(), strict=True):
+        for value, count in zip(values.tolist(), counts.tolist(), strict=True):
             if count < _MATCH_MIN:
                 continue
+            number, size = divmod(value, span) if span else (0, value)
+            exporter, port = keys[number]
             plan = plans.get((exporter, port, size))
             if plan is None:
                 continue
-            where = np.flatnonzero(tail == size) + first
+            where = np.flatnonzero(shape == value) + first
             matrix = byte_rows(data, offsets[where], size)
             for chosen, rows in match_rows(plan, matrix):
                 picked = where[rows]
                 call.taken[picked] = len(candidates)
                 call.local[picked] = rows
                 candidates.append((chosen, matrix))
+                call.owners.append(sockets.counters[number])
 
-    def _tables(self, call: BulkCall, seqs: np.ndarray) -> RunTables:
+    def _tables(self, call: BulkCall, seqs: np.ndarray, sockets: Sockets) -> RunTables:
         """Per-datagram values and running counts for :meth:`_walk_bulk`
         (index -1, no candidate, reads the zero entry at the end)."""
         plans = [plan for plan, _ in call.candidates]
         streams: dict[tuple[bytes, int, int, int], int] = {}
         stream_of = [streams.setdefault(p.domain_key, len(streams)) for p in plans]
+        owners: list[ExporterCounters] = [sockets.counters[0]] * len(streams)
+        for number, owner in zip(stream_of, call.owners, strict=True):
+            owners[number] = owner
         taken = call.taken
         units = np.array([p.sequence_units for p in plans] + [0], np.int64)[taken]
         records = np.array([p.records for p in plans] + [0], np.int64)[taken]
@@ -382,6 +447,9 @@ class TemplatedDecoder:
         tables.unit_array = units
         tables.stream = stream
         tables.stream_keys = list(streams)
+        tables.stream_counters = owners
+        if sockets.ids is not None:
+            tables.socket_switches = _running(sockets.ids[1:] != sockets.ids[:-1])
         tables.records = call.before.tolist()
         tables.received = _running(received[taken])
         tables.announcers = [q for q, p in enumerate(plans) if p.options]
@@ -400,13 +468,11 @@ class TemplatedDecoder:
         tables.switches = _running(stream[1:] != stream[:-1])
         return tables
 
-    def _walk_bulk(  # noqa: PLR0917 - the bulk loop
+    def _walk_bulk(
         self,
         payloads: list[bytes],
         received: list[int],
-        exporter: bytes,
-        port: int,
-        counters: ExporterCounters,
+        sockets: Sockets,
         batch: RecordBatch,
         joined: tuple[bytes, np.ndarray, np.ndarray] | None = None,
     ) -> None:
@@ -419,9 +485,9 @@ class TemplatedDecoder:
         else:
             data, sizes, offsets = joined
         call = BulkCall(self.PROTO, n, data, offsets)
-        self._match(data, sizes, offsets, 0, exporter, port, call)
+        self._match(data, sizes, offsets, 0, sockets, call)
         if not call.candidates:
-            self._walk_each(payloads, received, 0, exporter, port, counters, batch)
+            self._walk_each(payloads, received, 0, sockets, batch)
             return
         # Header sequence numbers, read at any byte offset (clipped: rows
         # too short for one never match a plan).
@@ -431,7 +497,7 @@ class TemplatedDecoder:
         seqs = numbers[np.minimum(offsets + self.SEQ_OFFSET, len(data) - 4)].astype(
             np.int64
         )
-        tables = self._tables(call, seqs)
+        tables = self._tables(call, seqs, sockets)
         walk = self.walk
         version = self._plans_version
         rematches = 0
@@ -450,33 +516,21 @@ class TemplatedDecoder:
             stop = self._announcing(i, j, call, tables) if j - i >= _RUN_MIN else j
             if stop - i >= _RUN_MIN:
                 if queue is None or not queue.live:
-                    queue = BulkQueue(call, counters)
+                    queue = BulkQueue(call)
                     self._bulk.append(queue)
-                if not self._run(i, stop, call, tables, queue, counters, batch):
+                if not self._run(i, stop, call, tables, queue, sockets, batch):
                     walked = i  # a plan is gone: match again from here
                 elif stop < j:
-                    self._walk_each(
-                        payloads,
-                        received,
-                        stop,
-                        exporter,
-                        port,
-                        counters,
-                        batch,
-                        stop + 1,
-                    )
+                    self._walk_each(payloads, received, stop, sockets, batch, stop + 1)
                     walked = stop + 1
             elif stop < j:
-                self._walk_each(
-                    payloads, received, i, exporter, port, counters, batch, stop + 1
-                )
+                self._walk_each(payloads, received, i, sockets, batch, stop + 1)
                 walked = stop + 1
             else:
-                self._walk_each(
-                    payloads[i:j], received[i:j], 0, exporter, port, counters, batch
-                )
+                self._walk_each(payloads, received, i, sockets, batch, j)
             if walked == j and j < n:
                 self._progress = j
+                exporter, port, counters = sockets.of(j)
                 try:
                     walk(payloads[j], exporter, port, received[j], counters, batch)
                 except Exception:
@@ -490,8 +544,8 @@ class TemplatedDecoder:
                 call.taken[i:] = -1
                 if rematches < _MAX_REMATCH:
                     rematches += 1
-                    self._match(data, sizes, offsets, i, exporter, port, call)
-                tables = self._tables(call, seqs)
+                    self._match(data, sizes, offsets, i, sockets, call)
+                tables = self._tables(call, seqs, sockets)
                 missing = np.flatnonzero(call.taken < 0).tolist()
                 miss = 0
 
@@ -502,7 +556,7 @@ class TemplatedDecoder:
         call: BulkCall,
         tables: RunTables,
         queue: BulkQueue,
-        counters: ExporterCounters,
+        sockets: Sockets,
         batch: RecordBatch,
     ) -> bool:
         """Account datagrams ``i:j``, which all matched a plan, as their
@@ -532,16 +586,29 @@ class TemplatedDecoder:
             if plan.deferred:
                 batch.deferred = True
             queue.mark(q, i, plan.rate, plan.init)
-        self._sequences(i, j, call, tables, counters)
+        self._sequences(i, j, call, tables)
         records = tables.records
         total = records[j] - records[i]
         call.base[i:j] = batch.total - records[i]
         batch.total += total
-        counters.records += total
-        counters.templates_received += tables.received[j] - tables.received[i]
-        if tables.announcers:
-            # Options records that announce what the table holds already.
-            counters.options_records += tables.options[j] - tables.options[i]
+        if sockets.id_list is None or (
+            tables.socket_switches[j - 1] == tables.socket_switches[i]
+        ):
+            counters = call.owners[int(call.taken[i])]
+            counters.records += total
+            counters.templates_received += tables.received[j] - tables.received[i]
+            if tables.announcers:
+                # Options records that announce what the table holds already.
+                counters.options_records += tables.options[j] - tables.options[i]
+        else:
+            # Several sockets: each candidate's datagrams to its socket.
+            times = np.bincount(call.taken[i:j], minlength=len(plans))
+            for q, many in zip(chosen, times[chosen].tolist(), strict=True):
+                plan = plans[q]
+                counters = call.owners[q]
+                counters.records += many * plan.records
+                counters.templates_received += many * plan.templates_received
+                counters.options_records += many * plan.options_records
         queue.runs.append((i, j))
         return True
 
@@ -587,16 +654,10 @@ class TemplatedDecoder:
         plan.noop = noop
         return noop
 
-    def _sequences(
-        self,
-        i: int,
-        j: int,
-        call: BulkCall,
-        tables: RunTables,
-        counters: ExporterCounters,
-    ) -> None:
+    def _sequences(self, i: int, j: int, call: BulkCall, tables: RunTables) -> None:
         """Account the header sequence numbers of datagrams ``i:j``, which
-        all matched a plan, as their walks would (the protocol's rules)."""
+        all matched a plan, as their walks would (the protocol's rules;
+        each stream's in ``tables.stream_counters``)."""
         raise NotImplementedError
 
     def _bug(self, counters: ExporterCounters, port: int) -> None:
@@ -1025,26 +1086,17 @@ class NetflowV9Decoder(TemplatedDecoder):
 
     PROTO = ExportProtocol.NETFLOW_V9
 
-    def _sequences(
-        self,
-        i: int,
-        j: int,
-        call: BulkCall,
-        tables: RunTables,
-        counters: ExporterCounters,
-    ) -> None:
-        plans = tables.plans
+    def _sequences(self, i: int, j: int, call: BulkCall, tables: RunTables) -> None:
+        keys = tables.stream_keys
+        owners = tables.stream_counters
         if tables.switches[j - 1] == tables.switches[i]:
-            self._sequence_run(
-                plans[int(call.taken[i])].domain_key, i, j, tables, counters
-            )
+            number = int(tables.stream[i])
+            self._sequence_run(keys[number], i, j, tables, owners[number])
         else:
             # Several streams (domains) in the run: each datagram on its
             # own (streams are independent; each keeps its order).
-            for k in range(i, j):
-                self._sequence_run(
-                    plans[int(call.taken[k])].domain_key, k, k + 1, tables, counters
-                )
+            for k, number in enumerate(tables.stream[i:j].tolist(), i):
+                self._sequence_run(keys[number], k, k + 1, tables, owners[number])
 
     def _sequence_run(
         self,

@@ -554,7 +554,7 @@ def read_rows(  # noqa: PLR0917 - one call per plan and batch
         )
 
 
-# -- many datagrams of one socket at once (walk_many) -------------------------
+# -- many datagrams at once (walk_many) ---------------------------------------
 
 
 def byte_rows(data: bytes, offsets: np.ndarray, size: int) -> np.ndarray:
@@ -617,9 +617,10 @@ class BulkCall:
     """What one walk_many call knows of its datagrams (shared by the
     :class:`BulkQueue` values that hold its runs until the batch settles).
 
-    ``candidates`` are (plan, byte matrix of the datagrams of its size);
-    datagram ``i`` matched candidate ``taken[i]`` (-1: none) at row
-    ``local[i]`` of its matrix.  ``before[i]`` is how many records the
+    ``candidates`` are (plan, byte matrix of the datagrams of its socket
+    and size), ``owners`` the counters of each one's socket; datagram ``i``
+    matched candidate ``taken[i]`` (-1: none) at row ``local[i]`` of its
+    matrix.  ``before[i]`` is how many records the
     matched datagrams before ``i`` hold (the call's own numbering) and
     ``base[i]`` what turns that into a batch position.
     """
@@ -632,6 +633,7 @@ class BulkCall:
         "local",
         "n",
         "offsets",
+        "owners",
         "proto",
         "taken",
     )
@@ -649,6 +651,7 @@ class BulkCall:
         self.data = data
         self.offsets = np.zeros(n, dtype=np.int64) if offsets is None else offsets
         self.candidates: list[tuple[DatagramPlan, np.ndarray]] = []
+        self.owners: list[ExporterCounters] = []
         self.taken = np.full(n, -1, dtype=np.intp)
         self.local = np.zeros(n, dtype=np.intp)
         self.before = np.zeros(n + 1, dtype=np.int64)
@@ -660,11 +663,10 @@ class BulkQueue:
     and read when the batch settles; with, per candidate, (first datagram,
     rate, init) each time those changed."""
 
-    __slots__ = ("call", "counters", "live", "marks", "runs")
+    __slots__ = ("call", "live", "marks", "runs")
 
-    def __init__(self, call: BulkCall, counters: ExporterCounters) -> None:
+    def __init__(self, call: BulkCall) -> None:
         self.call = call
-        self.counters = counters
         #: False once read (or dropped with its batch): take a new one
         self.live = True
         self.runs: list[tuple[int, int]] = []
@@ -839,8 +841,9 @@ class BulkQueue:
                     inits = np.array([m[2] for m in marks], dtype=np.int64)[at]
                 read_rows(plan, call.proto, batch, taken, starts, rates, inits)
             except Exception:
-                self.counters.errors["decoder_bug"] += 1
-                self.counters.records -= plan.records * len(rows)
+                counters = call.owners[candidate]
+                counters.errors["decoder_bug"] += 1
+                counters.records -= plan.records * len(rows)
                 for _, _, count, prefix in plan.steps:
                     batch.lost(
                         plan.exporter,
