@@ -126,10 +126,11 @@ class SequenceTracker:
 
         Each export is compared with the number the one before it leads to
         expect.  Stretches that hold only in-order exports and gaps (the
-        usual kinds) are counted at once; an export far from its expected
-        number (late, or a restart) is checked on its own, and so is the
-        one after it until the expected number is again the previous
-        export's number plus its units.
+        usual kinds) are counted at once, and so are lone late exports and
+        restarts; otherwise (a late export after a late one) an export far
+        from its expected number is checked on its own, and so is the one
+        after it until the expected number is again the previous export's
+        number plus its units.
         """
         n = len(seqs)
         if n < _RUN_VECTOR:
@@ -159,6 +160,92 @@ class SequenceTracker:
             stream.expected = int(nexts[-1])
             stream.last_seq = int(seqs[-1])
             return
+        if self._late_and_restarts(stream, seqs, units, expected, ahead, far, counters):
+            return
+        self._one_by_one_at_far(stream, seqs, units, nexts, ahead, far, pos, counters)
+
+    @staticmethod
+    def _late_and_restarts(  # noqa: PLR0917 - check_run's own helper
+        stream: StreamState,
+        seqs: np.ndarray,
+        units: np.ndarray,
+        expected: np.ndarray,
+        ahead: np.ndarray,
+        far: np.ndarray,
+        counters: ExporterCounters,
+    ) -> bool:
+        """check_run when its far exports are lone late ones and restarts
+        (False, nothing done, when a late export follows a late one).
+
+        A late export leaves the expected number as it was, so the export
+        after it is compared with that number instead; every other export
+        is still expected where the one before it leads.  Only the late
+        exports' take-back depends on the loss counted so far: it is
+        walked in Python, once per late export or restart.
+        """
+        n = len(seqs)
+        behind = (expected - seqs) & _MASK
+        late = far & (behind <= _REORDER_DATAGRAMS * np.maximum(units, 1))
+        lates = np.flatnonzero(late)
+        if len(lates):
+            after = lates + 1
+            after = after[after < n]
+            # The caller's general case reads the arrays as they came.
+            expected, ahead, far = expected.copy(), ahead.copy(), far.copy()
+            expected[after] = expected[after - 1]
+            ahead[after] = (seqs[after] - expected[after]) & _MASK
+            far[after] = ahead[after] >= _MAX_GAP
+            late[after] = far[after] & (
+                (expected[after] - seqs[after]) & _MASK
+                <= _REORDER_DATAGRAMS * np.maximum(units[after], 1)
+            )
+            if np.count_nonzero(late[after]):
+                return False
+        forward = np.where(far, 0, ahead)
+        lost_to = np.zeros(n + 1, dtype=np.int64)
+        np.cumsum(forward, out=lost_to[1:])
+        lost_at = lost_to.tolist()
+        unit_list = units.tolist()
+        lost = stream.lost
+        taken_back = 0
+        at = 0
+        for event, is_late in zip(
+            np.flatnonzero(far).tolist(), late[far].tolist(), strict=True
+        ):
+            lost += lost_at[event] - lost_at[at]
+            if is_late:
+                # It was counted lost when its gap opened.
+                found = min(unit_list[event], lost)
+                lost -= found
+                taken_back += found
+            else:
+                lost = 0  # a restart
+            at = event + 1
+        stream.lost = lost + lost_at[n] - lost_at[at]
+        counters.sequence_gaps += int(np.count_nonzero(ahead))
+        counters.estimated_lost += lost_at[n] - taken_back
+        last = n - 1
+        stream.expected = int(
+            expected[last] if late[last] else (seqs[last] + units[last]) & _MASK
+        )
+        stream.last_seq = int(seqs[last])
+        return True
+
+    def _one_by_one_at_far(  # noqa: PLR0917 - check_run's own helper
+        self,
+        stream: StreamState,
+        seqs: np.ndarray,
+        units: np.ndarray,
+        nexts: np.ndarray,
+        ahead: np.ndarray,
+        far: np.ndarray,
+        pos: int,
+        counters: ExporterCounters,
+    ) -> None:
+        """check_run's general case: stretches between far exports at once,
+        far exports (and those after them, until the expected number is the
+        usual one again) through check_stream."""
+        n = len(seqs)
         # Running counts of gaps and loss up to each index (a stretch
         # never holds a far export: those are checked on their own).
         gaps_to = np.zeros(n + 1, dtype=np.int64)
