@@ -66,6 +66,21 @@ def test_two_late_exports_in_a_row_by_hand() -> None:
     assert stream.expected == 1040
 
 
+def test_exports_that_step_short_of_their_units_by_hand() -> None:
+    """Numbers 4 apart for 5 records each: late and gap by turns, each late
+    one taking back the 3 the gap before it counted."""
+    tracker = SequenceTracker()
+    stream = tracker.stream((b"\x00" * 16, 4739, 10, 0))
+    stream.expected = 13
+    stream.lost = 3
+    counters = run(tracker, stream, [(12 + 4 * k, 5) for k in range(8)])
+    assert counters.sequence_gaps == 8  # four late, four gaps
+    assert counters.estimated_lost == 0  # -3 +3 -3 +3 -3 +3 -3 +3
+    assert stream.lost == 3
+    assert stream.expected == 45
+    assert stream.last_seq == 40
+
+
 def test_a_new_stream_starts_at_its_first_export() -> None:
     tracker = SequenceTracker()
     stream = tracker.stream((b"\x00" * 16, 4739, 10, 0))

@@ -190,6 +190,10 @@ class SequenceTracker:
         if len(lates):
             after = lates + 1
             after = after[after < n]
+            if np.count_nonzero(late[after]):
+                # Late ones in a row as first seen: whether the second is
+                # late depends on the first, which its own check decides.
+                return False
             # The caller's general case reads the arrays as they came.
             expected, ahead, far = expected.copy(), ahead.copy(), far.copy()
             expected[after] = expected[after - 1]
