@@ -126,7 +126,7 @@ class SequenceTracker:
 
         Each export is compared with the number the one before it leads to
         expect.  Stretches that hold only in-order exports and gaps (the
-        usual kinds) are counted at once, and so are lone late exports and
+        usual kinds) are counted at once, and so are late exports and
         restarts; otherwise (a late export after a late one) an export far
         from its expected number is checked on its own, and so is the one
         after it until the expected number is again the previous export's
@@ -174,36 +174,33 @@ class SequenceTracker:
         far: np.ndarray,
         counters: ExporterCounters,
     ) -> bool:
-        """check_run when its far exports are lone late ones and restarts
-        (False, nothing done, when a late export follows a late one).
+        """check_run when no two late exports come in a row (False, nothing
+        done, when some do).
 
         A late export leaves the expected number as it was, so the export
-        after it is compared with that number instead; every other export
-        is still expected where the one before it leads.  Only the late
-        exports' take-back depends on the loss counted so far: it is
+        after it is compared with that number instead.  Compared with the
+        number the one before leads to, a run of exports can each look
+        late where every other one is (an exporter that counts a few
+        records fewer than it sends, or one reordered datagram): the first
+        of such a run is late, the next is not, and so on.  That guess is
+        checked against every export's own expected number; then only the
+        late exports' take-back depends on the loss counted so far: it is
         walked in Python, once per late export or restart.
         """
         n = len(seqs)
-        behind = (expected - seqs) & _MASK
-        late = far & (behind <= _REORDER_DATAGRAMS * np.maximum(units, 1))
-        lates = np.flatnonzero(late)
-        if len(lates):
-            after = lates + 1
-            after = after[after < n]
-            if np.count_nonzero(late[after]):
-                # Late ones in a row as first seen: whether the second is
-                # late depends on the first, which its own check decides.
-                return False
-            # The caller's general case reads the arrays as they came.
-            expected, ahead, far = expected.copy(), ahead.copy(), far.copy()
-            expected[after] = expected[after - 1]
-            ahead[after] = (seqs[after] - expected[after]) & _MASK
-            far[after] = ahead[after] >= _MAX_GAP
-            late[after] = far[after] & (
-                (expected[after] - seqs[after]) & _MASK
-                <= _REORDER_DATAGRAMS * np.maximum(units[after], 1)
-            )
-            if np.count_nonzero(late[after]):
+        window = _REORDER_DATAGRAMS * np.maximum(units, 1)
+        late = far & ((expected - seqs) & _MASK <= window)
+        if np.count_nonzero(late[:-1]):
+            first = late.copy()
+            first[1:] &= ~late[:-1]
+            where = np.arange(n)
+            since = where - np.maximum.accumulate(np.where(first, where, 0))
+            late &= since % 2 == 0
+            again = expected.copy()
+            again[1:] = np.where(late[:-1], expected[:-1], expected[1:])
+            ahead = (seqs - again) & _MASK
+            far = ahead >= _MAX_GAP
+            if not np.array_equal(late, far & ((again - seqs) & _MASK <= window)):
                 return False
         forward = np.where(far, 0, ahead)
         lost_to = np.zeros(n + 1, dtype=np.int64)
@@ -229,6 +226,8 @@ class SequenceTracker:
         counters.sequence_gaps += int(np.count_nonzero(ahead))
         counters.estimated_lost += lost_at[n] - taken_back
         last = n - 1
+        # A late last one keeps what it was expected at (the one before it
+        # is not late: that is where the one before it leads).
         stream.expected = int(
             expected[last] if late[last] else (seqs[last] + units[last]) & _MASK
         )
