@@ -17,10 +17,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
+import structlog
 
 from edge_agent.bench import command
-from edge_agent.bench.decode import Replicas, load_inputs
+from edge_agent.bench.decode import Replicas, counted_log_events, load_inputs
 from edge_agent.flows.decoder import FlowDecoder
+from edge_agent.logs import configure_logging
 
 if TYPE_CHECKING:
     from cloud.bench.relay import RelayResult
@@ -262,3 +264,30 @@ def test_bench_decode_no_compare_says_so(
     assert "netflow: n/a (--no-compare)" in out
     assert "not installed" not in out
     assert "x the netflow package" not in out
+    skipped = re.findall(
+        r"^SKIP (.+): ratio to the netflow package not measured \(--no-compare\)$",
+        out,
+        re.M,
+    )
+    assert sorted(skipped) == ["IPFIX (fixed-length)", "NetFlow v5", "NetFlow v9"]
+    # --batch 1: each capture once per round (one pass fills one batch).
+    assert len(re.findall(r"a round replays each capture 1 times", out)) == 4
+
+
+def test_decoder_log_events_are_counted_not_printed(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Inside counted_log_events a decoder warning is counted by name and
+    not written; an error is still written; outside, logging is as before."""
+    configure_logging("info", "console")
+    log = structlog.get_logger("edge_agent.flows.test")
+    with counted_log_events() as events:
+        log.warning("pending_full", held_sets=1)
+        log.warning("pending_full", held_sets=2)
+        log.info("template_withdrawn")
+        log.error("decoder_bug")
+    assert events == {"pending_full": 2, "template_withdrawn": 1}
+    err = capsys.readouterr().err
+    assert "decoder_bug" in err and "pending_full" not in err
+    log.warning("after")
+    assert "after" in capsys.readouterr().err
