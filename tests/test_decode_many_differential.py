@@ -61,6 +61,9 @@ def state(decoder: FlowDecoder) -> dict[str, Any]:
         fields = dataclasses.asdict(value)
         fields["errors"] = {k: v for k, v in value.errors.items() if v}
         counters[key] = fields
+        # Plain ints (numpy ones compare equal but break JSON and metrics).
+        numbers = [v for v in fields.values() if not isinstance(v, dict)]
+        assert all(type(v) is int for v in numbers), fields
 
     def streams(tracker: Any) -> dict[Any, dict[str, Any]]:
         return {

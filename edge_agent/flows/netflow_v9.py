@@ -105,11 +105,16 @@ Context = tuple[int, int, int, int]
 _MASK32 = 0xFFFFFFFF
 
 
-def _running(flags: np.ndarray) -> list[int]:
-    """``out[k]``: the sum of ``flags[:k]`` (how many are set)."""
+def _running(flags: np.ndarray) -> np.ndarray:
+    """``out[k]``: the sum of ``flags[:k]`` (how many are set), int64."""
     out = np.zeros(len(flags) + 1, dtype=np.int64)
     np.cumsum(flags, out=out[1:])
-    values: list[int] = out.tolist()
+    return out
+
+
+def _running_list(flags: np.ndarray) -> list[int]:
+    """:func:`_running` as a list (for bisect)."""
+    values: list[int] = _running(flags).tolist()
     return values
 
 
@@ -142,7 +147,8 @@ class Sockets:
 
 
 class RunTables:
-    """walk_many's per-datagram values, as lists (TemplatedDecoder._tables).
+    """walk_many's per-datagram values (TemplatedDecoder._tables): int64
+    arrays, and lists where the v9 sequence walk bisects them.
 
     A running count ``r`` answers "how many in ``i:j``" as ``r[j] - r[i]``.
     Those over links between neighbours (``off_by_*``, ``switches``) count
@@ -180,14 +186,14 @@ class RunTables:
     #: the counters of each stream's socket
     stream_counters: list[ExporterCounters]
     #: several sockets only: running count of links between sockets
-    socket_switches: list[int]
+    socket_switches: np.ndarray
     #: v9 only: ``seq_array`` and ``unit_array`` as lists
     seqs: list[int]
     units: list[int]
     #: running records, template records received and options records
-    records: list[int]
-    received: list[int]
-    options: list[int]
+    records: np.ndarray
+    received: np.ndarray
+    options: np.ndarray
     #: candidates whose plans read options records
     announcers: list[int]
     #: running count of links where the number does not go up by one / by
@@ -197,7 +203,7 @@ class RunTables:
     #: running count of datagrams of more than one unit
     several: list[int]
     #: running count of links between different streams
-    switches: list[int]
+    switches: np.ndarray
 
 
 class Export:
@@ -450,7 +456,7 @@ class TemplatedDecoder:
         tables.stream_counters = owners
         if sockets.ids is not None:
             tables.socket_switches = _running(sockets.ids[1:] != sockets.ids[:-1])
-        tables.records = call.before.tolist()
+        tables.records = call.before
         tables.received = _running(received[taken])
         tables.announcers = [q for q, p in enumerate(plans) if p.options]
         if tables.announcers:
@@ -461,10 +467,10 @@ class TemplatedDecoder:
             steps = seqs[1:] - seqs[:-1]
             tables.seqs = seqs.tolist()
             tables.units = units.tolist()
-            tables.off_by_units = _running((steps - units[:-1]) & _MASK32 != 0)
+            tables.off_by_units = _running_list((steps - units[:-1]) & _MASK32 != 0)
             # Only v9 streams may count datagrams (by one) and vote on it.
-            tables.off_by_one = _running((steps - 1) & _MASK32 != 0)
-            tables.several = _running(units > 1)
+            tables.off_by_one = _running_list((steps - 1) & _MASK32 != 0)
+            tables.several = _running_list(units > 1)
         tables.switches = _running(stream[1:] != stream[:-1])
         return tables
 
@@ -588,7 +594,7 @@ class TemplatedDecoder:
             queue.mark(q, i, plan.rate, plan.init)
         self._sequences(i, j, call, tables)
         records = tables.records
-        total = records[j] - records[i]
+        total = int(records[j] - records[i])
         call.base[i:j] = batch.total - records[i]
         batch.total += total
         if sockets.id_list is None or (
@@ -596,10 +602,10 @@ class TemplatedDecoder:
         ):
             counters = call.owners[int(call.taken[i])]
             counters.records += total
-            counters.templates_received += tables.received[j] - tables.received[i]
+            counters.templates_received += int(tables.received[j] - tables.received[i])
             if tables.announcers:
                 # Options records that announce what the table holds already.
-                counters.options_records += tables.options[j] - tables.options[i]
+                counters.options_records += int(tables.options[j] - tables.options[i])
         else:
             # Several sockets: each candidate's datagrams to its socket.
             times = np.bincount(call.taken[i:j], minlength=len(plans))
