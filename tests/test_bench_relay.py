@@ -11,6 +11,7 @@ from __future__ import annotations
 import collections
 import csv
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -79,3 +80,18 @@ def test_bench_relay_smoke(captures_dir: Path, tmp_path: Path) -> None:
     # every batch in the stream was counted as shipped before the report
     assert relay["batches_shipped"] == relay["stream_batches"] > 0
     assert peer["received"] == peer["sent"]["datagrams"]
+
+
+def test_bench_relay_refuses_a_core_it_may_not_use(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A --relay-core or --sender-core outside this process's CPU set exits 2
+    with a message naming the allowed cores (it was a traceback from the
+    peer process)."""
+    allowed = sorted(os.sched_getaffinity(0))
+    outside = max(allowed) + 1
+    for option in ("--relay-core", "--sender-core"):
+        assert cli_main(["bench", "relay", option, str(outside), "--seconds", "1"]) == 2
+        err = capsys.readouterr().err
+        assert f"{option} {outside} is not a core" in err
+        assert ", ".join(map(str, allowed)) in err

@@ -103,6 +103,18 @@ def run_relay_bench(args: argparse.Namespace) -> int:
     )
     from cloud.bench.streams import StreamError, load_streams  # noqa: PLC0415
 
+    allowed = sorted(os.sched_getaffinity(0))
+    for name, core in (
+        ("--relay-core", args.relay_core),
+        ("--sender-core", args.sender_core),
+    ):
+        if core is not None and core not in allowed:
+            print(
+                f"sampleflow bench relay: error: {name} {core} is not a core this "
+                f"process may run on (allowed: {', '.join(map(str, allowed))})",
+                file=sys.stderr,
+            )
+            return 2
     captures = args.captures or DEFAULT_CAPTURES
     try:
         streams = load_streams(captures, args.capture or STREAM_CAPTURES)
