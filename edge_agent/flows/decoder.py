@@ -64,9 +64,9 @@ _PREPASS_MIN = 32
 #: many (fewer are cheaper one by one; a guess from the same measurement,
 #: the pre-pass being paid already).
 _V5_RUN_MIN = 16
-#: Batches with fewer datagrams per exporter on average are decoded one by
-#: one (measured on 256 datagrams of 30 records: 32 to 100 exporters were
-#: 7-15% slower through the pre-pass, 8 exporters as fast).
+#: Batches with fewer datagrams per exporter socket on average are decoded
+#: one by one (measured on 256 datagrams of 30 records: 32 to 100 exporters
+#: were 7-15% slower through the pre-pass, 8 exporters as fast).
 _DATAGRAMS_PER_SOCKET = 16
 #: Leading bytes of the versions the pre-pass hands over in bulk.
 _BULK_VERSIONS = frozenset({b"\x00\x05", b"\x00\x09", b"\x00\x0a"})
@@ -273,10 +273,6 @@ class FlowDecoder:
             # compare by bytes; one by one takes any of them.
             return False
         try:
-            if len(set(exporters)) * _DATAGRAMS_PER_SOCKET > n:
-                # Few datagrams per exporter: bulk queueing has little to
-                # add up, the one-by-one path is as fast.
-                return False
             sockets = self._sockets(exporters, ports, n)
         except TypeError:  # an unhashable exporter (bytearray): one by one
             return False
@@ -363,7 +359,9 @@ class FlowDecoder:
 
         Returns (socket number per datagram, or None when there is one
         socket; (16-byte address, port) per number; counters per number),
-        or None if an address is neither 4 nor 16 bytes.  A socket seen as
+        or None if an address is neither 4 nor 16 bytes or the batch has
+        fewer than ``_DATAGRAMS_PER_SOCKET`` datagrams per socket (bulk
+        queueing has little to add up then: one by one is as fast).  A socket seen as
         IPv4 and as IPv4-mapped gets one number.  Counters are created in
         order of appearance, as the per-datagram path would.
         """
@@ -381,6 +379,8 @@ class FlowDecoder:
             return None, [key], [known.get(key) or exporter_stats(*key)]
         raw = list(zip(exporters, ports, strict=True))
         numbers: dict[tuple[bytes, int], int] = dict.fromkeys(raw, 0)
+        if len(numbers) * _DATAGRAMS_PER_SOCKET > n:
+            return None
         keys: list[tuple[bytes, int]] = []
         canonical: dict[tuple[bytes, int], int] = {}
         for exporter, port in numbers:
