@@ -215,6 +215,10 @@ class FlowDecoder:
         read in one numpy pass, which is much faster than one call each.
         The records come in arrival order, and every counter, sequence and
         sampling state ends as if the datagrams were decoded one by one.
+        One known exception: when the sequence tracker is full (65,536
+        streams) and a new stream in the batch pushes out the stream of a
+        v5 run queued before it, the run still follows its stream to the
+        end of the batch (one by one it would start afresh).
         """
         items = datagrams if isinstance(datagrams, list) else list(datagrams)
         batch = RecordBatch()
