@@ -167,7 +167,9 @@ def test_bad_environment_values_name_key_value_and_rule(
         ("[relay]\nstate_dir = 5\n", "must be a path"),
         ("[decoder]\nsampling_overrides = 5\n", "must be a table"),
         ("[aggregator]\nwindow_s = 1\n", "unknown section; sections: relay"),
-        ("relay = 1\n", "must be a table"),
+        ("relay = 1\n", "relay=1 (from file"),
+        ("tenant_id = 'acme'\n", "a key outside any section: settings go under"),
+        ("[kinesys]\na = 1\n", "kinesys='[kinesys]'"),
         ("[kinesis]\nstream = 'x'\n", "[kinesis] has stream_name"),
     ],
 )

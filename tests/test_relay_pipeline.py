@@ -574,6 +574,18 @@ def test_status_reports_an_unreachable_endpoint(
     assert f"127.0.0.1:{port}/metrics" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("timeout", ["-1", "0", "soon"])
+def test_status_refuses_a_timeout_that_is_not_positive(
+    timeout: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--timeout must be seconds > 0: a usage error (exit 2), not a
+    traceback (-1) or a socket error (0)."""
+    with pytest.raises(SystemExit) as info:
+        cli_main(["relay", "status", "--timeout", timeout])
+    assert info.value.code == 2
+    assert "argument --timeout" in capsys.readouterr().err
+
+
 def test_relay_run_command_stops_cleanly_on_sigterm(
     captures_dir: Path, tmp_path: Path
 ) -> None:

@@ -88,7 +88,7 @@ def register(subparsers: Subparsers[argparse.ArgumentParser]) -> None:
         help="metrics endpoint (default: from the settings, http://ADDRESS:PORT)",
     )
     status.add_argument("--config", type=Path, metavar="FILE", help="TOML settings")
-    status.add_argument("--timeout", type=float, default=5.0, metavar="S")
+    status.add_argument("--timeout", type=_positive_seconds, default=5.0, metavar="S")
     status.set_defaults(func=relay_status)
 
 
@@ -128,6 +128,17 @@ def check_config(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"sampleflow relay check-config: note: {exc}", file=sys.stderr)
     return 0
+
+
+def _positive_seconds(text: str) -> float:
+    """argparse type: seconds > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"seconds > 0 are required, got {text}")
+    return value
 
 
 def configure_logging(level: str, fmt: str, stream: TextIO = sys.stderr) -> None:

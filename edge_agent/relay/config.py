@@ -627,15 +627,21 @@ def load_settings(
     by_name = {cls.SECTION: cls for cls in SECTIONS}  # type: ignore[attr-defined]
     known = (*by_name, MODELSYNC_SECTION)
     for section, table in file_values.items():
+        if not isinstance(table, dict):
+            raise ConfigError(
+                section,
+                table,
+                "a key outside any section: settings go under one of "
+                + ", ".join(f"[{name}]" for name in known),
+                file_label,
+            )
         if section not in known:
             raise ConfigError(
                 section,
-                "[table]",
+                f"[{section}]",
                 f"unknown section; sections: {', '.join(known)}",
                 file_label,
             )
-        if not isinstance(table, dict):
-            raise ConfigError(section, table, "must be a table ([section])", file_label)
     env_values: dict[str, dict[str, tuple[str, str]]] = {}
     for name, value in environ.items():
         if not name.startswith(ENV_PREFIX):
