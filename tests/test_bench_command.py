@@ -105,6 +105,32 @@ def test_bench_decode_without_captures_is_a_clear_error(
     assert "no .pcap or .pcapng files" in capsys.readouterr().err
 
 
+def test_bench_decode_names_unusable_captures(
+    tiny_captures: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A file for --captures, a folder of files that are no captures (exit
+    2 naming them), and an unreadable file beside real ones (named in the
+    report, the others measured)."""
+    real = tiny_captures / TINY["NetFlow v5"]
+    assert run(["bench", "decode", "--captures", str(real)]) == 2
+    assert "is not a folder" in capsys.readouterr().err
+    junk = tmp_path / "junk"
+    junk.mkdir()
+    (junk / "text.pcap").write_text("not a capture\n")
+    (junk / "empty.pcap").write_bytes(b"")
+    assert run(["bench", "decode", "--captures", str(junk), "--check"]) == 2
+    err = capsys.readouterr().err
+    assert "none of the 2 capture files" in err
+    assert "text.pcap:" in err and "empty.pcap:" in err
+    (tiny_captures / "text.pcap").write_text("not a capture\n")
+    argv = ["bench", "decode", "--captures", str(tiny_captures), "--no-compare"]
+    argv += ["--seconds", "0.05", "--min-round-records", "1", "--batch", "1"]
+    assert run(argv) == 0
+    out = capsys.readouterr().out
+    assert "skipped (unreadable): text.pcap:" in out
+    assert re.search(r"^(PASS|FAIL) NetFlow v5: ", out, re.M)
+
+
 def test_bench_wire_is_part_of_the_bench_command(
     tiny_captures: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

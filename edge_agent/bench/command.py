@@ -133,8 +133,8 @@ def _register_decode(benchmarks: Subparsers[argparse.ArgumentParser]) -> None:
             "Decode the shared captures from memory and print records/s per "
             "core for NetFlow v5, v9, IPFIX (fixed-length templates) and "
             "sFlow, beside the netflow PyPI package on the same datagrams.  "
-            "Every protocol with the comparison takes about 15 s per --seconds "
-            "(about 30 s at the default)."
+            "The whole run (every protocol, with the comparison) takes about "
+            "15 s per --seconds: about 30 s at the default."
         ),
     )
     decode.add_argument(
@@ -232,6 +232,7 @@ def run_decode(args: argparse.Namespace) -> int:
             )
             return 2
         captures = DEFAULT_CAPTURES
+    skipped: list[str] = []
     try:
         with decode_bench.counted_log_events() as events:
             results = decode_bench.run_benchmark(
@@ -241,11 +242,14 @@ def run_decode(args: argparse.Namespace) -> int:
                 min_round_records=args.min_round_records,
                 protocols=args.protocol or PROTOCOLS,
                 compare=not args.no_compare,
+                skipped=skipped,
             )
     except decode_bench.BenchError as exc:
         print(f"sampleflow bench decode: error: {exc}", file=sys.stderr)
         return 2
     print(f"captures: {captures}")
+    for note in skipped:
+        print(f"skipped (unreadable): {note}")
     decode_bench.print_report(results, sys.stdout, events)
     # print_report writes one PASS/FAIL line per check of a measured protocol.
     verdicts = [ok for r in results if r.ours is not None for ok in r.checks.values()]

@@ -148,20 +148,31 @@ class Stream:
     datagrams: list[Datagram]
 
 
-def load_inputs(captures_dir: Path) -> dict[str, list[Stream]]:
-    """Read every ``*.pcap`` / ``*.pcapng`` and group datagrams by protocol."""
-    if not captures_dir.is_dir():
+def load_inputs(
+    captures_dir: Path, skipped: list[str] | None = None
+) -> dict[str, list[Stream]]:
+    """Read every ``*.pcap`` / ``*.pcapng`` and group datagrams by protocol.
+
+    Files that cannot be read are named in ``skipped`` (``name: why``);
+    :class:`BenchError` when the folder is missing or none of its files
+    holds a flow export.
+    """
+    if not captures_dir.exists():
         raise BenchError(f"captures folder {captures_dir} does not exist")
+    if not captures_dir.is_dir():
+        raise BenchError(f"--captures {captures_dir} is not a folder")
     files = sorted(
         p for p in captures_dir.iterdir() if p.suffix in (".pcap", ".pcapng")
     )
     if not files:
         raise BenchError(f"no .pcap or .pcapng files in {captures_dir}")
     inputs: dict[str, list[Stream]] = {p: [] for p in PROTOCOLS}
+    unread: list[str] = []
     for path in files:
         try:
             datagrams, _ = read_capture(path)
-        except CaptureError:
+        except CaptureError as exc:
+            unread.append(f"{path.name}: {exc}")
             continue
         by_protocol: dict[str, list[Datagram]] = {}
         for datagram in datagrams:
@@ -172,6 +183,14 @@ def load_inputs(captures_dir: Path) -> dict[str, list[Stream]]:
             if protocol == "ipfix" and _has_variable_length_template(path):
                 continue
             inputs[protocol].append(Stream(path.name, selected))
+    if not any(inputs.values()):
+        raise BenchError(
+            f"none of the {len(files)} capture files in {captures_dir} holds a "
+            "flow export the bench can use"
+            + (f" (unreadable: {'; '.join(unread)})" if unread else "")
+        )
+    if skipped is not None:
+        skipped.extend(unread)
     return inputs
 
 
@@ -595,9 +614,11 @@ def run_benchmark(
     min_round_records: int = 20_000,
     protocols: Sequence[str] = PROTOCOLS,
     compare: bool = True,
+    skipped: list[str] | None = None,
 ) -> list[ProtocolResult]:
-    """Measure every protocol; ``seconds`` is per decoder and protocol."""
-    inputs = load_inputs(captures_dir)
+    """Measure every protocol; ``seconds`` is per decoder and protocol.
+    Capture files that cannot be read are named in ``skipped``."""
+    inputs = load_inputs(captures_dir, skipped)
     have_netflow = compare and netflow_available()
     results = []
     for protocol in protocols:
@@ -700,13 +721,15 @@ def print_report(
         )
     print(file=stream)
     print(
+        "dgrams/rnd, rec/rnd: datagrams and records one timed round decodes; "
         "rates: records (sFlow: flow samples) per second on one core, median "
         "round (the sFlow verdict counts counter samples too, see its note); "
         "ours rec/s: wall clock (perf_counter); rec/cpu-s: per second "
         "of process CPU time; ratio: datagrams per CPU second, ours over the "
         "netflow package on the same datagrams, rounds alternating; cpu: "
         "process CPU / wall time (under 1 means a busy machine: the wall-clock "
-        "rate is then too low).  Targets are judged per CPU second.",
+        "rate is then too low).  Targets are judged per CPU second, for the "
+        "default --batch (the collector's).",
         file=stream,
     )
     for r in results:
@@ -758,7 +781,8 @@ def print_report(
             f"{name} {count}" for name, count in sorted(log_events.items())
         )
         print(
-            f"  decoder log events (the captures' own, counted, not shown): {listed}",
+            "  decoder log events (the relay would log these; here they come "
+            f"from the captures' own content, counted, not shown): {listed}",
             file=stream,
         )
     print(file=stream)
