@@ -9,11 +9,12 @@ Each command module exposes ``register(subparsers)``, which adds its parser
 and sets ``func`` to a callable taking the parsed namespace and returning an
 exit code.
 
-Exit codes: 0 success, 1 a runtime failure, 2 a usage error.  A mistake of
-the user or the environment (a missing file, an unreachable endpoint, a
-missing extra) is one line ``sampleflow <command>: error: <what>`` on
-stderr and exit 1; ``--debug`` or ``SAMPLEFLOW_DEBUG=1`` shows the
-traceback instead.
+Exit codes: 0 success, 1 a failure of the environment while running (an
+unreachable endpoint, missing credentials, a missing extra), 2 a bad
+argument or input (usage, a missing or unreadable file, an invalid
+configuration).  Either is one line ``sampleflow <command>: error: <what>``
+on stderr; for an exception that escapes a command, ``--debug`` (before
+the command) or ``SAMPLEFLOW_DEBUG=1`` shows the traceback instead.
 """
 
 from __future__ import annotations

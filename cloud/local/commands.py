@@ -168,7 +168,7 @@ def local_up(args: argparse.Namespace) -> int:
         try:
             stack.up(_say, interrupted.event)
         except StackError as exc:
-            print(f"sampleflow local up: {exc}", file=sys.stderr)
+            print(f"sampleflow local up: error: {exc}", file=sys.stderr)
             return 130 if interrupted.event.is_set() else 1
         _print_status(stack)
         if args.detach:
@@ -181,12 +181,12 @@ def local_up(args: argparse.Namespace) -> int:
                 _say("stopped by `sampleflow local down`")
                 return 0
         except StackError as exc:
-            print(f"sampleflow local up: {exc}", file=sys.stderr)
+            print(f"sampleflow local up: error: {exc}", file=sys.stderr)
             code = 1
         try:
             stack.down(_say)
         except StackError as exc:
-            print(f"sampleflow local up: {exc}", file=sys.stderr)
+            print(f"sampleflow local up: error: {exc}", file=sys.stderr)
             return 1
         _say("stopped")
         return 130 if code == 0 and interrupted.signum == signal.SIGINT else code
@@ -204,7 +204,7 @@ def local_down(args: argparse.Namespace) -> int:
         try:
             stopped = stack.down(_say)
         except StackError as exc:
-            print(f"sampleflow local down: {exc}", file=sys.stderr)
+            print(f"sampleflow local down: error: {exc}", file=sys.stderr)
             return 1
     _say(f"stopped: {', '.join(stopped)}" if stopped else "nothing was running")
     return 0

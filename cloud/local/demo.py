@@ -188,7 +188,7 @@ def main(args: argparse.Namespace, settings: Any, stop: threading.Event) -> int:
             args.json.write_text(json.dumps(report, indent=2) + "\n")
             print(f"report written to {args.json}")
     except (DemoError, StackError) as exc:
-        print(f"sampleflow demo: {exc}", file=sys.stderr)
+        print(f"sampleflow demo: error: {exc}", file=sys.stderr)
         return 130 if stop.is_set() else 1
     finally:
         if started_here and not args.keep:
@@ -196,7 +196,7 @@ def main(args: argparse.Namespace, settings: Any, stop: threading.Event) -> int:
             try:
                 stack.down()
             except StackError as exc:
-                print(f"sampleflow demo: {exc}", file=sys.stderr)
+                print(f"sampleflow demo: error: {exc}", file=sys.stderr)
     return 0
 
 

@@ -253,7 +253,7 @@ class LocalStack:
                 self._ministack_health,
                 None
                 if _has_module("ministack")
-                else "ministack is not installed (local extra)",
+                else "ministack is not installed: pip install 'sampleflow[local]'",
             ),
             Part(
                 "store",

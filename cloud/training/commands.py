@@ -174,6 +174,7 @@ def run_train(args: argparse.Namespace) -> int:
     """``models train``: see the parser description."""
     from cloud.training.autoencoder import (  # noqa: PLC0415 - needs TF
         TensorFlowMissingError,
+        import_tensorflow,
     )
     from cloud.training.train import MODELS_DIR, TrainConfig, run_training  # noqa: PLC0415
 
@@ -188,13 +189,14 @@ def run_train(args: argparse.Namespace) -> int:
         dataset_dir=args.data,
     )
     try:
+        import_tensorflow()  # before the minutes of loading the dataset
         paths = run_training(cfg)
         if args.nan_fixture is not None and paths:
             from cloud.training.export import write_nan_fixture  # noqa: PLC0415
 
             write_nan_fixture(args.nan_fixture, paths[0])
     except TensorFlowMissingError as exc:
-        print(f"error: {exc}")
+        print(f"sampleflow models train: error: {exc}", file=sys.stderr)
         return 1
     for path in paths:
         manifest = json.loads(path.read_text())
@@ -244,6 +246,7 @@ def run_transfer(args: argparse.Namespace) -> int:
     """``models transfer``: see the parser description."""
     from cloud.training.autoencoder import (  # noqa: PLC0415 - needs TF
         TensorFlowMissingError,
+        import_tensorflow,
     )
     from cloud.training.transfer import TransferConfig  # noqa: PLC0415
     from cloud.training.transfer import run_transfer as transfer  # noqa: PLC0415
@@ -259,9 +262,10 @@ def run_transfer(args: argparse.Namespace) -> int:
         recalibrate=args.recalibrate,
     )
     try:
+        import_tensorflow()  # before the dataset is read
         path = transfer(cfg)
     except TensorFlowMissingError as exc:
-        print(f"error: {exc}")
+        print(f"sampleflow models transfer: error: {exc}", file=sys.stderr)
         return 1
     print(path)
     return 0
