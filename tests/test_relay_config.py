@@ -319,6 +319,20 @@ def test_check_config_without_tenant_passes_with_a_note(
     assert "note: relay.tenant_id=None" in captured.err
 
 
+def test_check_config_notes_a_filter_model_that_is_not_there(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A [filter] model path with no file behind it passes (modelsync may
+    bring one) with a note naming it; none when the filter is off."""
+    missing = tmp_path / "nope.manifest.json"
+    body = f'[relay]\ntenant_id = "acme"\n[filter]\nmodel = "{missing}"\n'
+    assert cli_main(["relay", "check-config", str(write(tmp_path, body))]) == 0
+    assert f"note: filter.model='{missing}' is not a file" in capsys.readouterr().err
+    off = body + "enabled = false\n"
+    assert cli_main(["relay", "check-config", str(write(tmp_path, off))]) == 0
+    assert "filter.model" not in capsys.readouterr().err
+
+
 def test_filter_settings(tmp_path: Path) -> None:
     """[filter]: private ranges plus the configured CIDRs; bad CIDRs,
     thresholds outside [0, 1] and no networks at all are refused."""

@@ -127,6 +127,14 @@ def check_config(args: argparse.Namespace) -> int:
         settings.require_tenant()
     except ConfigError as exc:
         print(f"sampleflow relay check-config: note: {exc}", file=sys.stderr)
+    model = settings.filter.model
+    if settings.filter.enabled and model is not None and not model.is_file():
+        print(
+            f"sampleflow relay check-config: note: filter.model={str(model)!r} "
+            "is not a file: until a model is there (or modelsync brings one), "
+            "rows pass unscored",
+            file=sys.stderr,
+        )
     return 0
 
 
