@@ -17,10 +17,10 @@ import sys
 import tempfile
 from pathlib import Path
 
+from edge_agent.argtypes import positive_float
 from edge_agent.bench.command import (
     DEFAULT_CAPTURES,
     add_check_flag,
-    positive_float,
     verdicts_exit_code,
 )
 

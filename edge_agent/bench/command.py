@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import TextIO
 
 import edge_agent
+from edge_agent.argtypes import positive_float
 from edge_agent.bench import decode as decode_bench
 from edge_agent.bench.decode import PROTOCOLS
 from edge_agent.relay import bench as wire_bench
@@ -36,17 +37,6 @@ BENCHMARK_ENTRY_POINTS = "sampleflow.benchmarks"
 DEFAULT_CAPTURES = Path(edge_agent.__file__).resolve().parents[1].parent / (
     "shared/captures"
 )
-
-
-def positive_float(text: str) -> float:
-    """argparse type: a number > 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
-    return value
 
 
 def _positive_int(text: str) -> int:

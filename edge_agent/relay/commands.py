@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 import structlog
 from prometheus_client.parser import text_string_to_metric_families
 
+from edge_agent.argtypes import positive_float
 from edge_agent.collect.udp import CollectorError
 from edge_agent.modelsync.verify import check_tls_files
 from edge_agent.relay.config import (
@@ -88,7 +89,7 @@ def register(subparsers: Subparsers[argparse.ArgumentParser]) -> None:
         help="metrics endpoint (default: from the settings, http://ADDRESS:PORT)",
     )
     status.add_argument("--config", type=Path, metavar="FILE", help="TOML settings")
-    status.add_argument("--timeout", type=_positive_seconds, default=5.0, metavar="S")
+    status.add_argument("--timeout", type=positive_float, default=5.0, metavar="S")
     status.set_defaults(func=relay_status)
 
 
@@ -136,17 +137,6 @@ def check_config(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     return 0
-
-
-def _positive_seconds(text: str) -> float:
-    """argparse type: seconds > 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"seconds > 0 are required, got {text}")
-    return value
 
 
 def configure_logging(level: str, fmt: str, stream: TextIO = sys.stderr) -> None:
