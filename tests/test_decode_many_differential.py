@@ -396,18 +396,12 @@ def mixed_runs(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     run = netflow_v9.TemplatedDecoder._run
 
     def spy(  # noqa: PLR0917 - the spied method's signature
-        self: Any,
-        i: int,
-        j: int,
-        call: Any,
-        tables: Any,
-        queue: Any,
-        sockets: Any,
-        batch: Any,
+        self: Any, i: int, j: int, call: Any, tables: Any, queue: Any, batch: Any
     ) -> bool:
-        if sockets.ids is not None and len(set(sockets.id_list[i:j])) > 1:
+        candidates = set(call.taken[i:j].tolist())
+        if len({id(call.owners[q]) for q in candidates}) > 1:
             seen.append(j - i)
-        return run(self, i, j, call, tables, queue, sockets, batch)
+        return run(self, i, j, call, tables, queue, batch)
 
     monkeypatch.setattr(netflow_v9.TemplatedDecoder, "_run", spy)
     return seen

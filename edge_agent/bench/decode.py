@@ -640,11 +640,11 @@ def run_benchmark(
         result.replicas = (filled, factor)
         runners = [prepare_ours(streams, batch, filled, replicas)]
         if protocol == "sflow":
-            result.theirs_note = "n/a (no sFlow decoder)"
+            result.theirs_note = "no sFlow decoder"
         elif not compare:
-            result.theirs_note = "n/a (--no-compare)"
+            result.theirs_note = "--no-compare"
         elif not have_netflow:
-            result.theirs_note = "n/a (netflow package not installed)"
+            result.theirs_note = "netflow package not installed"
         else:
             runners.append(prepare_netflow_package(streams, factor, replicas))
         _alternate(runners, seconds)
@@ -741,7 +741,7 @@ def print_report(
                 + (f" ({theirs_times} for the netflow package)" if r.theirs else "")
             )
         if r.theirs_note:
-            notes.append(f"netflow: {r.theirs_note}")
+            notes.append(f"netflow: n/a ({r.theirs_note})")
         if r.theirs is not None and r.theirs.errors_per_round:
             notes.append(
                 f"netflow raised on {r.theirs.errors_per_round} of "
@@ -811,6 +811,6 @@ def print_report(
         elif r.protocol != "sflow":
             print(
                 f"SKIP {LABELS[r.protocol]}: ratio to the netflow package not "
-                f"measured ({r.theirs_note.removeprefix('n/a (').rstrip(')')})",
+                f"measured ({r.theirs_note})",
                 file=stream,
             )

@@ -365,8 +365,8 @@ class FlowDecoder:
         socket; (16-byte address, port) per number; counters per number),
         or None if an address is neither 4 nor 16 bytes or the batch has
         fewer than ``_DATAGRAMS_PER_SOCKET`` datagrams per socket (bulk
-        queueing has little to add up then: one by one is as fast).  A socket seen as
-        IPv4 and as IPv4-mapped gets one number.  Counters are created in
+        queueing has little to add up then: one by one is as fast).  A
+        socket seen as IPv4 and as IPv4-mapped gets one number.  Counters are created in
         order of appearance, as the per-datagram path would.
         """
         known = self.stats.by_exporter

@@ -160,14 +160,11 @@ class RunTables:
         "announcers",
         "off_by_one",
         "off_by_units",
-        "options",
         "plans",
-        "received",
         "records",
         "seq_array",
         "seqs",
         "several",
-        "socket_switches",
         "stream",
         "stream_counters",
         "stream_keys",
@@ -185,15 +182,11 @@ class RunTables:
     stream_keys: list[tuple[bytes, int, int, int]]
     #: the counters of each stream's socket
     stream_counters: list[ExporterCounters]
-    #: several sockets only: running count of links between sockets
-    socket_switches: np.ndarray
     #: v9 only: ``seq_array`` and ``unit_array`` as lists
     seqs: list[int]
     units: list[int]
-    #: running records, template records received and options records
+    #: running records
     records: np.ndarray
-    received: np.ndarray
-    options: np.ndarray
     #: candidates whose plans read options records
     announcers: list[int]
     #: running count of links where the number does not go up by one / by
@@ -364,24 +357,14 @@ class TemplatedDecoder:
     ) -> None:
         """Walk ``payloads[first:end]`` one by one."""
         walk = self.walk
-        if sockets.id_list is None:
-            exporter, port = sockets.keys[0]
-            counters = sockets.counters[0]
-            for payload, received_ms in zip(
-                payloads[first:end], received[first:end], strict=True
-            ):
-                try:
-                    walk(payload, exporter, port, received_ms, counters, batch)
-                except Exception:
-                    self._bug(counters, port)
-            return
         keys = sockets.keys
         every = sockets.counters
+        part = payloads[first:end]
+        numbers = (
+            [0] * len(part) if sockets.id_list is None else sockets.id_list[first:end]
+        )
         for payload, received_ms, number in zip(
-            payloads[first:end],
-            received[first:end],
-            sockets.id_list[first:end],
-            strict=True,
+            part, received[first:end], numbers, strict=True
         ):
             exporter, port = keys[number]
             try:
@@ -432,19 +415,23 @@ class TemplatedDecoder:
                 candidates.append((chosen, matrix))
                 call.owners.append(sockets.counters[number])
 
-    def _tables(self, call: BulkCall, seqs: np.ndarray, sockets: Sockets) -> RunTables:
+    def _tables(self, call: BulkCall, seqs: np.ndarray) -> RunTables:
         """Per-datagram values and running counts for :meth:`_walk_bulk`
         (index -1, no candidate, reads the zero entry at the end)."""
         plans = [plan for plan, _ in call.candidates]
+        # Streams numbered in order of first candidate, with their socket's
+        # counters.
         streams: dict[tuple[bytes, int, int, int], int] = {}
-        stream_of = [streams.setdefault(p.domain_key, len(streams)) for p in plans]
-        owners: list[ExporterCounters] = [sockets.counters[0]] * len(streams)
-        for number, owner in zip(stream_of, call.owners, strict=True):
-            owners[number] = owner
+        owners: list[ExporterCounters] = []
+        stream_of = []
+        for plan, owner in zip(plans, call.owners, strict=True):
+            number = streams.setdefault(plan.domain_key, len(streams))
+            if number == len(owners):
+                owners.append(owner)
+            stream_of.append(number)
         taken = call.taken
         units = np.array([p.sequence_units for p in plans] + [0], np.int64)[taken]
         records = np.array([p.records for p in plans] + [0], np.int64)[taken]
-        received = np.array([p.templates_received for p in plans] + [0], np.int64)
         stream = np.array([*stream_of, -1], np.int64)[taken]
         np.cumsum(records, out=call.before[1:])
         tables = RunTables()
@@ -454,14 +441,8 @@ class TemplatedDecoder:
         tables.stream = stream
         tables.stream_keys = list(streams)
         tables.stream_counters = owners
-        if sockets.ids is not None:
-            tables.socket_switches = _running(sockets.ids[1:] != sockets.ids[:-1])
         tables.records = call.before
-        tables.received = _running(received[taken])
         tables.announcers = [q for q, p in enumerate(plans) if p.options]
-        if tables.announcers:
-            options = np.array([p.options_records for p in plans] + [0], np.int64)
-            tables.options = _running(options[taken])
         if self.PROTO == ExportProtocol.NETFLOW_V9:
             # The v9 walk's stretches (IPFIX's check_run needs none).
             steps = seqs[1:] - seqs[:-1]
@@ -503,7 +484,7 @@ class TemplatedDecoder:
         seqs = numbers[np.minimum(offsets + self.SEQ_OFFSET, len(data) - 4)].astype(
             np.int64
         )
-        tables = self._tables(call, seqs, sockets)
+        tables = self._tables(call, seqs)
         walk = self.walk
         version = self._plans_version
         rematches = 0
@@ -524,7 +505,7 @@ class TemplatedDecoder:
                 if queue is None or not queue.live:
                     queue = BulkQueue(call)
                     self._bulk.append(queue)
-                if not self._run(i, stop, call, tables, queue, sockets, batch):
+                if not self._run(i, stop, call, tables, queue, batch):
                     walked = i  # a plan is gone: match again from here
                 elif stop < j:
                     self._walk_each(payloads, received, stop, sockets, batch, stop + 1)
@@ -551,7 +532,7 @@ class TemplatedDecoder:
                 if rematches < _MAX_REMATCH:
                     rematches += 1
                     self._match(data, sizes, offsets, i, sockets, call)
-                tables = self._tables(call, seqs, sockets)
+                tables = self._tables(call, seqs)
                 missing = np.flatnonzero(call.taken < 0).tolist()
                 miss = 0
 
@@ -562,15 +543,17 @@ class TemplatedDecoder:
         call: BulkCall,
         tables: RunTables,
         queue: BulkQueue,
-        sockets: Sockets,
         batch: RecordBatch,
     ) -> bool:
         """Account datagrams ``i:j``, which all matched a plan, as their
         walks would; False (nothing done) if a plan no longer holds."""
         plans = tables.plans
-        chosen: list[int] = (
-            np.unique(call.taken[i:j]).tolist() if len(plans) > 1 else [0]
-        )
+        if len(plans) > 1:
+            times = np.bincount(call.taken[i:j], minlength=len(plans))
+            chosen: list[int] = np.flatnonzero(times).tolist()
+            datagrams: list[int] = times[chosen].tolist()
+        else:
+            chosen, datagrams = [0], [j - i]
         generation = self.templates.generation
         for q in chosen:
             plan = plans[q]
@@ -597,24 +580,14 @@ class TemplatedDecoder:
         total = int(records[j] - records[i])
         call.base[i:j] = batch.total - records[i]
         batch.total += total
-        if sockets.id_list is None or (
-            tables.socket_switches[j - 1] == tables.socket_switches[i]
-        ):
-            counters = call.owners[int(call.taken[i])]
-            counters.records += total
-            counters.templates_received += int(tables.received[j] - tables.received[i])
-            if tables.announcers:
-                # Options records that announce what the table holds already.
-                counters.options_records += int(tables.options[j] - tables.options[i])
-        else:
-            # Several sockets: each candidate's datagrams to its socket.
-            times = np.bincount(call.taken[i:j], minlength=len(plans))
-            for q, many in zip(chosen, times[chosen].tolist(), strict=True):
-                plan = plans[q]
-                counters = call.owners[q]
-                counters.records += many * plan.records
-                counters.templates_received += many * plan.templates_received
-                counters.options_records += many * plan.options_records
+        # Each candidate's datagrams counted to its socket (options records
+        # here announce only what the table holds already).
+        for q, many in zip(chosen, datagrams, strict=True):
+            plan = plans[q]
+            counters = call.owners[q]
+            counters.records += many * plan.records
+            counters.templates_received += many * plan.templates_received
+            counters.options_records += many * plan.options_records
         queue.runs.append((i, j))
         return True
 
